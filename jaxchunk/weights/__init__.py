@@ -1,0 +1,21 @@
+"""Weight loaders: GGUF (llama.cpp) and safetensors (Hugging Face) into one params pytree.
+
+The params pytree (NumPy or JAX arrays; weights as [in, out] so a layer is `x @ w`):
+
+    params = {
+        "embed":      [vocab, hidden]                 token embedding, one row per token
+        "final_norm": [hidden]
+        "lm_head":    [hidden, vocab]                 present only when embeddings are untied
+        "layers": {                                   every leaf stacked over layers on axis 0
+            "attn_norm": [L, hidden],
+            "wq": [L, hidden, num_heads * head_dim],  Hugging Face (rotate-half) row order:
+            "wk": [L, hidden, num_kv_heads * head_dim],   llama.cpp's Q/K permutation is undone
+            "wv": [L, hidden, num_kv_heads * head_dim],
+            "wo": [L, num_heads * head_dim, hidden],
+            "mlp_norm": [L, hidden],
+            "w_gate": [L, hidden, ffn], "w_up": [L, hidden, ffn], "w_down": [L, ffn, hidden],
+        },
+    }
+"""
+
+PARAM_LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
