@@ -1,0 +1,31 @@
+# `make run`: set up .venv, fetch the model, run the main chunk-size experiment.
+# `make test`: the whole test suite (slow tests included), as CI runs it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXTRAS := test,experiments,peers
+
+.PHONY: venv fetch run test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+fetch: venv
+	$(PY) -m jaxchunk.cli fetch smollm2-135m
+
+run: fetch
+	$(PY) experiments/chunk_sweep.py --quick --out results/chunk_sweep
+
+test: fetch
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
