@@ -1,0 +1,232 @@
+"""A functional Llama: params pytree in, arrays out, no hidden state.
+
+One layer function serves every entry point; only the attention differs:
+- `forward(params, config, ids)`: plain full causal attention, no cache (the reference).
+- `model_step(params, config, kv_cache, tokens, n_valid)`: a chunk (or one decode token) written into the
+  cache at each row's current length and attending to everything before it with a bottom-right
+  causal mask. `jaxchunk.prefill` wraps it into the jitted `prefill_chunk` / `decode_step`.
+
+Layers run under `lax.scan` over the stacked layer params (see jaxchunk/weights/__init__.py for the
+layout), so the compiled program does not grow with depth and compiles in seconds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchunk.cache import KVCache
+from jaxchunk.config import LlamaConfig
+
+LogitsMode = Literal["last", "all", "none"]
+
+
+# ----------------------------------------------------------------------------- building blocks
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 (bf16 squares lose too much), returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float64 on the host), with Llama-3 / linear scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind != "llama3":
+        raise ValueError(f"unknown rope scaling {scaling.kind!r}")
+    # Same formula as Hugging Face's _compute_llama3_parameters.
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face convention). x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [b, s, d/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def linear(x: jax.Array, w) -> jax.Array:
+    """x [..., in] @ w [in, out]. The single place a weight matrix is applied."""
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+def mlp(layer: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    return linear(jax.nn.silu(linear(x, layer["w_gate"])) * linear(x, layer["w_up"]), layer["w_down"])
+
+
+def qkv(layer: dict, config: LlamaConfig, h: jax.Array, positions: jax.Array, inv_freq):
+    """Projections with RoPE applied. h: [b, s, hidden] -> q [b, s, heads, d], k/v [b, s, kv_heads, d]."""
+    b, s, _ = h.shape
+    q = linear(h, layer["wq"]).reshape(b, s, config.num_heads, config.head_dim)
+    k = linear(h, layer["wk"]).reshape(b, s, config.num_kv_heads, config.head_dim)
+    v = linear(h, layer["wv"]).reshape(b, s, config.num_kv_heads, config.head_dim)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+
+
+def lm_head(params: dict, config: LlamaConfig, h: jax.Array) -> jax.Array:
+    """Final norm and output projection; logits in float32. h: [..., hidden] -> [..., vocab]."""
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    if "lm_head" in params:
+        return linear(h, params["lm_head"]).astype(jnp.float32)
+    return jnp.einsum("...h,vh->...v", h, params["embed"].astype(h.dtype)).astype(jnp.float32)
+
+
+def compute_dtype(params: dict):
+    return params["final_norm"].dtype
+
+
+# ----------------------------------------------------------------------------- reference forward
+def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain causal attention in float32 over the sequence's own keys (no cache).
+
+    q: [b, s, heads, d]; k, v: [b, s, kv_heads, d] -> [b, s, heads, d]
+    """
+    b, s, heads, d = q.shape
+    group = heads // k.shape[2]
+    k = jnp.repeat(k, group, axis=2).astype(jnp.float32)
+    v = jnp.repeat(v, group, axis=2).astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) / math.sqrt(d)
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    scores = jnp.where(causal, scores, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).astype(q.dtype)
+
+
+def forward(params: dict, config: LlamaConfig, ids: jax.Array) -> jax.Array:
+    """Full-sequence forward with plain causal attention and no cache. ids: [b, s] -> logits [b, s, vocab]."""
+    ids = jnp.asarray(ids, jnp.int32)
+    inv_freq = rope_inv_freq(config)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    x = embed(params, ids, compute_dtype(params))
+
+    def layer_fn(x, layer):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = qkv(layer, config, h, positions, inv_freq)
+        attn = full_causal_attention(q, k, v).reshape(*x.shape[:2], -1)
+        x = x + linear(attn, layer["wo"])
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        return x, None
+
+    x, _ = jax.lax.scan(layer_fn, x, params["layers"])
+    return lm_head(params, config, x)
+
+
+# ----------------------------------------------------------------------------- cached step
+def cache_attention(q, keys, values, layer, q_offset, kv_len, impl):
+    """TEMPORARY: masked attention over one layer of the cache until pallas_kernels lands."""
+    k = keys[layer].astype(jnp.float32)
+    v = values[layer].astype(jnp.float32)
+    b, s, heads, d = q.shape
+    group = heads // k.shape[2]
+    k = jnp.repeat(k, group, axis=2)
+    v = jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) / math.sqrt(d)
+    qpos = q_offset[:, None] + jnp.arange(s)[None]
+    kpos = jnp.arange(k.shape[1])
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_len[:, None, None])
+    scores = jnp.where(mask[:, None], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    p = jnp.where(mask[:, None], p, 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v).astype(q.dtype)
+
+
+def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax.Array, n_valid: jax.Array,
+               *, attention_impl: str = "auto", logits: LogitsMode = "last"):
+    """Run `tokens` through the model, writing K/V at each row's current cache length.
+
+    tokens:  [batch, chunk_len] int32; the first n_valid[b] tokens of row b are real, the rest padding.
+    n_valid: [batch] int32 in [0, chunk_len]. A row with n_valid == 0 is left untouched.
+    Query i of row b sits at position pos_b + i (pos_b = kv_cache.lengths[b]) and sees keys
+    0..pos_b + i of that row (bottom-right-aligned causal mask), never padding.
+
+    Returns (kv_cache with lengths += n_valid, logits): logits [batch, vocab] at each row's last valid
+    token for "last" (rows with n_valid == 0 give garbage there), [batch, chunk_len, vocab] for "all",
+    None for "none". Padding never reaches the cache: its writes go to an out-of-range index and are
+    dropped, as are writes past the cache end (the host checks lengths before calling).
+    """
+    batch, chunk_len = tokens.shape
+    pos = kv_cache.lengths
+    offsets = jnp.arange(chunk_len, dtype=jnp.int32)
+    positions = pos[:, None] + offsets[None, :]  # [batch, chunk_len]
+    # Out-of-range rows of the scatter are dropped: padding tokens write nowhere.
+    write_index = jnp.where(offsets[None, :] < n_valid[:, None], positions, kv_cache.max_seq_len)
+    kv_len = pos + n_valid
+    rows = jnp.arange(batch)[:, None]
+    inv_freq = rope_inv_freq(config)
+    x = embed(params, tokens, compute_dtype(params))
+
+    def layer_fn(carry, layer_and_index):
+        x, keys, values = carry
+        layer, index = layer_and_index
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = qkv(layer, config, h, positions, inv_freq)
+        keys = keys.at[index, rows, write_index].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[index, rows, write_index].set(v.astype(values.dtype), mode="drop")
+        attn = cache_attention(q, keys, values, index, pos, kv_len, attention_impl)
+        x = x + linear(attn.reshape(batch, chunk_len, -1), layer["wo"])
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        return (x, keys, values), None
+
+    layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, keys, values), _ = jax.lax.scan(
+        layer_fn, (x, kv_cache.keys, kv_cache.values), (params["layers"], layer_index))
+    new_cache = KVCache(keys=keys, values=values, lengths=kv_len)
+
+    if logits == "none":
+        return new_cache, None
+    if logits == "all":
+        return new_cache, lm_head(params, config, x)
+    last = jnp.clip(n_valid - 1, 0, chunk_len - 1)
+    return new_cache, lm_head(params, config, x[jnp.arange(batch), last])
+
+
+# ----------------------------------------------------------------------------- random init
+def init_params(config: LlamaConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> dict:
+    """Random params in the standard layout (tests, experiments). Norm weights near 1."""
+    rng = np.random.default_rng(seed)
+    L, H, F = config.num_layers, config.hidden_size, config.intermediate_size
+    q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(0.0, scale, shape), dtype)
+
+    def norm(*shape):
+        return jnp.asarray(1.0 + rng.normal(0.0, 0.1, shape), dtype)
+
+    params = {
+        "embed": normal(config.vocab_size, H),
+        "final_norm": norm(H),
+        "layers": {
+            "attn_norm": norm(L, H), "wq": normal(L, H, q_dim), "wk": normal(L, H, kv_dim),
+            "wv": normal(L, H, kv_dim), "wo": normal(L, q_dim, H), "mlp_norm": norm(L, H),
+            "w_gate": normal(L, H, F), "w_up": normal(L, H, F), "w_down": normal(L, F, H),
+        },
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = normal(H, config.vocab_size)
+    return params

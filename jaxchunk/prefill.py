@@ -1,0 +1,199 @@
+"""Chunked prefill and decode over a donated, fixed-shape KV cache.
+
+- `prefill_chunk` / `decode_step`: one jitted step each. The cache is donated (updated in place), the
+  position of each row is the traced `kv_cache.lengths`, so one compile serves every chunk of every
+  prompt for a given (batch, chunk_len).
+- `chunk_schedule`: how a prompt is cut. An explicit `chunk_size` is used as is (last chunk padded).
+  Otherwise exllamav2's rule: chunk <= max_input_len and k_len * q_len <= max_attention_size, i.e.
+  chunk = floor((sqrt(past^2 + 4 * max_attention_size) - past) / 2), rounded DOWN to a power of two
+  (the static set {1, 2, 4, ..., max_input_len}); the final partial chunk takes the smallest power of
+  two that holds it. So auto prefill compiles at most 1 + ceil(log2(max_input_len)) step shapes per
+  batch size, whatever the prompt lengths.
+- `prefill`: the host loop over the schedule, for a batch of prompts of different lengths.
+
+Every bound is checked on the host before anything reaches the device: JAX clamps out-of-range
+dynamic slices silently, so a bad position would otherwise corrupt the cache without an error.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchunk.cache import KVCache
+from jaxchunk.config import LlamaConfig
+from jaxchunk.errors import InputError
+from jaxchunk.model import LogitsMode, model_step
+
+DEFAULT_MAX_INPUT_LEN = 2048
+DEFAULT_MAX_ATTENTION_SIZE = 2048 ** 2
+
+
+# ----------------------------------------------------------------------------- jitted steps
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl", "logits"), donate_argnames=("kv_cache",))
+def _prefill_chunk(params, kv_cache, tokens, n_valid, *, config, attention_impl, logits):
+    return model_step(params, config, kv_cache, tokens, n_valid, attention_impl=attention_impl, logits=logits)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl"), donate_argnames=("kv_cache",))
+def _decode_step(params, kv_cache, tokens, *, config, attention_impl):
+    n_valid = jnp.ones(tokens.shape[:1], jnp.int32)
+    kv_cache, logits = model_step(params, config, kv_cache, tokens[:, None], n_valid,
+                                  attention_impl=attention_impl, logits="last")
+    return kv_cache, logits
+
+
+def host_lengths(kv_cache: KVCache) -> np.ndarray:
+    """Per-row cache lengths on the host (waits for the step that produced them)."""
+    return np.asarray(jax.device_get(kv_cache.lengths))
+
+
+def _check_tokens(tokens, config: LlamaConfig, ndim: int, what: str) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != ndim:
+        raise InputError(f"{what} must have {ndim} dimension(s), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
+        raise InputError(f"{what} holds ids outside [0, {config.vocab_size}): "
+                         f"min {arr.min()}, max {arr.max()}")
+    return arr.astype(np.int32)
+
+
+def _check_room(lengths: np.ndarray, adding: np.ndarray, max_seq_len: int) -> None:
+    over = np.nonzero(lengths + adding > max_seq_len)[0]
+    if over.size:
+        b = int(over[0])
+        raise InputError(f"row {b}: {int(lengths[b])} cached + {int(adding[b])} new tokens exceeds the "
+                         f"cache capacity max_seq_len={max_seq_len}")
+
+
+def prefill_chunk(params, kv_cache: KVCache, tokens, n_valid=None, *, config: LlamaConfig,
+                  attention_impl: str = "auto", logits: LogitsMode = "last"):
+    """One checked chunk: tokens [batch, chunk_len], n_valid [batch] (default: all valid).
+
+    Returns (kv_cache, logits) as `jaxchunk.model.model_step`. The input cache is donated: do not use
+    it afterwards.
+    """
+    tokens = _check_tokens(tokens, config, 2, "tokens")
+    batch, chunk_len = tokens.shape
+    if batch != kv_cache.batch or chunk_len == 0:
+        raise InputError(f"tokens shape {tokens.shape} does not fit a cache of batch {kv_cache.batch}")
+    n_valid = np.full((batch,), chunk_len, np.int32) if n_valid is None else np.asarray(n_valid, np.int32)
+    if n_valid.shape != (batch,) or n_valid.min() < 0 or n_valid.max() > chunk_len:
+        raise InputError(f"n_valid must be [batch]={batch} ints in [0, {chunk_len}], got {n_valid}")
+    _check_room(host_lengths(kv_cache), n_valid, kv_cache.max_seq_len)
+    return _prefill_chunk(params, kv_cache, jnp.asarray(tokens), jnp.asarray(n_valid),
+                          config=config, attention_impl=attention_impl, logits=logits)
+
+
+def decode_step(params, kv_cache: KVCache, tokens, *, config: LlamaConfig, attention_impl: str = "auto",
+                lengths: np.ndarray | None = None):
+    """One token per row: tokens [batch] -> (kv_cache, logits [batch, vocab]). Cache donated.
+
+    Pass the host-side `lengths` if you track them, to skip reading them back from the device.
+    """
+    tokens = _check_tokens(tokens, config, 1, "tokens")
+    if tokens.shape != (kv_cache.batch,):
+        raise InputError(f"decode tokens must have shape [batch]=({kv_cache.batch},), got {tokens.shape}")
+    lengths = host_lengths(kv_cache) if lengths is None else np.asarray(lengths)
+    _check_room(lengths, np.ones_like(lengths), kv_cache.max_seq_len)
+    return _decode_step(params, kv_cache, jnp.asarray(tokens), config=config, attention_impl=attention_impl)
+
+
+# ----------------------------------------------------------------------------- schedule
+def exllama_chunk_len(past: int, max_input_len: int, max_attention_size: int) -> int:
+    """exllamav2's bound: the largest q_len with (past + q_len) * q_len <= max_attention_size."""
+    q_len = int((math.sqrt(past * past + 4 * max_attention_size) - past) // 2)
+    while (past + q_len) * q_len > max_attention_size:  # guard float rounding
+        q_len -= 1
+    return max(1, min(max_input_len, q_len))
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def chunk_schedule(prompt_len: int, past: int = 0, *, chunk_size: int | None = None,
+                   max_input_len: int = DEFAULT_MAX_INPUT_LEN,
+                   max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE) -> list[tuple[int, int]]:
+    """Cut `prompt_len` tokens (after `past` cached ones) into [(chunk_len, n_valid), ...].
+
+    chunk_len is the static (compiled) length, n_valid <= chunk_len the real tokens in that chunk.
+    """
+    if not isinstance(prompt_len, (int, np.integer)) or prompt_len <= 0:
+        raise InputError(f"prompt length must be a positive int, got {prompt_len!r}")
+    if not isinstance(max_input_len, (int, np.integer)) or max_input_len <= 0:
+        raise InputError(f"max_input_len must be a positive int, got {max_input_len!r}")
+    if chunk_size is not None:
+        if not isinstance(chunk_size, (int, np.integer)) or not 0 < chunk_size <= max_input_len:
+            raise InputError(f"chunk_size must be an int in [1, max_input_len={max_input_len}], got {chunk_size!r}")
+        full, rest = divmod(prompt_len, chunk_size)
+        return [(chunk_size, chunk_size)] * full + ([(chunk_size, rest)] if rest else [])
+    if max_attention_size <= 0:
+        raise InputError(f"max_attention_size must be positive, got {max_attention_size!r}")
+    schedule, done = [], 0
+    while done < prompt_len:
+        budget = _pow2_floor(exllama_chunk_len(past + done, max_input_len, max_attention_size))
+        remaining = prompt_len - done
+        chunk_len = min(budget, _pow2_ceil(remaining))
+        n_valid = min(chunk_len, remaining)
+        schedule.append((chunk_len, n_valid))
+        done += n_valid
+    return schedule
+
+
+# ----------------------------------------------------------------------------- host loop
+def prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_size: int | None = None,
+            max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
+            attention_impl: str = "auto", all_logits: bool = False, progress: bool = False):
+    """Prefill a batch of prompts (one per cache row, lengths may differ) chunk by chunk.
+
+    prompts: a sequence of `batch` token-id sequences, or an int array [batch, len].
+    Returns (kv_cache, logits): logits [batch, vocab] (float32) at each row's last prompt token, or with
+    all_logits=True a list of `batch` NumPy arrays [len_b, vocab].
+    """
+    rows = [_check_tokens(p, config, 1, f"prompt {i}") for i, p in enumerate(prompts)]
+    if len(rows) != kv_cache.batch:
+        raise InputError(f"got {len(rows)} prompts for a cache of batch {kv_cache.batch}")
+    prompt_lens = np.array([len(r) for r in rows], np.int32)
+    if prompt_lens.min() == 0:
+        raise InputError(f"prompt {int(np.argmin(prompt_lens))} is empty")
+    lengths = host_lengths(kv_cache)
+    _check_room(lengths, prompt_lens, kv_cache.max_seq_len)
+
+    schedule = chunk_schedule(int(prompt_lens.max()), int(lengths.max()), chunk_size=chunk_size,
+                              max_input_len=max_input_len, max_attention_size=max_attention_size)
+    done = np.zeros_like(prompt_lens)
+    last_logits, collected = None, [[] for _ in rows]
+    steps = schedule
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(schedule, desc="prefill", unit="chunk")
+    for chunk_len, _ in steps:
+        n_valid = np.clip(prompt_lens - done, 0, chunk_len).astype(np.int32)
+        tokens = np.zeros((len(rows), chunk_len), np.int32)
+        for b, row in enumerate(rows):
+            tokens[b, :n_valid[b]] = row[done[b]:done[b] + n_valid[b]]
+        kv_cache, logits = _prefill_chunk(params, kv_cache, jnp.asarray(tokens), jnp.asarray(n_valid),
+                                          config=config, attention_impl=attention_impl,
+                                          logits="all" if all_logits else "last")
+        if all_logits:
+            host = np.asarray(logits)
+            for b in range(len(rows)):
+                collected[b].append(host[b, :n_valid[b]])
+        else:
+            # A row's logits are final after its last non-empty chunk.
+            last_logits = logits if last_logits is None else jnp.where((n_valid > 0)[:, None], logits, last_logits)
+        done += n_valid
+    if all_logits:
+        return kv_cache, [np.concatenate(c) for c in collected]
+    return kv_cache, last_logits
