@@ -117,8 +117,12 @@ def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).astype(q.dtype)
 
 
-def forward(params: dict, config: LlamaConfig, ids: jax.Array) -> jax.Array:
-    """Full-sequence forward with plain causal attention and no cache. ids: [b, s] -> logits [b, s, vocab]."""
+def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool = False):
+    """Full-sequence forward with plain causal attention and no cache. ids: [b, s] -> logits [b, s, vocab].
+
+    With return_kv=True also returns (keys, values), each [layers, b, s, kv_heads, head_dim], the K/V a
+    cache should hold after prefilling `ids`.
+    """
     ids = jnp.asarray(ids, jnp.int32)
     inv_freq = rope_inv_freq(config)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
@@ -130,10 +134,11 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array) -> jax.Array:
         attn = full_causal_attention(q, k, v).reshape(*x.shape[:2], -1)
         x = x + linear(attn, layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-        return x, None
+        return x, (k, v)
 
-    x, _ = jax.lax.scan(layer_fn, x, params["layers"])
-    return lm_head(params, config, x)
+    x, kv = jax.lax.scan(layer_fn, x, params["layers"])
+    logits = lm_head(params, config, x)
+    return (logits, kv) if return_kv else logits
 
 
 # ----------------------------------------------------------------------------- cached step

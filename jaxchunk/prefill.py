@@ -47,6 +47,11 @@ def _decode_step(params, kv_cache, tokens, *, config, attention_impl):
     return kv_cache, logits
 
 
+def compiled_step_counts() -> dict[str, int]:
+    """How many executables the jitted steps hold (one per static shape / config / impl seen)."""
+    return {"prefill_chunk": _prefill_chunk._cache_size(), "decode_step": _decode_step._cache_size()}
+
+
 def host_lengths(kv_cache: KVCache) -> np.ndarray:
     """Per-row cache lengths on the host (waits for the step that produced them)."""
     return np.asarray(jax.device_get(kv_cache.lengths))
