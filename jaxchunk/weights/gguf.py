@@ -82,8 +82,8 @@ def open_gguf(path: PathLike) -> GGUFReader:
         return GGUFReader(path)
     except Exception as e:  # the reader signals bad input with assorted built-in errors
         size = path.stat().st_size
-        raise ModelFileError(f"{path}: corrupt or truncated GGUF ({size} bytes): "
-                             f"{type(e).__name__}: {e}") from e
+        raise ModelFileError(f"{path}: corrupt or truncated GGUF ({size} bytes), or one the gguf "
+                             f"package cannot read: {type(e).__name__}: {e}") from e
 
 
 def _field(reader: GGUFReader, path, key: str, kind: type, default: Any = ...) -> Any:
