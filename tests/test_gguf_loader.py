@@ -6,6 +6,7 @@ independently is the loader's own work: transposition to [in, out], undoing llam
 row permutation (against a permutation written here and against `transformers`' GGUF import),
 stacking over layers, the config, and the errors.
 """
+import math
 import struct
 
 import numpy as np
@@ -17,7 +18,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 from jaxchunk.config import RopeScaling
 from jaxchunk.errors import ModelFileError, UnsupportedError
 from jaxchunk.weights import PARAM_LAYER_KEYS
-from jaxchunk.weights.gguf import dequantize_raw, load_gguf, load_gguf_raw
+from jaxchunk.weights.gguf import dequantize_raw, load_gguf, load_gguf_raw, unpermute_qk
 
 # llama.cpp tensor name -> params key, written out here rather than imported from the loader.
 LAYER_NAMES = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
@@ -189,6 +190,11 @@ def test_raw_blocks_dequantize_to_loader_values(tmp_path):
     assert q.blocks.shape == (256, 256 // 32 * 20)  # 20-byte Q4_1 blocks of 32 values
     assert raw["token_embd.weight"].blocks.shape == (64, 256 // 32 * 34)  # 34-byte Q8_0 blocks
     assert raw["output_norm.weight"][1:3] == ("F32", (256,))
+    # Reordering whole rows of quantized blocks undoes the Q/K permutation without dequantizing.
+    for i in range(2):
+        for key, n_head in (("wq", 4), ("wk", 2)):
+            blocks = unpermute_qk(raw[f"blk.{i}.attn_{key[1]}.weight"].blocks, n_head)
+            np.testing.assert_array_equal(dequantize(blocks, Q.Q4_1), params["layers"][key][i].T)
     for name, t in raw.items():
         np.testing.assert_array_equal(dequantize(t.blocks, Q[t.qtype]).reshape(t.shape),
                                       file_layout(params, name, 4, 2), err_msg=name)
@@ -211,6 +217,37 @@ def test_linear_rope_scaling_and_key_length(tmp_path):
     config, _, _ = load_gguf(path)
     assert config.rope_scaling == RopeScaling(kind="linear", factor=4.0)
     assert config.head_dim == 64 and config.max_position_embeddings == 512
+
+
+def llama_cpp_rope_freqs(base, dim, factor, low_freq_factor, high_freq_factor, old_context_len):
+    """llama.cpp convert_hf_to_gguf.py's Llama-3 `rope_freqs` loop, as plain Python."""
+    factors = []
+    for i in range(0, dim, 2):
+        freq = 1.0 / float(np.float32(base) ** np.float32(i / dim))
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context_len / high_freq_factor:
+            factors.append(1.0)
+        elif wavelen > old_context_len / low_freq_factor:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_tensor(tmp_path):
+    """Llama-3.x GGUFs carry their RoPE scaling as a `rope_freqs.weight` tensor."""
+    weights = permuted(tiny_hf_weights(np.random.default_rng(15)))
+    weights["rope_freqs.weight"] = llama_cpp_rope_freqs(500000.0, 64, 32.0, 1.0, 4.0, 8192)
+    meta = tiny_metadata() | {"llama.rope.freq_base": 500000.0}
+    config, _, _ = load_gguf(write_gguf(tmp_path / "l3.gguf", weights, meta))
+    assert config.rope_scaling == RopeScaling(kind="llama3", factor=32.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=8192)
+    assert config.rope_theta == 500000.0
+
+    weights["rope_freqs.weight"] = llama_cpp_rope_freqs(500000.0, 64, 32.0, 1.0, 2.0, 8192)
+    with pytest.raises(UnsupportedError, match="not Llama-3 scaling with factor=32.0"):
+        load_gguf(write_gguf(tmp_path / "other.gguf", weights, meta))
 
 
 # --- the real model --------------------------------------------------------------------------------
@@ -267,9 +304,10 @@ def test_smollm2_every_tensor_matches_gguf_dequant(smollm2, smollm2_reader):
 def test_smollm2_qk_match_transformers(smollm2, smollm2_gguf, monkeypatch):
     """transformers' own GGUF import (its reverse permutation, its config parsing) agrees.
 
-    `from_pretrained(dir, gguf_file=...)` needs `accelerate`, which the project does not
-    depend on; `load_gguf_checkpoint` is the function from_pretrained calls to read the file,
-    so it is used directly with a meta-device model that only provides the name mapping.
+    `load_gguf_checkpoint` is what `from_pretrained(dir, gguf_file=...)` calls to read the
+    file (dequantize, reverse-permute Q/K, parse the config); it is called directly, with a
+    meta-device model that only provides parameter names, to skip building a model (and
+    from_pretrained's need for `accelerate`).
     """
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

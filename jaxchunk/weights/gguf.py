@@ -52,7 +52,11 @@ def gguf_tensor_name(key: str, layer: Optional[int]) -> str:
 
 
 class RawTensor(NamedTuple):
-    """One tensor as stored: still quantized, a read-only view into the memory-mapped file."""
+    """One tensor as stored: still quantized, a read-only view into the memory-mapped file.
+
+    Blocks run along rows, so whole rows can be reordered without dequantizing: Q/K rows are
+    in llama.cpp's permuted order here, and `unpermute_qk(blocks, n_head)` fixes that.
+    """
 
     name: str
     qtype: str                 # GGML type name: "Q4_1", "Q8_0", "F32", ...
@@ -141,7 +145,8 @@ def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>") -> np.ndarray:
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's row permutation of a Q or K weight [n_head * head_dim, in].
+    """Undo llama.cpp's row permutation of a Q or K weight [n_head * head_dim, ...] (floats, or
+    a RawTensor's uint8 blocks: only whole rows move).
 
     llama.cpp's convert applies, per head, `w.reshape(n_head, 2, hd // 2, in).swapaxes(1, 2)`
     (rotate-half halves -> interleaved pairs); swapping back restores Hugging Face's order.
@@ -151,20 +156,42 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_scaling(reader: GGUFReader, path, arch: str,
-                  raw: dict[str, RawTensor]) -> Optional[RopeScaling]:
+def llama3_rope_factors(theta: float, head_dim: int, s: RopeScaling) -> np.ndarray:
+    """Per-frequency divisors [head_dim // 2] of Llama-3 RoPE scaling `s`: what llama.cpp's
+    converter stores as `rope_freqs.weight` (1 for high frequencies, `s.factor` for low ones,
+    a smooth blend between)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    orig = s.original_max_position_embeddings
+    smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blend = 1 / ((1 - smooth) / s.factor + smooth)
+    return np.where(wavelen < orig / s.high_freq_factor, 1.0,
+                    np.where(wavelen > orig / s.low_freq_factor, s.factor, blend))
+
+
+def _rope_scaling(reader: GGUFReader, path, arch: str, raw: dict[str, RawTensor],
+                  theta: float, head_dim: int) -> Optional[RopeScaling]:
     if "rope_freqs.weight" in raw:
-        # llama.cpp bakes Llama-3 frequency scaling into per-frequency factors; recovering
-        # RopeScaling's parameters from them is not implemented.
-        raise UnsupportedError(f"{path}: tensor 'rope_freqs.weight' (precomputed RoPE frequency "
-                               f"factors, e.g. Llama-3.1 scaling) is not supported")
+        # llama.cpp stores Llama-3 scaling as precomputed factors, not parameters. Take the
+        # largest factor as `factor`, the other parameters as in every Llama 3.x release, and
+        # accept that only if it reproduces every stored factor.
+        factors = dequantize_raw(raw["rope_freqs.weight"], path).ravel()
+        orig = _field(reader, path, f"{arch}.rope.scaling.original_context_length", int, 8192)
+        guess = RopeScaling(kind="llama3", factor=float(factors.max()),
+                            original_max_position_embeddings=orig)
+        if factors.shape == (head_dim // 2,) and np.allclose(
+                factors, llama3_rope_factors(theta, head_dim, guess), rtol=1e-5):
+            return guess
+        raise UnsupportedError(f"{path}: tensor 'rope_freqs.weight' holds RoPE frequency factors "
+                               f"that are not Llama-3 scaling with factor={guess.factor}, "
+                               f"low/high_freq_factor=1/4, original context {orig}")
     kind = _field(reader, path, f"{arch}.rope.scaling.type", str, "none")
     if kind == "none":
         return None
     if kind == "linear":
         return RopeScaling(kind="linear", factor=_field(reader, path, f"{arch}.rope.scaling.factor", float))
     raise UnsupportedError(f"{path}: RoPE scaling type {kind!r} is not supported "
-                           f"(supported: none, linear)")
+                           f"(supported: none, linear, Llama-3 rope_freqs)")
 
 
 def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
@@ -198,6 +225,7 @@ def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
     if tokens is not None and len(tokens.data) > vocab:
         raise ModelFileError(f"{path}: tokenizer has {len(tokens.data)} tokens but the "
                              f"embedding has only {vocab} rows")
+    theta = get("rope.freq_base", float, 10000.0)
     try:
         return LlamaConfig(
             vocab_size=vocab,
@@ -208,15 +236,22 @@ def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
             num_kv_heads=get("attention.head_count_kv", int, n_heads),
             head_dim=head_dim,
             max_position_embeddings=get("context_length", int),
-            rope_theta=get("rope.freq_base", float, 10000.0),
+            rope_theta=theta,
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", float),
             tie_word_embeddings=GGUF_NAMES["lm_head"] not in raw,
-            rope_scaling=_rope_scaling(reader, path, arch, raw),
+            rope_scaling=_rope_scaling(reader, path, arch, raw, theta, head_dim),
             bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
             eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
         )
     except ValueError as e:  # LlamaConfig's own validation (zero sizes, bad GQA ratio)
         raise ModelFileError(f"{path}: inconsistent metadata: {e}") from None
+
+
+def _file_type_name(file_type: Optional[int]) -> str:
+    try:
+        return LlamaFileType(file_type).name
+    except ValueError:
+        return str(file_type)
 
 
 def load_gguf(path: PathLike, dtype=np.float32) -> tuple[LlamaConfig, dict, dict]:
@@ -248,8 +283,7 @@ def load_gguf(path: PathLike, dtype=np.float32) -> tuple[LlamaConfig, dict, dict
         "path": str(path),
         "architecture": "llama",
         "name": _field(reader, path, "general.name", str, ""),
-        "file_type": (LlamaFileType(file_type).name if file_type in LlamaFileType._value2member_map_
-                      else str(file_type)),
+        "file_type": _file_type_name(file_type),
         "gguf_version": str(_field(reader, path, "GGUF.version", int)),
         "tensor_types": ",".join(f"{k}:{v}" for k, v in
                                  collections.Counter(t.qtype for t in raw.values()).most_common()),
