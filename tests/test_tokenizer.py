@@ -187,7 +187,8 @@ def hf_json_dir(tmp_path_factory) -> Path:
     tok.save(str(out / "tokenizer.json"))
     config = {
         "bos_token": "<s>",
-        "eos_token": {"content": "</s>", "special": True},  # the serialized-AddedToken form
+        "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False,
+                      "rstrip": False, "single_word": False},  # the serialized-AddedToken form
         "chat_template": "{% for m in messages %}<|user|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
                          "{% if add_generation_prompt %}<|user|>{% endif %}",
     }
@@ -332,10 +333,14 @@ def test_tiny_gguf_matches_transformers(tmp_path):
     assert ours.encode("<think>") == [268]  # user-defined: matched whole ...
     assert ours.decode([1, 268], skip_special_tokens=True) == "<think>"  # ... but not special
     assert ours.encode("€") == [269]  # stored raw, re-spelled so that BPE reaches it
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from jaxchunk.tokenizer import _byte_spelling
+    assert _byte_spelling() == bytes_to_unicode()
 
 
 def test_tiny_gguf_pre_tokenizers(tmp_path):
-    """"smollm" isolates numeric characters, "gpt2" does not, a missing field means GPT-2's."""
+    """pre = "smollm" isolates numeric characters, "gpt2" does not; no pre field means "gpt2"."""
     smollm = Tokenizer.from_gguf(write_gguf(tmp_path / "smollm.gguf"))
     gpt2 = Tokenizer.from_gguf(write_gguf(tmp_path / "gpt2.gguf", pre="gpt2"))
     default = Tokenizer.from_gguf(write_gguf(tmp_path / "default.gguf", skip=("pre",)))
@@ -384,6 +389,10 @@ def test_hf_json_matches_tokenizers_and_transformers(hf_json_dir):
         assert ids == reference.encode(text, add_special_tokens=False).ids
         assert ids == fast.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == text
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    auto = transformers.AutoTokenizer.from_pretrained(str(hf_json_dir))
+    assert ours.apply_chat_template(chat) == auto.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
     # encode() adds no BOS by itself, even though the post-processor would.
     assert reference.encode("the").ids[0] == 0 and ours.encode("the")[0] != 0
     assert ours.encode("the", add_bos=True) == [0] + ours.encode("the")
@@ -517,18 +526,14 @@ def check_stream(tok: Tokenizer, ids: list[int], skip_special_tokens: bool = Fal
     return pieces
 
 
-def _backends(request) -> Tokenizer:
-    kind = request.param
-    if kind == "gguf-smollm2":
-        return request.getfixturevalue("smollm2")
-    if kind == "hf-json":
-        return Tokenizer.from_hf_json(request.getfixturevalue("hf_json_dir") / "tokenizer.json")
-    return Tokenizer.from_sentencepiece(request.getfixturevalue("sp_byte_model"))
-
-
 @pytest.fixture(params=[pytest.param("gguf-smollm2", marks=pytest.mark.model), "hf-json", "sentencepiece"])
 def any_tokenizer(request) -> Tokenizer:
-    return _backends(request)
+    """Each backend in turn (fixtures are looked up lazily, so deselecting `model` skips the GGUF)."""
+    if request.param == "gguf-smollm2":
+        return request.getfixturevalue("smollm2")
+    if request.param == "hf-json":
+        return Tokenizer.from_hf_json(request.getfixturevalue("hf_json_dir") / "tokenizer.json")
+    return Tokenizer.from_sentencepiece(request.getfixturevalue("sp_byte_model"))
 
 
 @pytest.mark.parametrize("skip_special_tokens", [False, True])
@@ -553,6 +558,18 @@ def test_stream_incomplete_and_invalid_bytes(any_tokenizer):
     check_stream(tok, cut)
     # A stray fragment in the middle of text decodes to U+FFFD there; the stream agrees.
     check_stream(tok, tok.encode("abc") + [fragment] + tok.encode("def"))
+
+
+@pytest.mark.parametrize("skip_special_tokens", [False, True])
+def test_stream_random_ids(any_tokenizer, skip_special_tokens):
+    """Arbitrary id sequences (stray byte fragments, special tokens anywhere) still stream to
+    exactly decode(ids)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(any_tokenizer.vocab_size) for _ in range(rng.randrange(1, 60))]
+        check_stream(any_tokenizer, ids, skip_special_tokens)
 
 
 def test_incremental_decoder_push_flush(any_tokenizer):
