@@ -1,0 +1,125 @@
+"""Times the attention backends for SmolLM2-135M shapes (9 heads, 3 KV heads,
+head_dim 64) against a fixed-capacity cache (max_seq 8192).
+
+For each (q_len, kv) the chunk is the last one of a kv-token prompt:
+q_offset = max(kv - q_len, 0), kv_len = kv (kv < q_len: a padded last chunk).
+Reports the median wall time of --repeats calls after a warm-up call, the
+compiled peak scratch memory (memory_analysis().temp_size_in_bytes) and the
+useful TFLOP/s (4 * d * visible (query, key) pairs per head).
+
+CPU: blockwise XLA (several block_k) vs the f32 reference vs
+jax.nn.dot_product_attention with an explicit mask. GPU: also the Pallas
+flash / decode kernels (compiled).
+
+  .venv/bin/python experiments/bench_attention.py [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pallas_kernels import BlockSizes  # noqa: E402
+from pallas_kernels.attention_reference import attention_reference  # noqa: E402
+from pallas_kernels.blockwise_attention import blockwise_attention  # noqa: E402
+from pallas_kernels.decode_attention import decode_attention  # noqa: E402
+from pallas_kernels.flash_attention import flash_attention  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, MAX_SEQ = 9, 3, 64, 8192
+
+
+def sdpa_masked(q, k, v, q_offset, kv_len):
+    """jax.nn.dot_product_attention over the whole cache with an explicit mask."""
+    ql, s = q.shape[1], k.shape[1]
+    pos = q_offset[:, None] + jnp.arange(ql)
+    j = jnp.arange(s)
+    mask = (j[None, None, :] <= pos[:, :, None]) & (j < kv_len[:, None])[:, None, :]
+    v = jnp.where((j < kv_len[:, None])[:, :, None, None], v, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
+def visible_pairs(q_len, q_offset, kv_len):
+    pos = q_offset + np.arange(q_len)
+    return int(np.minimum(pos + 1, kv_len).clip(min=0).sum())
+
+
+def time_fn(fn, args, repeats):
+    compiled = jax.jit(fn).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    peak = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak
+
+
+def backends(block_ks, on_gpu):
+    out = {f"xla_bk{bk}": (lambda bk: lambda *a: blockwise_attention(
+        *a, block_sizes=BlockSizes(1 << 30, bk)))(bk) for bk in block_ks}
+    out["xla_bk512_tiled_q1536"] = lambda *a: blockwise_attention(
+        *a, block_sizes=BlockSizes(1536, 512))  # 512 positions * G=3 rows per tile
+    out["reference"] = attention_reference
+    out["jax.nn.dpa+mask"] = sdpa_masked
+    if on_gpu:
+        out["pallas_flash"] = lambda *a: flash_attention(*a, interpret=False)
+        out["pallas_decode"] = lambda *a: decode_attention(*a, interpret=False)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--q-lens", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--kvs", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--block-ks", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", nargs="*", help="backend names to run")
+    ap.add_argument("--quick", action="store_true", help="q_len 512, 3 repeats")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.quick:
+        args.q_lens, args.repeats = [512], 3
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.dtype(args.dtype)
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.standard_normal((1, MAX_SEQ, KV_HEADS, HEAD_DIM)), dtype)
+    v = jnp.asarray(rng.standard_normal((1, MAX_SEQ, KV_HEADS, HEAD_DIM)), dtype)
+    print(f"backend={jax.default_backend()} devices={jax.devices()} dtype={dtype} "
+          f"heads={HEADS}/{KV_HEADS} d={HEAD_DIM} max_seq={MAX_SEQ}")
+    print(f"{'q_len':>5} {'kv':>5} {'backend':>24} {'ms':>9} {'TFLOP/s':>8} {'scratch MiB':>11}")
+    rows = []
+    for ql in args.q_lens:
+        q = jnp.asarray(rng.standard_normal((1, ql, HEADS, HEAD_DIM)), dtype)
+        for kv in args.kvs:
+            q_offset = jnp.array([max(kv - ql, 0)], jnp.int32)
+            kv_len = jnp.array([kv], jnp.int32)
+            flops = 4 * HEAD_DIM * HEADS * visible_pairs(ql, max(kv - ql, 0), kv)
+            for name, fn in backends(args.block_ks, on_gpu).items():
+                if args.only and name not in args.only:
+                    continue
+                if name == "pallas_decode" and ql > 8:
+                    continue
+                t, peak = time_fn(fn, (q, k, v, q_offset, kv_len), args.repeats)
+                mib = peak / 2**20 if peak is not None else float("nan")
+                print(f"{ql:>5} {kv:>5} {name:>24} {t * 1e3:>9.2f} "
+                      f"{flops / t / 1e12:>8.4f} {mib:>11.1f}", flush=True)
+                rows.append(dict(q_len=ql, kv=kv, backend=name, ms=t * 1e3,
+                                 tflops=flops / t / 1e12, scratch_bytes=peak))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Pieces shared by every attention backend: block sizes, the visibility rule,
+soft-capping, input checks and the GQA "rows" layout.
+
+Everything here is plain `jnp` so it traces both in XLA and inside Pallas kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (hashable: a static jit argument).
+
+    block_q: query *rows* per tile. Rows are (query position, head-in-group) pairs,
+        position-major, so one tile covers block_q / G consecutive positions of one
+        KV head's G query heads (GQA folded into rows, K/V never repeated).
+    block_k: keys per tile of the online-softmax loop.
+    Pallas on GPU needs powers of two >= 16 for both.
+    """
+
+    block_q: int
+    block_k: int
+
+    def __post_init__(self):
+        if self.block_q < 1 or self.block_k < 1:
+            raise ValueError(f"block sizes must be positive: {self}")
+
+    @classmethod
+    def flash_default(cls, head_dim: int) -> "BlockSizes":
+        # The f32 accumulator is [block_q, head_dim] in registers: shrink block_q as
+        # head_dim grows (usual Triton flash-attention choices, not tuned here).
+        if head_dim <= 64:
+            return cls(block_q=128, block_k=64)
+        if head_dim <= 128:
+            return cls(block_q=64, block_k=64)
+        return cls(block_q=32, block_k=32)
+
+    @classmethod
+    def decode_default(cls, head_dim: int) -> "BlockSizes":
+        # block_q is only a lower bound for decode (rows = G * q_len padded up).
+        return cls(block_q=16, block_k=64 if head_dim <= 128 else 32)
+
+    @classmethod
+    def xla_default(cls, head_dim: int) -> "BlockSizes":
+        # Chosen by experiments/bench_attention.py on CPU (see its docstring).
+        # block_q >= any chunk: the XLA path does not tile queries by default.
+        del head_dim
+        return cls(block_q=1 << 30, block_k=512)
+
+
+def default_sm_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def cdiv(a, b: int):
+    """Ceil-div for non-negative traced int32 scalars (lax.div: Triton-friendly)."""
+    return lax.div(a + (b - 1), b)
+
+
+def cap_logits(s, soft_cap: float | None):
+    """Gemma-style soft-cap: soft_cap * tanh(s / soft_cap). s already scaled."""
+    if soft_cap is None:
+        return s
+    return soft_cap * jnp.tanh(s / soft_cap)
+
+
+def visible(q_pos, k_pos, kv_len, sliding_window: int | None):
+    """Bottom-right causal visibility: key j seen by query at absolute position p
+    iff j <= p, j < kv_len and (with a window) j > p - window. Broadcasts."""
+    mask = (k_pos <= q_pos) & (k_pos < kv_len)
+    if sliding_window is not None:
+        mask = mask & (k_pos > q_pos - sliding_window)
+    return mask
+
+
+def check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap):
+    """Validates shapes; returns (q_offset, kv_len) as int32 [batch]."""
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"expected q [b, q_len, heads, d] and k == v [b, max_seq, kv_heads, d];"
+            f" got q {q.shape}, k {k.shape}, v {v.shape}")
+    b, _, nh, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"batch/head_dim mismatch: q {q.shape}, k {k.shape}")
+    if nh % k.shape[2]:
+        raise ValueError(f"num_heads {nh} not a multiple of num_kv_heads {k.shape[2]}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (b,))
+    kv_len = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (b,))
+    return q_offset, kv_len
+
+
+def to_rows(q, num_kv_heads: int):
+    """[b, q_len, kv_heads*G, d] -> [b, kv_heads, q_len*G, d]; row r is position
+    r // G, head-in-group r % G (position-major so tiles are causal-contiguous)."""
+    b, ql, nh, d = q.shape
+    g = nh // num_kv_heads
+    q = q.reshape(b, ql, num_kv_heads, g, d).transpose(0, 2, 1, 3, 4)
+    return q.reshape(b, num_kv_heads, ql * g, d)
+
+
+def from_rows(o, q_len: int, num_heads: int):
+    """Inverse of `to_rows` (drops padded rows): -> [b, q_len, num_heads, d]."""
+    b, kvh, _, d = o.shape
+    g = num_heads // kvh
+    o = o[:, :, : q_len * g].reshape(b, kvh, q_len, g, d).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, q_len, num_heads, d)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,109 @@
+"""Blockwise "matmul attention" in plain XLA: the CPU default (exllamav2's design).
+
+Online softmax over key blocks in a `lax.fori_loop` whose bounds are *traced*
+(from kv_len / q_offset / the window), so the work follows the real prompt, not
+the cache capacity: a cache of 8192 with kv_len 600 reads ceil(600 / block_k)
+blocks. Peak memory per block is b * heads * q_len * block_k f32 scores.
+
+GQA: q is regrouped to rows [b, kv_heads, q_len*G, d] so one batched matmul per
+KV head serves its G query heads; K/V are never repeated.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
+                                    default_sm_scale, from_rows, to_rows, visible)
+
+
+def key_block_range(q_offset, kv_len, first_row: int, last_row: int, group: int,
+                    block_k: int, sliding_window: int | None):
+    """Traced [lo, hi) key-block range that rows [first_row, last_row] of *any*
+    batch entry can see. q_offset, kv_len: int32 [b] -> two int32 scalars."""
+    last_pos = q_offset + last_row // group
+    hi_key = jnp.max(jnp.minimum(kv_len, last_pos + 1))  # past it: masked for all
+    hi = cdiv(jnp.maximum(hi_key, 0), block_k)
+    if sliding_window is None:
+        lo = jnp.int32(0)
+    else:
+        first_pos = q_offset + first_row // group
+        lo = jnp.min(jnp.maximum(first_pos - sliding_window + 1, 0)) // block_k
+    return lo, hi
+
+
+def _attend_tile(qr, q_pos, k, v, kv_len, lo, hi, *, block_k, sliding_window,
+                 soft_cap):
+    """Online softmax for one row tile. qr [b, kvh, r, d] f32 (pre-scaled);
+    q_pos [b, r] absolute positions; returns [b, kvh, r, d] f32."""
+    b, kvh, r, d = qr.shape
+    max_seq = k.shape[1]
+    kv_len_b = kv_len[:, None]
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = j * block_k
+        # dynamic_slice clamps an overhanging start; do it ourselves so we know
+        # which keys we got, and mask the ones a previous block already counted.
+        load = jnp.minimum(start, max_seq - block_k)
+        kb = lax.dynamic_slice_in_dim(k, load, block_k, axis=1)  # [b, bk, kvh, d]
+        vb = lax.dynamic_slice_in_dim(v, load, block_k, axis=1)
+        k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
+        s = jnp.einsum("bhrd,bkhd->bhrk", qr, kb.astype(jnp.float32))
+        s = cap_logits(s, soft_cap)
+        mask = visible(q_pos[:, :, None], k_pos[None, None, :], kv_len_b[:, :, None],
+                       sliding_window) & (k_pos >= start)
+        s = jnp.where(mask[:, None], s, -jnp.inf)  # NaN garbage never survives
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far
+        alpha = jnp.exp(m - m_use)
+        p = jnp.exp(s - m_use[..., None])
+        l = alpha * l + jnp.sum(p, axis=-1)
+        vb = jnp.where((k_pos[None, :] < kv_len_b)[:, :, None, None], vb, 0)
+        pv = jnp.einsum("bhrk,bkhd->bhrd", p.astype(v.dtype), vb,
+                        preferred_element_type=jnp.float32)
+        return alpha[..., None] * acc + pv, m_new, l
+
+    init = (jnp.zeros((b, kvh, r, d), jnp.float32),
+            jnp.full((b, kvh, r), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kvh, r), jnp.float32))
+    acc, _, l = lax.fori_loop(lo, hi, body, init)
+    l = l[..., None]
+    return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window",
+                                             "soft_cap", "block_sizes"))
+def blockwise_attention(q, k, v, q_offset, kv_len, *, sm_scale=None,
+                        sliding_window=None, soft_cap=None, block_sizes=None):
+    """q [b, q_len, heads, d]; k, v [b, max_seq, kv_heads, d]; q_offset, kv_len
+    int32 [b]. -> [b, q_len, heads, d] in q.dtype.
+
+    block_sizes.block_k: keys per loop step; block_sizes.block_q: query rows per
+    tile (rows = q_len * G). Tiling rows lets early tiles stop at their own causal
+    bound; each tile is a separate loop, so only worth it for long chunks.
+    """
+    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap)
+    b, ql, nh, d = q.shape
+    max_seq, kvh = k.shape[1], k.shape[2]
+    g = nh // kvh
+    bs = block_sizes or BlockSizes.xla_default(d)
+    block_k = min(bs.block_k, max_seq)
+    scale = default_sm_scale(d) if sm_scale is None else sm_scale
+
+    qr = to_rows(q, kvh).astype(jnp.float32) * scale  # scale once, not per block
+    rows = ql * g
+    q_pos = q_offset[:, None] + jnp.arange(rows, dtype=jnp.int32)[None, :] // g
+    tiles = []
+    for r0 in range(0, rows, bs.block_q):
+        r1 = min(r0 + bs.block_q, rows)
+        lo, hi = key_block_range(q_offset, kv_len, r0, r1 - 1, g, block_k,
+                                 sliding_window)
+        tiles.append(_attend_tile(qr[:, :, r0:r1], q_pos[:, r0:r1], k, v, kv_len,
+                                  lo, hi, block_k=block_k,
+                                  sliding_window=sliding_window, soft_cap=soft_cap))
+    o = tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=2)
+    return from_rows(o, ql, nh).astype(q.dtype)
