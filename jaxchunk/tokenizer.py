@@ -217,7 +217,8 @@ class Tokenizer(abc.ABC):
                 return None
             token_id = backend.token_to_id(token)
             if token_id is None:
-                raise TokenizerError(f"{path}: {field} {token!r} from tokenizer_config is not in the vocabulary")
+                raise TokenizerError(f"{path}: {field} {token!r} from tokenizer_config is not in "
+                                     f"the vocabulary")
             return token_id
 
         return HFTokenizer(backend, path, token_id("bos_token"), token_id("eos_token"),
@@ -460,17 +461,22 @@ def _open_gguf(path: Path):
 
 
 def _gguf_value(reader, path: Path, key: str, kind: type, required: bool = True):
-    """Metadata `key` as `kind` (str, int, or list for arrays); None if absent and not required."""
+    """Metadata `key` as `kind` (str, int, list[str] or list[int]); None if absent and not
+    required."""
     field = reader.get_field(key)
     if field is None:
         if required:
             raise TokenizerError(f"{path}: GGUF metadata field {key!r} is missing")
         return None
     value = field.contents()
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not ok:
-        raise TokenizerError(f"{path}: GGUF metadata field {key!r} is a {type(value).__name__}, "
-                             f"expected {kind.__name__}")
+    container, item = (list, kind.__args__[0]) if kind in (list[str], list[int]) else (kind, None)
+
+    def is_a(v, t):
+        return isinstance(v, t) and not (t is int and isinstance(v, bool))
+
+    if not is_a(value, container) or (item and not all(is_a(v, item) for v in value)):
+        expected = str(kind) if item else kind.__name__
+        raise TokenizerError(f"{path}: GGUF metadata field {key!r} is not a {expected}")
     return value
 
 
@@ -485,9 +491,9 @@ def _tokenizer_from_gguf(path: Path, reader=None) -> HFTokenizer:
     if model != "gpt2":
         raise TokenizerError(f"{path}: tokenizer.ggml.model = {model!r} is not supported "
                              f"(supported: 'gpt2', byte-level BPE)")
-    tokens = _gguf_value(reader, path, "tokenizer.ggml.tokens", list)
-    merges = _gguf_value(reader, path, "tokenizer.ggml.merges", list)
-    token_types = _gguf_value(reader, path, "tokenizer.ggml.token_type", list, required=False)
+    tokens = _gguf_value(reader, path, "tokenizer.ggml.tokens", list[str])
+    merges = _gguf_value(reader, path, "tokenizer.ggml.merges", list[str])
+    token_types = _gguf_value(reader, path, "tokenizer.ggml.token_type", list[int], required=False)
     pre = _gguf_value(reader, path, "tokenizer.ggml.pre", str, required=False) or "default"
     if token_types is not None and len(token_types) != len(tokens):
         raise TokenizerError(f"{path}: tokenizer.ggml.token_type has {len(token_types)} entries "

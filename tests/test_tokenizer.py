@@ -609,6 +609,8 @@ def test_gguf_missing_field(tmp_path, field, key):
     ({"merges": ["Ġ t", "nonsense"]}, "tokenizer.ggml.merges entry 'nonsense'"),
     ({"merges": ["Ġ zz"]}, "tokenizer.ggml.merges do not fit"),
     ({"token_type": [1, 1]}, "token_type has 2 entries"),
+    ({"tokens": list(range(270))}, r"'tokenizer.ggml.tokens' is not a list\[str\]"),
+    ({"token_type": ["control"] * 270}, r"'tokenizer.ggml.token_type' is not a list\[int\]"),
     ({"bos": 100_000}, "BOS id 100000 is outside the vocabulary"),
 ])
 def test_gguf_bad_fields(tmp_path, overrides, match):
