@@ -20,7 +20,7 @@ from pallas_kernels.flash_attention import flash_attention
 IMPLS = ("auto", "xla", "pallas", "reference")
 
 
-def attention(q, k, v, q_offset, kv_len, *, sm_scale=None, impl="auto",
+def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="auto",
               sliding_window=None, soft_cap=None, block_sizes=None, interpret=None):
     """Chunk-prefill / decode attention against a preallocated KV cache.
 
@@ -31,6 +31,9 @@ def attention(q, k, v, q_offset, kv_len, *, sm_scale=None, impl="auto",
     and, with a window, j > p - sliding_window. soft_cap: logits = c*tanh(s/c).
     Returns [batch, q_len, num_heads, head_dim] in q.dtype; rows that see no key
     are zeros. Cache contents at j >= kv_len are never read into the result.
+    layer: with k, v the whole cache [layers, batch, max_seq, kv_heads, head_dim],
+    the (traced) layer to attend to. The XLA backend reads that layer's blocks in
+    place; the others slice it out first (a copy of one layer).
     block_sizes: `BlockSizes` for the chosen backend (None: its default).
     interpret: Pallas only; None = interpret unless running on a GPU.
     """
@@ -39,6 +42,11 @@ def attention(q, k, v, q_offset, kv_len, *, sm_scale=None, impl="auto",
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if layer is not None and impl == "xla":
+        return blockwise_attention(q, k, v, q_offset, kv_len, layer=layer,
+                                   block_sizes=block_sizes, **common)
+    if layer is not None:
+        k, v = k[layer], v[layer]
     if impl == "reference":
         return attention_reference(q, k, v, q_offset, kv_len, **common)
     if impl == "xla":

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import BlockSizes, attention_reference
+from pallas_kernels.blockwise_attention import blockwise_attention
+from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
+from pallas_kernels.flash_attention import flash_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +129,40 @@ def check_against_oracle(out, case: Case, dtype: str, inputs, tol=None):
     # Rows that see no key must be exact zeros, not merely close.
     assert (out[~sees_any] == 0).all()
     np.testing.assert_allclose(out, want, **(tol or TOL[dtype]))
+
+
+# Small tiles so each case spans several query tiles and key blocks; still
+# Triton-legal (powers of two >= 16) for the GPU run.
+TEST_BLOCKS = BlockSizes(block_q=16, block_k=32)
+
+
+def run_backend(name, inputs, case, interpret=True):
+    """Runs one backend on make_inputs(...) output. interpret: Pallas only."""
+    kw = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap)
+    if name == "reference":
+        return attention_reference(*inputs, **kw)
+    if name == "xla":
+        # block_q 160 rows: long chunks also exercise the optional query tiling
+        # (each tile is its own loop, so more tiles only cost compile time).
+        return blockwise_attention(*inputs, block_sizes=BlockSizes(160, 32), **kw)
+    if name == "flash":
+        return flash_attention(*inputs, block_sizes=TEST_BLOCKS, interpret=interpret, **kw)
+    if name == "decode":
+        return decode_attention(*inputs, block_sizes=TEST_BLOCKS, k_splits=3,
+                                interpret=interpret, **kw)
+    raise ValueError(name)
+
+
+def backend_params(backends):
+    """pytest params (name, case, dtype) over CASES x {f32, bf16} x backends."""
+    params = []
+    for case in CASES:
+        for dtype in ("float32", "bfloat16"):
+            for name in backends:
+                if name == "decode" and case.q_len > MAX_DECODE_Q_LEN:
+                    continue
+                slow = case.slow and name in ("flash", "decode")
+                marks = [pytest.mark.slow] if slow else []
+                params.append(pytest.param(name, case, dtype, marks=marks,
+                                           id=f"{name}-{case.id}-{dtype}"))
+    return params

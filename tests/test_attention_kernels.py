@@ -10,43 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_cases import CASES, check_against_oracle, make_inputs
+from attention_cases import (CASES, TEST_BLOCKS, backend_params, check_against_oracle,
+                              make_inputs, run_backend)
 from pallas_kernels import BlockSizes, attention, attention_reference
 from pallas_kernels.blockwise_attention import blockwise_attention, key_block_range
-from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
-from pallas_kernels.flash_attention import flash_attention
-
-TEST_BLOCKS = BlockSizes(block_q=16, block_k=32)
-
-
-def run_backend(name, inputs, case, interpret=True):
-    kw = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap)
-    if name == "reference":
-        return attention_reference(*inputs, **kw)
-    if name == "xla":
-        # block_q 160 rows: long chunks also exercise the optional query tiling
-        # (each tile is its own loop, so more tiles only cost compile time).
-        return blockwise_attention(*inputs, block_sizes=BlockSizes(160, 32), **kw)
-    if name == "flash":
-        return flash_attention(*inputs, block_sizes=TEST_BLOCKS, interpret=interpret, **kw)
-    if name == "decode":
-        return decode_attention(*inputs, block_sizes=TEST_BLOCKS, k_splits=3,
-                                interpret=interpret, **kw)
-    raise ValueError(name)
-
-
-def backend_params(backends):
-    params = []
-    for case in CASES:
-        for dtype in ("float32", "bfloat16"):
-            for name in backends:
-                if name == "decode" and case.q_len > MAX_DECODE_Q_LEN:
-                    continue
-                slow = case.slow and name in ("flash", "decode")
-                marks = [pytest.mark.slow] if slow else []
-                params.append(pytest.param(name, case, dtype, marks=marks,
-                                           id=f"{name}-{case.id}-{dtype}"))
-    return params
+from pallas_kernels.decode_attention import decode_attention
 
 
 @pytest.mark.parametrize("name,case,dtype",
@@ -141,3 +109,19 @@ def test_flash_head_dim_not_power_of_two():
     inputs = make_inputs(case, "float32")
     for name in ("flash", "xla"):
         check_against_oracle(run_backend(name, inputs, case), case, "float32", inputs)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
+def test_layer_index_into_stacked_cache(impl):
+    """k, v may be the whole cache [layers, b, max_seq, kv_heads, d] with a traced
+    layer index (what a lax.scan over layers passes); other layers must not leak."""
+    case = CASES[5]
+    per_layer = [make_inputs(case, "float32", seed=s) for s in range(3)]
+    q, _, _, qo, kl = per_layer[1]
+    keys = jnp.stack([x[1] for x in per_layer])
+    values = jnp.stack([x[2] for x in per_layer])
+    block_sizes = TEST_BLOCKS if impl == "pallas" else None
+    run = jax.jit(lambda layer: attention(
+        q, keys, values, qo, kl, layer=layer, impl=impl, block_sizes=block_sizes,
+        sliding_window=case.sliding_window, soft_cap=case.soft_cap))
+    check_against_oracle(run(jnp.int32(1)), case, "float32", per_layer[1])
