@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxchunk.cache import KVCache
 from jaxchunk.config import LlamaConfig
+from pallas_kernels.attention import attention
 
 LogitsMode = Literal["last", "all", "none"]
 
@@ -142,24 +143,6 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
 
 
 # ----------------------------------------------------------------------------- cached step
-def cache_attention(q, keys, values, layer, q_offset, kv_len, impl):
-    """TEMPORARY: masked attention over one layer of the cache until pallas_kernels lands."""
-    k = keys[layer].astype(jnp.float32)
-    v = values[layer].astype(jnp.float32)
-    b, s, heads, d = q.shape
-    group = heads // k.shape[2]
-    k = jnp.repeat(k, group, axis=2)
-    v = jnp.repeat(v, group, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) / math.sqrt(d)
-    qpos = q_offset[:, None] + jnp.arange(s)[None]
-    kpos = jnp.arange(k.shape[1])
-    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_len[:, None, None])
-    scores = jnp.where(mask[:, None], scores, -jnp.inf)
-    p = jax.nn.softmax(scores, axis=-1)
-    p = jnp.where(mask[:, None], p, 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v).astype(q.dtype)
-
-
 def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax.Array, n_valid: jax.Array,
                *, attention_impl: str = "auto", logits: LogitsMode = "last"):
     """Run `tokens` through the model, writing K/V at each row's current cache length.
@@ -192,7 +175,7 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
         q, k, v = qkv(layer, config, h, positions, inv_freq)
         keys = keys.at[index, rows, write_index].set(k.astype(keys.dtype), mode="drop")
         values = values.at[index, rows, write_index].set(v.astype(values.dtype), mode="drop")
-        attn = cache_attention(q, keys, values, index, pos, kv_len, attention_impl)
+        attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl)
         x = x + linear(attn.reshape(batch, chunk_len, -1), layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
         return (x, keys, values), None
