@@ -1,0 +1,3 @@
+from jaxchunk.api import Model, load
+
+__all__ = ["load", "Model"]

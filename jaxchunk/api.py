@@ -1,0 +1,417 @@
+"""The user-facing entry point: `jaxchunk.load(...)` returns a `Model` that tokenizes, prefills,
+scores and generates.
+
+    import jaxchunk
+    model = jaxchunk.load("smollm2-135m")                  # or a .gguf path, or a Hugging Face dir
+    print(model.generate("The capital of France is", max_new_tokens=16))
+    for piece in model.chat([{"role": "user", "content": "Hi!"}], stream=True):
+        print(piece, end="", flush=True)
+
+Text in, text out, built from the lower layers (jaxchunk.prefill, jaxchunk.generate,
+jaxchunk.sampling); every method also takes token ids. Importing this module is cheap: JAX and
+the model code are imported on first use (`jaxchunk.cli --help` and `jaxchunk fetch` never load them).
+
+Conventions:
+- Text prompts are encoded with a BOS token only if the model file asks for one
+  (`tokenizer.ggml.add_bos_token` in a GGUF, `add_bos_token` in a Hugging Face
+  tokenizer_config.json; SmolLM2 says no). Token-id prompts are used exactly as given.
+- Generated text excludes the EOS / stop token and the stop string that ended it (like llama.cpp,
+  vLLM and transformers' pipelines). Special tokens the model emits before that are kept as text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from jaxchunk.config import LlamaConfig
+from jaxchunk.errors import InputError, ModelFileError, UnsupportedError
+
+if TYPE_CHECKING:
+    from jaxchunk.cache import KVCache
+    from jaxchunk.tokenizer import Tokenizer
+
+__all__ = ["load", "Model", "StopStrings"]
+
+DTYPES = ("f32", "bf16")
+WEIGHT_MODES = ("dequantized", "q4")
+DEFAULT_MAX_SEQ_LEN = 8192
+PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
+PERPLEXITY_MAX_CHUNK = 512    # auto chunk cap for perplexity: "all" logits are [chunk, vocab] f32
+
+Prompt = Union[str, Sequence[int], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- loading
+def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
+         weights: str = "dequantized", attention_impl: str = "auto", cache_dtype: Optional[str] = None,
+         max_seq_len: Optional[int] = None) -> "Model":
+    """Load a Llama model and its tokenizer.
+
+    model: a known model name ("smollm2-135m", fetched on first use), a .gguf file, or a Hugging
+        Face checkpoint directory (config.json + safetensors + tokenizer files; a directory holding
+        exactly one .gguf also works).
+    dtype: "f32" or "bf16", the dtype weights are dequantized / cast to and computed in.
+    weights: "dequantized" (the only mode for now: quantized files are expanded to `dtype`).
+    attention_impl: passed to every step ("auto", "xla", "pallas", "reference"; see
+        pallas_kernels/attention.py).
+    cache_dtype: KV-cache dtype, "f32" or "bf16"; default: `dtype`.
+    max_seq_len: KV-cache capacity (prompt + generated tokens); default min(model context, 8192).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxchunk.cache import resolve_cache_dtype
+    from jaxchunk.fetch import resolve_model
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    _check_weights_mode(weights)
+    _check_attention_impl(attention_impl)
+    cache_dtype = dtype if cache_dtype is None else cache_dtype
+    resolve_cache_dtype(cache_dtype)  # InputError for an unknown name, before the slow part
+
+    path = resolve_model(model)
+    np_dtype = {"f32": np.float32, "bf16": jnp.bfloat16}[dtype]
+    config, params, metadata, tokenizer, add_bos = _load_files(path, np_dtype)
+
+    if max_seq_len is None:
+        max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or \
+            not 0 < max_seq_len <= config.max_position_embeddings:
+        raise InputError(f"max_seq_len must be an int in [1, {config.max_position_embeddings}] "
+                         f"(the model's context), got {max_seq_len!r}")
+    return Model(config, jax.device_put(params), tokenizer, path=path, metadata=metadata, dtype=dtype,
+                 attention_impl=attention_impl, cache_dtype=cache_dtype, max_seq_len=max_seq_len,
+                 add_bos=add_bos)
+
+
+def _check_weights_mode(weights: str) -> None:
+    if weights not in WEIGHT_MODES:
+        raise InputError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if weights == "q4":
+        raise UnsupportedError("weights='q4' (keeping the weights 4-bit in memory with a quantized "
+                               "matmul) is not implemented yet; issue #6 (Quantized weights) adds it. "
+                               "Use weights='dequantized'.")
+
+
+def _check_attention_impl(impl: str) -> None:
+    try:
+        from pallas_kernels.attention import IMPLS
+    except ImportError:  # the kernels package is optional here; the model step checks later
+        return
+    if impl not in IMPLS:
+        raise InputError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _load_files(path: Path, np_dtype):
+    """(config, params, metadata, tokenizer, add_bos) from a .gguf file or a model directory."""
+    from jaxchunk.tokenizer import load_tokenizer
+
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            from jaxchunk.weights.safetensors import load_safetensors
+            config, params, metadata = load_safetensors(path, dtype=np_dtype)
+            return config, params, metadata, load_tokenizer(path), _hf_add_bos(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelFileError(f"{path}: not a model directory (no config.json, and "
+                                 f"{len(ggufs)} .gguf files instead of one)")
+        path = ggufs[0]
+    from jaxchunk.tokenizer import Tokenizer
+    from jaxchunk.weights.gguf import load_gguf, open_gguf
+
+    config, params, metadata = load_gguf(path, dtype=np_dtype)  # ModelFileError if not a GGUF
+    reader = open_gguf(path)
+    field = reader.get_field("tokenizer.ggml.add_bos_token")
+    add_bos = bool(field.contents()) if field is not None else False
+    return config, params, metadata, Tokenizer.from_gguf(path, reader=reader), add_bos
+
+
+def _hf_add_bos(model_dir: Path) -> bool:
+    """`add_bos_token` from tokenizer_config.json (False when absent or unreadable)."""
+    try:
+        value = json.loads((model_dir / "tokenizer_config.json").read_text()).get("add_bos_token")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(value)
+
+
+# ----------------------------------------------------------------------------- stop strings
+class StopStrings:
+    """Cut a text stream at the first occurrence of any stop string.
+
+    `push(piece)` returns the text that is now safe to show: text that can still turn out to be the
+    start of a stop string (e.g. "\\n" when a stop is "\\n\\n") is held back until the next piece
+    decides it. Once a stop string appears, `stopped` is True and nothing from it on is returned.
+    `flush()` returns what is held back at the end of the stream. Works for whole texts too:
+    `push(text) + flush()` is `text` cut before its first stop string.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = tuple(stops)
+        self.stopped = False
+        self._pending = ""
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self._pending += piece
+        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._pending = self._pending[:min(hits)], ""
+            return out
+        hold = max((n for s in self.stops for n in range(1, len(s))
+                    if self._pending.endswith(s[:n])), default=0)
+        out, self._pending = self._pending[:len(self._pending) - hold], self._pending[len(self._pending) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+# ----------------------------------------------------------------------------- the model
+class Model:
+    """A loaded model: `config`, `params` (on device), `tokenizer`, and the settings it runs with
+    (`dtype`, `attention_impl`, `cache_dtype`, `max_seq_len`, `add_bos`). Build it with `load`."""
+
+    def __init__(self, config: LlamaConfig, params: dict, tokenizer: "Tokenizer", *, path=None,
+                 metadata: Optional[Mapping[str, Any]] = None, dtype: str = "f32",
+                 attention_impl: str = "auto", cache_dtype: Optional[str] = None,
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_bos: bool = False):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.path = path
+        self.metadata = dict(metadata or {})
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.cache_dtype = cache_dtype or dtype
+        self.max_seq_len = max_seq_len
+        self.add_bos = add_bos
+
+    def __repr__(self) -> str:
+        return (f"Model({str(self.path)!r}, layers={self.config.num_layers}, "
+                f"hidden={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype}, "
+                f"max_seq_len={self.max_seq_len}, attention_impl={self.attention_impl!r})")
+
+    # ---- tokens -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with BOS if the model file asks for it (see the module docstring)."""
+        return self.tokenizer.encode(text, add_bos=self.add_bos)
+
+    def _ids(self, prompt: Prompt) -> list[int]:
+        """One prompt (text or ids) as a non-empty list of ids."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else _id_list(prompt)
+        if not ids:
+            raise InputError("the prompt is empty (no tokens)")
+        return ids
+
+    def _batch(self, prompts) -> tuple[list[list[int]], bool]:
+        """(rows of ids, whether a single prompt was given): text, ids, or a list of either."""
+        if _is_batch(prompts):
+            return [self._ids(p) for p in prompts], False
+        return [self._ids(prompts)], True
+
+    # ---- low level ----------------------------------------------------------------------
+    def new_cache(self, batch: int = 1) -> "KVCache":
+        """An empty KV cache of `batch` rows and `max_seq_len` positions, in `cache_dtype`."""
+        from jaxchunk.cache import init_cache
+        return init_cache(self.config, batch, self.max_seq_len, self.cache_dtype)
+
+    def prefill(self, ids, chunk_size: Optional[int] = None, *, all_logits: bool = False,
+                progress: bool = False, **schedule):
+        """Chunked prefill of one prompt (ids or text) or a batch of them into a new cache.
+
+        Returns (cache, logits) as `jaxchunk.prefill.prefill`: logits [batch, vocab] at each row's
+        last token, or with all_logits=True a list of NumPy [len_b, vocab]. `schedule` passes
+        max_input_len / max_attention_size on.
+        """
+        from jaxchunk.prefill import prefill
+        rows, _ = self._batch(ids)
+        return prefill(self.params, self.config, self.new_cache(len(rows)), rows, chunk_size=chunk_size,
+                       attention_impl=self.attention_impl, all_logits=all_logits,
+                       progress=progress and max(map(len, rows)) >= PROGRESS_MIN_TOKENS, **schedule)
+
+    def logits(self, ids, *, chunk_size: Optional[int] = None, all_positions: bool = False) -> np.ndarray:
+        """float32 NumPy logits of one sequence: [vocab] after its last token, or [len(ids), vocab]
+        at every position with all_positions=True."""
+        _, logits = self.prefill(self._ids(ids), chunk_size, all_logits=all_positions)
+        return logits[0] if all_positions else np.asarray(logits[0])
+
+    def perplexity(self, text_or_ids, chunk_size: Optional[int] = None, *, max_tokens: Optional[int] = None,
+                   progress: bool = False) -> float:
+        """exp(mean negative log-likelihood) of each token given the ones before it.
+
+        Text is encoded as prompts are. At most `max_tokens` tokens are used. A text longer than the
+        cache is scored in consecutive windows of max_seq_len tokens (each with a fresh cache; the
+        first token of a window has no context and is not scored). Log-probs are taken on device
+        chunk by chunk, so only [chunk] floats ever reach the host. The automatic chunk size is
+        capped at 512 (the chunk's all-position logits are [chunk, vocab] float32).
+        """
+        ids = np.asarray(self._ids(text_or_ids), np.int32)
+        if max_tokens is not None:
+            if not isinstance(max_tokens, int) or max_tokens < 2:
+                raise InputError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise InputError(f"perplexity needs at least 2 tokens, got {len(ids)}")
+        windows = [ids[i:i + self.max_seq_len] for i in range(0, len(ids), self.max_seq_len)]
+        windows = [w for w in windows if len(w) >= 2]
+        total_nll, scored = 0.0, 0
+        bar = _progress_bar(sum(map(len, windows)), "perplexity", progress and len(ids) >= PROGRESS_MIN_TOKENS)
+        for window in windows:
+            nll = self._window_nll(window, chunk_size, bar)
+            total_nll += nll
+            scored += len(window) - 1
+        if bar is not None:
+            bar.close()
+        return math.exp(total_nll / scored)
+
+    def _window_nll(self, ids: np.ndarray, chunk_size: Optional[int], bar) -> float:
+        """Sum of -log p(ids[i+1] | ids[:i+1]) over one window that fits the cache."""
+        import jax.numpy as jnp
+
+        from jaxchunk.prefill import chunk_schedule, prefill_chunk
+        from jaxchunk.sampling import token_logprobs
+
+        schedule = chunk_schedule(len(ids), chunk_size=chunk_size,
+                                  max_input_len=chunk_size or PERPLEXITY_MAX_CHUNK)
+        cache, done, nll = self.new_cache(1), 0, 0.0
+        for chunk_len, n_valid in schedule:
+            tokens = np.zeros((1, chunk_len), np.int32)
+            tokens[0, :n_valid] = ids[done:done + n_valid]
+            targets = np.zeros((1, chunk_len), np.int32)
+            scored = len(ids[done + 1:done + n_valid + 1])  # the window's last token predicts nothing
+            targets[0, :scored] = ids[done + 1:done + 1 + scored]
+            cache, logits = prefill_chunk(self.params, cache, tokens, [n_valid], config=self.config,
+                                          attention_impl=self.attention_impl, logits="all")
+            logprobs = np.asarray(token_logprobs(logits, jnp.asarray(targets)))
+            nll -= float(logprobs[0, :scored].astype(np.float64).sum())
+            done += n_valid
+            if bar is not None:
+                bar.update(n_valid)
+        return nll
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompts, max_new_tokens: int = 64, chunk_size: Optional[int] = None, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int = 0, stop: Union[str, Sequence[str]] = (),
+                 stream: bool = False, progress: bool = False):
+        """Continue one prompt or a batch of prompts (text or token ids).
+
+        Sampling: greedy when temperature == 0; otherwise temperature, top_k (0: off), top_p (1: off),
+        min_p (0: off) and repetition_penalty (1: off) as in jaxchunk.sampling. Deterministic for a
+        given seed (and batch). Generation ends at EOS, after max_new_tokens, or at any of the `stop`
+        strings (matched on the decoded text, so a stop string may span tokens); the returned text
+        excludes EOS and the stop string.
+
+        Returns the text (str) for one prompt, a list of texts for a list of prompts; with
+        stream=True (one prompt only), a generator of text pieces, each valid UTF-8 on its own
+        (a character split across tokens comes out whole), concatenating to the same text.
+        Prefill runs when generate() is called; errors (e.g. a prompt longer than the cache) are
+        raised then, not on the first piece.
+        """
+        from jaxchunk import generate as gen
+        from jaxchunk.sampling import SamplingParams
+
+        rows, single = self._batch(prompts)
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repetition_penalty)
+        stops = _stop_list(stop)
+        stop_ids = self._stop_ids(stops)
+        kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, chunk_size=chunk_size,
+                      stop_ids=stop_ids, attention_impl=self.attention_impl,
+                      progress=progress and max(map(len, rows)) >= PROGRESS_MIN_TOKENS)
+        if stream:
+            if not single:
+                raise InputError("stream=True takes a single prompt, not a list")
+            steps = gen.stream_ids(self.params, self.config, self.new_cache(1), rows, **kwargs)
+            return self._stream_text(steps, set(stop_ids), stops)
+        _, outputs = gen.generate_ids(self.params, self.config, self.new_cache(len(rows)), rows, **kwargs)
+        texts = [self._text(ids, set(stop_ids), stops) for ids in outputs]
+        return texts[0] if single else texts
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **generate_kwargs):
+        """Reply to a conversation ([{"role": "system" | "user" | "assistant", "content": ...}, ...]).
+
+        The model file's chat template renders it (as transformers' apply_chat_template with
+        add_generation_prompt=True), the rendering is encoded as is (the template writes any BOS
+        itself) and continued with `generate(**generate_kwargs)`.
+        """
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(self.tokenizer.encode(text), **generate_kwargs)
+
+    def _stop_ids(self, stops: Sequence[str]) -> list[int]:
+        """EOS, plus stop strings that are exactly one token: those can stop the device loop early
+        (the text check below stays the authority)."""
+        ids = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        for s in stops:
+            encoded = self.tokenizer.encode(s)
+            if len(encoded) == 1 and self.tokenizer.decode(encoded) == s:
+                ids.append(encoded[0])
+        return ids
+
+    def _text(self, ids: list[int], stop_ids: set[int], stops: Sequence[str]) -> str:
+        """Text of one row's generated ids, without a final stop id, cut at the first stop string."""
+        if ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        cutter = StopStrings(stops)
+        return cutter.push(self.tokenizer.decode(ids)) + cutter.flush()
+
+    def _stream_text(self, steps, stop_ids: set[int], stops: Sequence[str]) -> Iterator[str]:
+        """Text pieces from a `stream_ids` generator of one row (same text as `_text`)."""
+        decoder, cutter = self.tokenizer.incremental_decoder(), StopStrings(stops)
+        try:
+            for tokens in steps:
+                token = int(tokens[0])
+                if token in stop_ids:
+                    break
+                piece = cutter.push(decoder.push(token))
+                if piece:
+                    yield piece
+                if cutter.stopped:
+                    return
+            tail = cutter.push(decoder.flush()) + cutter.flush()
+            if tail:
+                yield tail
+        finally:
+            steps.close()  # stop decoding on the device when the caller stops early
+
+
+# ----------------------------------------------------------------------------- helpers
+def _is_batch(prompts) -> bool:
+    """A list of prompts (texts or id sequences) rather than one prompt (a text or 1-D ids)."""
+    if isinstance(prompts, str):
+        return False
+    if isinstance(prompts, (list, tuple)):
+        return len(prompts) > 0 and (isinstance(prompts[0], str) or np.ndim(prompts[0]) >= 1)
+    return np.ndim(prompts) >= 2
+
+
+def _id_list(ids) -> list[int]:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"a prompt must be text or a 1-D sequence of int token ids, got "
+                         f"{'shape ' + str(arr.shape) if arr.ndim != 1 else 'dtype ' + str(arr.dtype)}")
+    return arr.astype(np.int64).tolist()
+
+
+def _stop_list(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(s, str) and s for s in stops):
+        raise InputError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+    return stops
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="tok")

@@ -1,0 +1,258 @@
+"""Generation: the on-device decode loop and the streaming path against step-by-step decoding, on a
+small random Llama (fast); then stop strings, streaming text and chat() on the real SmolLM2."""
+import jax
+import numpy as np
+import pytest
+
+from jaxchunk.cache import init_cache
+from jaxchunk.config import LlamaConfig
+from jaxchunk.errors import InputError
+from jaxchunk.generate import compiled_loop_count, generate_ids, stream_ids
+from jaxchunk.model import init_params
+from jaxchunk.prefill import decode_step, host_lengths, prefill
+from jaxchunk.sampling import SamplingParams
+
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+                     eos_token_id=None)
+MAX_SEQ = 128
+CHUNK = 8   # one prefill chunk shape, max_new_tokens <= 16 (one loop bucket) and batch 1 or 2
+            # wherever possible: each new static shape is a compile, the bulk of this file's runtime
+SAMPLED = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2)
+
+
+@pytest.fixture(scope="module")
+def params():
+    # scale 0.2: peaked logits, so greedy argmaxes are far from ties.
+    return init_params(CONFIG, seed=0, scale=0.2)
+
+
+def prompt(length, seed):
+    return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, length).astype(np.int32)
+
+
+def cache(batch=1):
+    return init_cache(CONFIG, batch, MAX_SEQ)
+
+
+def step_by_step_greedy(params, ids, n):
+    """Reference: prefill, then argmax + decode_step on the host, n tokens."""
+    kv, logits = prefill(params, CONFIG, cache(), [ids], chunk_size=CHUNK)
+    out = []
+    for _ in range(n):
+        out.append(int(np.asarray(logits)[0].argmax()))
+        if len(out) < n:
+            kv, logits = decode_step(params, kv, np.array(out[-1:]), config=CONFIG)
+    return out
+
+
+def stream_all(*args, **kwargs):
+    """Run stream_ids to the end: (tokens [steps, batch], the returned cache)."""
+    gen, steps = stream_ids(*args, **kwargs), []
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as stop:
+        return np.stack(steps), stop.value
+
+
+def trim(steps):
+    """Per-row ids from stream_ids' [steps, batch] (PAD = -1 after a row is done)."""
+    return [col[col >= 0].tolist() for col in np.asarray(steps).T]
+
+
+# ----------------------------------------------------------------------------- random model
+def test_loop_equals_step_by_step_greedy(params):
+    ids = prompt(21, seed=1)
+    kv, (out,) = generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=16, chunk_size=CHUNK)
+    assert out == step_by_step_greedy(params, ids, 16)
+    # The last token is sampled but never fed back.
+    assert host_lengths(kv).tolist() == [21 + 16 - 1]
+
+
+def test_batch_of_different_lengths_equals_per_row(params):
+    prompts = [prompt(n, seed=10 + n) for n in (5, 40)]
+    _, batched = generate_ids(params, CONFIG, cache(2), prompts, max_new_tokens=12, chunk_size=CHUNK)
+    for ids, row in zip(prompts, batched):
+        _, (alone,) = generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=12, chunk_size=CHUNK)
+        assert row == alone
+
+
+def test_stops_at_eos_per_row(params):
+    prompts = [prompt(9, seed=2), prompt(30, seed=3)]
+    _, free = generate_ids(params, CONFIG, cache(2), prompts, max_new_tokens=16, chunk_size=CHUNK)
+    eos = free[0][5]  # make row 0's sixth token the stop id
+    _, stopped = generate_ids(params, CONFIG, cache(2), prompts, max_new_tokens=16, stop_ids=[eos],
+                              chunk_size=CHUNK)
+    for row, full in zip(stopped, free):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert row == full[:end]  # up to and including the stop id, nothing after
+    assert stopped[0][-1] == eos and len(stopped[0]) <= 6
+    steps, _ = stream_all(params, CONFIG, cache(2), prompts, max_new_tokens=16, stop_ids=[eos], chunk_size=CHUNK)
+    assert trim(steps) == stopped
+
+
+def test_stops_early_on_device_when_all_rows_done(params):
+    ids = prompt(12, seed=4)
+    _, (free,) = generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=16, chunk_size=CHUNK)
+    kv, (out,) = generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=16, stop_ids=[free[2]],
+                              chunk_size=CHUNK)
+    assert out == free[:free.index(free[2]) + 1]
+    assert host_lengths(kv).tolist() == [12 + len(out) - 1]  # the loop exited: no further steps
+
+
+def test_seeded_sampling_is_deterministic_and_streaming_agrees(params):
+    prompts = [prompt(11, seed=5), prompt(3, seed=6)]
+    run = lambda seed: generate_ids(params, CONFIG, cache(2), prompts, max_new_tokens=16, sampling=SAMPLED,
+                                    seed=seed, chunk_size=CHUNK)[1]
+    first = run(seed=123)
+    assert run(seed=123) == first
+    assert run(seed=124) != first
+    steps, _ = stream_all(params, CONFIG, cache(2), prompts, max_new_tokens=16, sampling=SAMPLED, seed=123,
+                          chunk_size=CHUNK)
+    assert trim(steps) == first
+
+
+def test_stream_greedy_equals_loop_and_returns_cache(params):
+    ids = prompt(33, seed=7)
+    _, (want,) = generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=10, chunk_size=CHUNK)
+    steps, kv = stream_all(params, CONFIG, cache(), [ids], max_new_tokens=10, chunk_size=CHUNK)
+    assert steps.shape == (10, 1) and trim(steps) == [want]
+    assert host_lengths(kv).tolist() == [33 + 10 - 1]
+
+
+def test_loop_compiles_once_for_different_prompts(params):
+    sampling = SamplingParams(temperature=0.5, top_k=7)  # a configuration no other test uses
+    before = compiled_loop_count()
+    generate_ids(params, CONFIG, cache(2), [prompt(7, 8), prompt(30, 9)], max_new_tokens=9, sampling=sampling,
+                 chunk_size=CHUNK)
+    assert compiled_loop_count() == before + 1
+    # Other prompts, other lengths, another seed, another max_new_tokens in the same bucket (1..16).
+    generate_ids(params, CONFIG, cache(2), [prompt(50, 10), prompt(2, 11)], max_new_tokens=16,
+                 sampling=sampling, seed=5, chunk_size=CHUNK)
+    assert compiled_loop_count() == before + 1
+
+
+def test_host_guards(params):
+    ids = prompt(113, seed=12)
+    with pytest.raises(InputError, match="does not fit the cache"):
+        generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=16)  # 113 + 16 > 128
+    with pytest.raises(InputError, match="does not fit the cache"):
+        stream_ids(params, CONFIG, cache(), [ids], max_new_tokens=16)  # raised at the call
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(InputError, match="max_new_tokens"):
+            generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=bad)
+    with pytest.raises(InputError, match="stop_ids"):
+        generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=4, stop_ids=[CONFIG.vocab_size])
+    with pytest.raises(InputError, match="seed"):
+        generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=4, seed=-1)
+    with pytest.raises(InputError, match="prompts"):
+        generate_ids(params, CONFIG, cache(2), [ids], max_new_tokens=4)
+    generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=15, chunk_size=CHUNK)  # exactly fits
+
+
+# ----------------------------------------------------------------------------- real SmolLM2
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    from jaxchunk.api import load
+    return load(str(smollm2_gguf), max_seq_len=512)
+
+
+GREEDY_PROMPTS = [  # as tests/test_reference_smollm2.py
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "<|im_start|>user\nWhat is gravity? Answer in two sentences.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.model
+@pytest.mark.peers
+@pytest.mark.slow
+def test_batched_on_device_greedy_matches_transformers(smollm2, hf_smollm2):
+    """The 3 reference prompts (different lengths) in ONE batch through the on-device loop, 32 tokens
+    each, equal transformers' greedy generation of each prompt alone."""
+    import torch
+    hf_model, hf_tok = hf_smollm2
+    prompts = [hf_tok.encode(p, add_special_tokens=False) for p in GREEDY_PROMPTS]
+    eos = smollm2.config.eos_token_id
+    _, ours = generate_ids(smollm2.params, smollm2.config, smollm2.new_cache(3), prompts, max_new_tokens=32,
+                           chunk_size=7)
+    for ids, row in zip(prompts, ours):
+        with torch.no_grad():
+            theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                       eos_token_id=eos, pad_token_id=eos)[0, len(ids):].tolist()
+        assert row == theirs, (hf_tok.decode(row), hf_tok.decode(theirs))
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_stop_strings_spanning_tokens(smollm2):
+    text_prompt = "The capital of France is"
+    pieces = list(smollm2.generate(text_prompt, max_new_tokens=16, stream=True))
+    full = "".join(pieces)
+    # Where one streamed piece ends and the next begins is a token boundary (ASCII text: one
+    # piece per token). Take a stop string made of the end of one piece and the start of the next.
+    ends = np.cumsum([len(p) for p in pieces])[:-1]
+    cuts = [int(e) for e in ends if 4 <= e <= len(full) - 3]
+    assert cuts, pieces
+    at = cuts[len(cuts) // 2]
+    stop = full[at - 2:at + 2]
+    want = full[:full.find(stop)]
+    assert len(want) < at  # the stop string really is cut off, not after it
+    assert smollm2.generate(text_prompt, max_new_tokens=16, stop=[stop, "never appears"]) == want
+    assert "".join(smollm2.generate(text_prompt, max_new_tokens=16, stop=stop, stream=True)) == want
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_stream_concatenates_to_text_with_multibyte_characters(smollm2):
+    messages = [{"role": "user", "content": "Write three Japanese words in Japanese script, then a heart emoji."}]
+    kwargs = dict(max_new_tokens=24, temperature=0.7, top_p=0.9, seed=3)
+    whole = smollm2.chat(messages, **kwargs)
+    pieces = list(smollm2.chat(messages, stream=True, **kwargs))
+    assert "".join(pieces) == whole
+    # Only a character cut off by max_new_tokens may end the text as U+FFFD (as decode() does).
+    assert all("\ufffd" not in piece for piece in pieces[:-1])
+    assert any(ord(c) > 0x7FF for c in whole), whole  # 3- or 4-byte UTF-8 characters were generated
+    # ... and at least one of them was split across tokens (the case the incremental decoder handles).
+    ids = smollm2.tokenizer.encode(whole)
+    assert any("\ufffd" in smollm2.tokenizer.decode([i]) for i in ids), whole
+
+
+@pytest.mark.model
+def test_stream_text_assembly_with_crafted_ids(smollm2):
+    """The text side of streaming alone, on ids whose characters span tokens: pieces are whole
+    characters, they join to the non-streamed text, and stop strings cut both the same way."""
+    tok = smollm2.tokenizer
+    text = "Voilà: 日本語 🤔🤔 and ñ — the end. More after the end."
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    stop_ids = {smollm2.config.eos_token_id}
+    for stops in ([], ["the end"], ["🤔"], ["語 🤔"], ["nope"]):
+        steps = iter([np.array([i]) for i in ids + [smollm2.config.eos_token_id, 5, 6]])
+        pieces = list(smollm2._stream_text(_closable(steps), stop_ids, stops))
+        assert "".join(pieces) == smollm2._text(ids + [smollm2.config.eos_token_id], stop_ids, stops)
+        cut = min([text.find(s) for s in stops if s in text], default=len(text))
+        assert "".join(pieces) == text[:cut]
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def _closable(iterator):
+    yield from iterator
+
+
+@pytest.mark.model
+@pytest.mark.peers
+@pytest.mark.slow
+def test_chat_feeds_the_transformers_rendering(smollm2, smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another one?"}]
+    rendered = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    reply = smollm2.chat(messages, max_new_tokens=12)
+    assert reply == smollm2.generate(smollm2.tokenizer.encode(rendered), max_new_tokens=12)
+    assert reply and "<|im_end|>" not in reply
+    assert "".join(smollm2.chat(messages, max_new_tokens=12, stream=True)) == reply
