@@ -62,20 +62,21 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
     cache_dtype: KV-cache dtype, "f32" or "bf16"; default: `dtype`.
     max_seq_len: KV-cache capacity (prompt + generated tokens); default min(model context, 8192).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxchunk.cache import resolve_cache_dtype
     from jaxchunk.fetch import resolve_model
 
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_weights_mode(weights)
+    path = resolve_model(model)  # before importing JAX: a wrong path fails fast
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxchunk.cache import resolve_cache_dtype
+
     _check_attention_impl(attention_impl)
     cache_dtype = dtype if cache_dtype is None else cache_dtype
     resolve_cache_dtype(cache_dtype)  # InputError for an unknown name, before the slow part
-
-    path = resolve_model(model)
     np_dtype = {"f32": np.float32, "bf16": jnp.bfloat16}[dtype]
     config, params, metadata, tokenizer, add_bos = _load_files(path, np_dtype)
 

