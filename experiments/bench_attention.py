@@ -3,11 +3,12 @@ head_dim 64) against a fixed-capacity cache (max_seq 8192).
 
 For each (q_len, kv) the chunk is the last one of a kv-token prompt:
 q_offset = max(kv - q_len, 0), kv_len = kv (kv < q_len: a padded last chunk).
-Reports the median wall time of --repeats calls after a warm-up call, the
-compiled peak scratch memory (memory_analysis().temp_size_in_bytes) and the
+Reports the median wall time (and process CPU time: steadier on a shared box)
+of --repeats calls after a warm-up call, the compiled peak scratch memory (memory_analysis().temp_size_in_bytes) and the
 useful TFLOP/s (4 * d * visible (query, key) pairs per head).
 
-CPU: blockwise XLA (several block_k) vs the f32 reference vs
+CPU: blockwise XLA (default 768-row tiles, block_k 256/512/1024, and untiled)
+vs the f32 reference vs
 jax.nn.dot_product_attention with an explicit mask. GPU: also the Pallas
 flash / decode kernels (compiled).
 
@@ -56,19 +57,21 @@ def time_fn(fn, args, repeats):
     mem = compiled.memory_analysis()
     peak = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
     jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), peak
 
 
 def backends(block_ks, on_gpu):
-    out = {f"xla_bk{bk}": (lambda bk: lambda *a: blockwise_attention(
-        *a, block_sizes=BlockSizes(1 << 30, bk)))(bk) for bk in block_ks}
-    out["xla_bk512_tiled_q1536"] = lambda *a: blockwise_attention(
-        *a, block_sizes=BlockSizes(1536, 512))  # 512 positions * G=3 rows per tile
+    xla_q = BlockSizes.xla_default(HEAD_DIM).block_q
+    out = {f"xla_q{xla_q}_k{bk}": (lambda bk: lambda *a: blockwise_attention(
+        *a, block_sizes=BlockSizes(xla_q, bk)))(bk) for bk in block_ks}
+    out["xla_untiled_k256"] = lambda *a: blockwise_attention(
+        *a, block_sizes=BlockSizes(1 << 30, 256))  # one row tile: no causal skipping
     out["reference"] = attention_reference
     out["jax.nn.dpa+mask"] = sdpa_masked
     if on_gpu:
@@ -97,7 +100,8 @@ def main():
     v = jnp.asarray(rng.standard_normal((1, MAX_SEQ, KV_HEADS, HEAD_DIM)), dtype)
     print(f"backend={jax.default_backend()} devices={jax.devices()} dtype={dtype} "
           f"heads={HEADS}/{KV_HEADS} d={HEAD_DIM} max_seq={MAX_SEQ}")
-    print(f"{'q_len':>5} {'kv':>5} {'backend':>24} {'ms':>9} {'TFLOP/s':>8} {'scratch MiB':>11}")
+    print(f"{'q_len':>5} {'kv':>5} {'backend':>22} {'wall ms':>9} {'cpu ms':>9} "
+          f"{'TFLOP/s':>8} {'scratch MiB':>11}")
     rows = []
     for ql in args.q_lens:
         q = jnp.asarray(rng.standard_normal((1, ql, HEADS, HEAD_DIM)), dtype)
@@ -110,12 +114,13 @@ def main():
                     continue
                 if name == "pallas_decode" and ql > 8:
                     continue
-                t, peak = time_fn(fn, (q, k, v, q_offset, kv_len), args.repeats)
+                t, cpu, peak = time_fn(fn, (q, k, v, q_offset, kv_len), args.repeats)
                 mib = peak / 2**20 if peak is not None else float("nan")
-                print(f"{ql:>5} {kv:>5} {name:>24} {t * 1e3:>9.2f} "
+                print(f"{ql:>5} {kv:>5} {name:>22} {t * 1e3:>9.2f} {cpu * 1e3:>9.2f} "
                       f"{flops / t / 1e12:>8.4f} {mib:>11.1f}", flush=True)
-                rows.append(dict(q_len=ql, kv=kv, backend=name, ms=t * 1e3,
-                                 tflops=flops / t / 1e12, scratch_bytes=peak))
+                rows.append(dict(q_len=ql, kv=kv, backend=name, wall_ms=t * 1e3,
+                                 cpu_ms=cpu * 1e3, tflops=flops / t / 1e12,
+                                 scratch_bytes=peak))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

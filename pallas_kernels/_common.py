@@ -118,5 +118,13 @@ def from_rows(o, q_len: int, num_heads: int):
     return o.reshape(b, q_len, num_heads, d)
 
 
+def check_triton_blocks(*sizes: int) -> None:
+    """Compiled (Triton) tiles must be powers of two >= 16 (tl.dot's minimum);
+    say so up front rather than deep inside the lowering."""
+    bad = [s for s in sizes if s < 16 or s & (s - 1)]
+    if bad:
+        raise ValueError(f"GPU (Triton) block sizes must be powers of two >= 16, got {bad}")
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockSizes, cdiv, check_inputs, default_sm_scale,
-                                    from_rows, next_pow2, to_rows)
+from pallas_kernels._common import (BlockSizes, cdiv, check_inputs, check_triton_blocks,
+                                    default_sm_scale, from_rows, next_pow2, to_rows)
 from pallas_kernels._compat import default_interpret, triton_compiler_params
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.flash_attention import online_softmax_step, pad_cache
@@ -102,6 +102,8 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
 
     block_k = bs.block_k
+    if not interpret:
+        check_triton_blocks(bs.block_q, block_k)
     k, v = pad_cache(k, v, block_k)
     max_seq, dp = k.shape[1], k.shape[3]
     n_blocks = pl.cdiv(max_seq, block_k)

@@ -20,8 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
-                                    default_sm_scale, from_rows, next_pow2, to_rows,
-                                    visible)
+                                    check_triton_blocks, default_sm_scale, from_rows,
+                                    next_pow2, to_rows, visible)
 from pallas_kernels._compat import default_interpret, triton_compiler_params
 
 
@@ -132,6 +132,8 @@ def flash_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=
     # Never a tile much bigger than the work; stay a power of two >= 16 for Triton.
     block_q = min(bs.block_q, max(16, next_pow2(rows)))
     block_k = bs.block_k
+    if not interpret:
+        check_triton_blocks(bs.block_q, block_k)
     k, v = pad_cache(k, v, block_k)
     max_seq, dp = k.shape[1], k.shape[3]
     qr = to_rows(q, kvh)

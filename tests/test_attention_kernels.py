@@ -14,7 +14,8 @@ from attention_cases import (CASES, TEST_BLOCKS, backend_params, check_against_o
                               make_inputs, run_backend)
 from pallas_kernels import BlockSizes, attention, attention_reference
 from pallas_kernels.blockwise_attention import blockwise_attention, key_block_range
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
+from pallas_kernels.flash_attention import flash_attention
 
 
 @pytest.mark.parametrize("name,case,dtype",
@@ -125,3 +126,39 @@ def test_layer_index_into_stacked_cache(impl):
         q, keys, values, qo, kl, layer=layer, impl=impl, block_sizes=block_sizes,
         sliding_window=case.sliding_window, soft_cap=case.soft_cap))
     check_against_oracle(run(jnp.int32(1)), case, "float32", per_layer[1])
+
+
+def _lower_for_cuda(fn, *args):
+    """Pallas -> Triton lowering for CUDA via cross-platform export: catches
+    non-power-of-two tiles and primitives Triton lacks, without a GPU. (PTX
+    compilation itself still needs one: see test_attention_gpu.py.)"""
+    from jax import export
+    try:
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    except (ImportError, NotImplementedError) as e:  # no Triton dialect in this jaxlib
+        pytest.skip(f"cannot lower for CUDA here: {e}")
+    return exp.mlir_module()
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_pallas_kernels_lower_to_triton(case, dtype):
+    inputs = make_inputs(case, dtype)
+    kw = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap,
+              interpret=False)
+    fns = [lambda *a: flash_attention(*a, **kw),  # default (GPU) block sizes
+           lambda *a: flash_attention(*a, block_sizes=TEST_BLOCKS, **kw)]
+    if case.q_len <= MAX_DECODE_Q_LEN:
+        fns.append(lambda *a: decode_attention(*a, **kw))
+    for fn in fns:
+        assert "xla.gpu.triton" in _lower_for_cuda(fn, *inputs)
+
+
+def test_compiled_kernels_reject_non_power_of_two_blocks():
+    inputs = make_inputs(CASES[3], "float32")
+    with pytest.raises(ValueError, match="powers of two"):
+        flash_attention(*inputs, block_sizes=BlockSizes(24, 32), interpret=False)
+    with pytest.raises(ValueError, match="powers of two"):
+        decode_attention(*make_inputs(CASES[0], "float32"),
+                         block_sizes=BlockSizes(16, 8), interpret=False)
