@@ -1,0 +1,465 @@
+"""Helpers shared by every experiment script (and the notebooks), so the scripts only say *what*
+they measure.
+
+- Machine:  `machine_info()` - CPU, cores, load, library versions, git commit (saved with results).
+- Model:    `load_model("smollm2-135m" | "tiny-random", dtype)` and `prompt_ids(name, n)`.
+- Timing:   `timeit(fn, repeats, setup)` - first call (compile) and median of warm calls.
+- Memory:   `reset_peak_rss()` / `peak_rss_bytes()` (per-run process peak, Linux) and
+            `step_memory(...)` (XLA's compiled memory analysis of one prefill step).
+- Accuracy: `reference_logits` (full attention, no cache) and `chunked_eval` (chunked prefill
+            compared with it, plus perplexity, one chunk at a time).
+- Output:   `write_results` (CSV + JSON with machine info and settings), `line_plot` (PNG),
+            `print_table`, `progress` (tqdm over runs).
+
+Scripts put the repository root on sys.path and `from experiments.common import ...`, so they run
+as `.venv/bin/python experiments/<script>.py` from anywhere. JAX is imported only inside the
+functions that need it: compare_peers' torch / llama.cpp workers use the timing and memory helpers,
+and importing JAX there would add to the peak RSS they report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random"
+MODELS = (DEFAULT_MODEL, TINY_MODEL)
+DTYPES = ("f32", "bf16")
+MB = 1024 ** 2
+
+
+# ----------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on. The load average matters: this runs on shared machines."""
+    try:
+        usable_cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable_cores = os.cpu_count()
+    import jax
+    return {
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "memory_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": {p: _version(p) for p in ("jax", "jaxlib", "numpy", "torch", "transformers",
+                                               "llama_cpp_python")},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclasses.dataclass
+class Timing:
+    first_s: float        # the first call: tracing + compilation + one run
+    times_s: list[float]  # the warm calls
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def compile_s(self) -> float:
+        """First-call overhead: what the first call cost beyond a warm call (mostly compilation)."""
+        return max(0.0, self.first_s - self.median_s)
+
+
+def _wait(value):
+    """JAX dispatch is asynchronous: wait for JAX results (anything else is already done)."""
+    if "jax" in sys.modules:
+        sys.modules["jax"].block_until_ready(value)
+    return value
+
+
+def timeit(fn: Callable, repeats: int, setup: Callable[[], tuple] | None = None) -> Timing:
+    """Call `fn(*setup())` once (warm-up, timed separately) then `repeats` times; every call is
+    waited for with `jax.block_until_ready` when JAX is in use. `setup` runs untimed before each
+    call: prefill donates its cache, so each call needs a fresh one."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+    def once() -> float:
+        args = _wait(setup() if setup else ())
+        start = time.perf_counter()
+        _wait(fn(*args))
+        return time.perf_counter() - start
+
+    first = once()
+    return Timing(first, [once() for _ in range(repeats)])
+
+
+# ----------------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark (Linux: writing 5 to /proc/self/clear_refs), so the next
+    `peak_rss_bytes()` covers only what ran since. False where unsupported (then the peak is the
+    whole process lifetime)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    return kb * 1024 if kb is not None else peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since start or the last `reset_peak_rss()`."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+    return kb * 1024
+
+
+def shape_of(tree):
+    """The pytree as ShapeDtypeStructs: lowering needs shapes only, and does not touch (or donate)
+    the real buffers."""
+    import jax
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def step_memory(params, config, cache, chunk_len: int, attention_impl: str,
+                logits: str = "last") -> dict[str, float]:
+    """XLA's memory analysis of the compiled prefill step for one chunk length, in MB.
+
+    peak_mb = arguments + outputs - aliased (the donated cache is updated in place) + temporaries:
+    what the step needs while it runs. temp_mb is the part the chunk length drives. (Lowering and
+    compiling here reuse the executable a previous call of the same shapes built, so this is cheap
+    after a run - and its duration says nothing about compile time: use `Timing.compile_s`.)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxchunk.prefill import _prefill_chunk
+
+    tokens = jax.ShapeDtypeStruct((cache.batch, chunk_len), jnp.int32)
+    n_valid = jax.ShapeDtypeStruct((cache.batch,), jnp.int32)
+    stats = _prefill_chunk.lower(shape_of(params), shape_of(cache), tokens, n_valid, config=config,
+                                 attention_impl=attention_impl, logits=logits).compile().memory_analysis()
+    if stats is None:  # some backends do not report
+        return {}
+    arg, res = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+    return {"arg_mb": arg / MB, "out_mb": res / MB, "alias_mb": alias / MB, "temp_mb": temp / MB,
+            "peak_mb": (arg + res - alias + temp) / MB}
+
+
+# ----------------------------------------------------------------------------- models and prompts
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    dtype: str           # "f32" | "bf16": params, activations and KV cache
+    config: Any          # jaxchunk.config.LlamaConfig
+    params: dict         # on device, in `dtype`
+    tokenizer: Any       # jaxchunk Tokenizer, None for the random model
+    source: str          # file path or description, for the results' settings
+
+
+def tiny_config():
+    """A 2-layer Llama with GQA (4 query heads, 2 KV heads): compiles and runs in well under a
+    second, for tests and smoke runs of the scripts."""
+    from jaxchunk.config import LlamaConfig
+    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, max_position_embeddings=8192, bos_token_id=1,
+                       eos_token_id=2)
+
+
+def model_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file of a known model (fetched on first use)."""
+    if name not in MODELS or name == TINY_MODEL:
+        raise ValueError(f"{name!r} has no model file; choose {DEFAULT_MODEL!r}")
+    from jaxchunk.fetch import fetch_model
+    return fetch_model(name)
+
+
+@functools.lru_cache(maxsize=2)
+def _host_weights(name: str):
+    """(config, float32 NumPy params, source), loaded once per process: dequantizing the GGUF
+    takes ~10 s, and the f32 and bf16 runs share it."""
+    if name == TINY_MODEL:
+        import jax
+        from jaxchunk.model import init_params
+        config = tiny_config()
+        # scale 0.2 (not the default 0.02) gives peaked attention, so a wrong mask shows up clearly.
+        params = jax.tree.map(np.asarray, init_params(config, seed=0, scale=0.2))
+        return config, params, "random init (jaxchunk.model.init_params, seed 0, scale 0.2)"
+    from jaxchunk.weights.gguf import load_gguf
+    path = model_path(name)
+    config, params, _ = load_gguf(path, np.float32)
+    return config, params, str(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(name: str):
+    """jaxchunk's tokenizer of the model (None for the random model), without loading weights."""
+    if name == TINY_MODEL:
+        return None
+    from jaxchunk.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(model_path(name))
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32") -> LoadedModel:
+    """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`."""
+    import jax
+    import jax.numpy as jnp
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    config, host_params, source = _host_weights(name)
+    jnp_dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype), host_params)
+    return LoadedModel(name, dtype, config, params, _tokenizer(name), source)
+
+
+def prompt_ids(name: str, n: int) -> np.ndarray:
+    """n token ids for model `name`: BOS + the start of jaxchunk.corpus.reference_text (real
+    English prose and code, so perplexity means something), or seeded random ids for the random
+    model. Every script and peer gets the same ids for the same n."""
+    if name == TINY_MODEL:
+        return np.random.default_rng(n).integers(3, tiny_config().vocab_size, n).astype(np.int32)
+    return _text_ids(name, n)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_ids(name: str, n: int) -> np.ndarray:
+    from jaxchunk.corpus import reference_text
+    tokenizer = _tokenizer(name)
+    chars = 6 * n  # ~4 characters per token in this text; tokenize only what is needed
+    while True:
+        text = reference_text(chars)
+        ids = [tokenizer.bos_id] + tokenizer.encode(text)
+        if len(ids) >= n or len(text) < chars:
+            break
+        chars *= 2
+    if len(ids) < n:
+        raise ValueError(f"the reference text has only {len(ids)} tokens, fewer than {n}")
+    return np.asarray(ids[:n], np.int32)
+
+
+# ----------------------------------------------------------------------------- accuracy
+@functools.lru_cache(maxsize=1)
+def _jitted_forward():
+    import jax
+    from jaxchunk.model import forward
+    return jax.jit(forward, static_argnums=(1,))  # config is hashable: static
+
+
+def reference_logits(model: LoadedModel, ids: np.ndarray) -> np.ndarray:
+    """[n, vocab] float32 logits of `jaxchunk.model.forward`: plain causal attention over the whole
+    sequence, no cache and no chunks - what chunked prefill must reproduce. Its attention scores are
+    [heads, n, n] float32 per layer (2.4 GB per layer for SmolLM2 at n=8192)."""
+    return np.asarray(_jitted_forward()(model.params, model.config, np.asarray(ids)[None])[0])
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target under each row of logits (float64 accumulation)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+    return log_z - logits[np.arange(len(targets)), targets]
+
+
+def chunked_eval(model: LoadedModel, ids: np.ndarray, chunk_size: int, attention_impl: str,
+                 reference: np.ndarray, cache_len: int | None = None) -> dict[str, float]:
+    """Prefill `ids` chunk by chunk with all-position logits and compare each chunk's logits with
+    the same rows of `reference` as they arrive, so at most one chunk of logits is alive (never the
+    whole [n, vocab] twice). Returns max |logit difference|, top-1 agreement, and the perplexity of
+    the text under the chunked logits and under the reference."""
+    from jaxchunk.cache import init_cache
+    from jaxchunk.prefill import chunk_schedule, prefill_chunk
+
+    n = len(ids)
+    cache = init_cache(model.config, 1, cache_len or n, model.dtype)
+    max_diff, agree, nll, nll_ref, start = 0.0, 0, 0.0, 0.0, 0
+    for chunk_len, n_valid in chunk_schedule(n, chunk_size=chunk_size, max_input_len=chunk_size):
+        tokens = np.zeros((1, chunk_len), np.int32)
+        tokens[0, :n_valid] = ids[start:start + n_valid]
+        cache, logits = prefill_chunk(model.params, cache, tokens, [n_valid], config=model.config,
+                                      attention_impl=attention_impl, logits="all")
+        ours, ref = np.asarray(logits[0, :n_valid]), reference[start:start + n_valid]
+        max_diff = max(max_diff, float(np.abs(ours - ref).max()))
+        agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+        # Position i predicts token i + 1; the prompt's last position has nothing to predict.
+        targets = ids[start + 1:start + n_valid + 1]
+        nll += token_nll(ours[:len(targets)], targets).sum()
+        nll_ref += token_nll(ref[:len(targets)], targets).sum()
+        start += n_valid
+    return {"max_abs_logit_diff": max_diff, "top1_agreement": agree / n,
+            "perplexity": math.exp(nll / (n - 1)), "perplexity_reference": math.exp(nll_ref / (n - 1))}
+
+
+# ----------------------------------------------------------------------------- output
+def progress(items: Sequence, desc: str):
+    """A tqdm bar over runs, on stderr so stdout keeps only the results table."""
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_results(out_dir: Path, rows: list[dict], settings: dict, machine: dict,
+                  name: str = "results", json_only: Sequence[str] = ()):
+    """`<name>.csv` (one row per run) and `<name>.json` ({machine, settings, rows}); returns the
+    CSV's rows as a pandas DataFrame. Columns in `json_only` (lists, nested data) skip the CSV."""
+    import pandas as pd
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows).drop(columns=list(json_only))
+    df.to_csv(out_dir / f"{name}.csv", index=False)
+    payload = {"machine": machine, "settings": settings,
+               "rows": [{k: _jsonable(v) for k, v in row.items()} for row in rows]}
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    return df
+
+
+def print_table(df, columns: Iterable[str], title: str | None = None) -> str:
+    """Print (and return) the chosen columns as an aligned text table."""
+    import pandas as pd
+    columns = [c for c in columns if c in df.columns]
+    with pd.option_context("display.width", 250, "display.max_columns", None,
+                           "display.float_format", lambda x: f"{x:.4g}"):
+        text = df[columns].to_string(index=False)
+    if title:
+        text = f"{title}\n{text}"
+    print(text)
+    return text
+
+
+def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, facet: str | None = None,
+              title: str, xlabel: str, ylabel: str, logx: bool = True, logy: bool = False,
+              y_labels: Sequence[str] | None = None, floor: float | None = None) -> Path:
+    """One panel per value of `facet` (e.g. dtype), one line per value of `line` (e.g. prompt
+    length), one line style per column in `y` (e.g. two kinds of memory). `floor` clips values
+    below it (zeros on a log axis). Saves a PNG."""
+    plt = pyplot()
+    ys = [y] if isinstance(y, str) else list(y)
+    y_labels = list(y_labels) if y_labels else ys
+    facets = list(dict.fromkeys(df[facet])) if facet else [None]  # in order of appearance
+    fig, axes = plt.subplots(1, len(facets), figsize=(5.5 * len(facets) + 1, 4.2), squeeze=False,
+                             sharey=True)
+    styles = ["-", "--", ":", "-."]
+    colors = {key: f"C{i}" for i, key in enumerate(sorted(df[line].unique()))}  # same color in every panel
+    for ax, value in zip(axes[0], facets):
+        part = df if facet is None else df[df[facet] == value]
+        for key, group in sorted(part.groupby(line), key=lambda kv: kv[0]):
+            group = group.sort_values(x)
+            for col, label, style in zip(ys, y_labels, styles):
+                values = group[col].astype(float)
+                if floor is not None:
+                    values = values.clip(lower=floor)
+                suffix = f", {label}" if len(ys) > 1 else ""
+                ax.plot(group[x], values, style, color=colors[key], marker="o", label=f"{line}={key}{suffix}")
+        if logx:
+            log2_axis(ax, part[x], "x")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{facet}: {value}" if facet else title, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(ylabel)
+    if facet:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def log2_axis(ax, values, which: str = "x") -> None:
+    """A log2 axis ticked at the values themselves, written plainly (512, not 2^9)."""
+    import matplotlib.ticker
+    ticks = sorted({int(v) for v in values})
+    getattr(ax, f"set_{which}scale")("log", base=2)
+    getattr(ax, f"set_{which}ticks")(ticks, [str(t) for t in ticks],
+                                     rotation=45 if which == "x" and len(ticks) > 6 else 0)
+    getattr(ax, f"{which}axis").set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (PNGs without a display: servers, CI, subprocesses),
+    unless pyplot is already in use (a notebook's inline backend stays)."""
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def parse_list(text: str, kind=int) -> list:
+    """'64,128, 256' -> [64, 128, 256] (argparse type for comma-separated lists)."""
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]

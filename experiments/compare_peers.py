@@ -1,0 +1,309 @@
+"""jaxchunk's prefill next to Hugging Face transformers and llama.cpp, same machine, same prompts.
+
+Systems (--systems):
+- jaxchunk:     chunked prefill (jaxchunk.prefill) for each --chunk-sizes and --dtypes, last-token
+                logits; the GGUF dequantized to f32 / bf16 by jaxchunk's loader.
+- transformers: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (its own dequantization)
+                in f32 / bf16, torch.set_num_threads(--threads), torch.inference_mode, one forward
+                over the whole prompt with logits_to_keep=1 (last-token logits only). Recent
+                transformers keep GGUF weights packed and unpack them in every forward (several
+                times slower on CPU without its `kernels` package); --hf-weights dense (default)
+                asks for GgufConfig(dequantize=True): plain dense weights, like jaxchunk's.
+- llama.cpp:    llama_cpp.Llama on the GGUF as is (Q4_1 weights, its native format), n_batch 512,
+                n_threads --threads, logits_all=False; llm.eval(ids) after llm.reset().
+
+Every system runs in its own subprocess (this script with --worker), so its peak RSS (VmHWM, reset
+before each prompt length) is its own: weights + cache + activations of that system only. Each gets
+the same token ids (jaxchunk's tokenizer on jaxchunk.corpus.reference_text) through a .npy file.
+
+Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jaxchunk a full
+prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
+tok/s (greedy, --decode-tokens tokens after the prompt, one step each, after one warm-up step).
+The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
+
+  .venv/bin/python experiments/compare_peers.py --quick
+  .venv/bin/python experiments/compare_peers.py --systems jaxchunk,llama.cpp --prompt-lens 8192
+
+Writes results.csv, results.json, prefill.png, decode.png, memory.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402  (imports no JAX: the workers stay light)
+
+SYSTEMS = ("jaxchunk", "transformers", "llama.cpp")
+FULL = dict(prompt_lens=[512, 2048, 8192], chunk_sizes=[256, 512, 2048], dtypes=["f32", "bf16"], repeats=3)
+QUICK = dict(prompt_lens=[512, 2048], chunk_sizes=[512], dtypes=["f32", "bf16"], repeats=1)
+RESULT_MARK = "COMPARE_PEERS_RESULT "
+WARMUP_TOKENS = 64
+
+
+# ----------------------------------------------------------------------------- workers (subprocesses)
+def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
+    """Shared by every worker: for each prompt length, time `prefill_fn(ids)` (returns the state
+    decoding continues from) and `decode_fn(state, n_tokens)`, and record the peak RSS."""
+    ids_all = np.load(spec["ids_path"])
+    rows = []
+    for n in spec["prompt_lens"]:
+        ids = ids_all[:n]
+        common.reset_peak_rss()
+        state = {}
+
+        def run():
+            state["last"] = prefill_fn(ids)
+            return state["last"]
+
+        timing = common.timeit(run, spec["repeats"])
+        decode_fn(state["last"], 1)  # warm-up step (jaxchunk: compiles the decode step)
+        start = time.perf_counter()
+        decode_fn(state["last"], spec["decode_tokens"])
+        decode_s = time.perf_counter() - start
+        rows.append({"prompt_len": n, "prefill_s": timing.median_s, "prefill_tok_s": n / timing.median_s,
+                     "first_call_s": timing.first_s, "decode_tok_s": spec["decode_tokens"] / decode_s,
+                     "rss_peak_mb": common.peak_rss_bytes() / common.MB})
+    return rows
+
+
+def jaxchunk_worker(spec) -> tuple[list[dict], str]:
+    import jax.numpy as jnp
+
+    from jaxchunk.cache import init_cache
+    from jaxchunk.prefill import decode_step, prefill
+    model = common.load_model(spec["model"], spec["dtype"])
+    config, params, impl = model.config, model.params, spec["attention_impl"]
+
+    def prefill_fn(ids):
+        chunk = min(spec["chunk_size"], len(ids))
+        cache = init_cache(config, 1, len(ids) + spec["decode_tokens"] + 1, model.dtype)
+        cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk, max_input_len=chunk,
+                                attention_impl=impl)
+        return {"cache": cache, "logits": logits, "length": len(ids)}
+
+    def decode_fn(state, n_tokens):
+        for _ in range(n_tokens):
+            token = np.asarray(jnp.argmax(state["logits"], -1))  # greedy; the host needs it anyway
+            state["cache"], state["logits"] = decode_step(params, state["cache"], token, config=config,
+                                                          attention_impl=impl,
+                                                          lengths=np.array([state["length"]]))
+            state["length"] += 1
+        np.asarray(state["logits"])  # wait for the last step
+
+    return measure_lengths(prefill_fn, decode_fn, spec), f"attention_impl={impl}, cache=prompt+decode"
+
+
+def transformers_worker(spec) -> tuple[list[dict], str]:
+    import inspect
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(spec["threads"])
+    path = Path(spec["gguf"])
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    kwargs = {}
+    if spec["hf_weights"] == "dense":
+        try:  # transformers >= 5: GGUF weights stay packed unless asked otherwise
+            from transformers import GgufConfig
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantize
+            pass
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kwargs).eval()
+    params = inspect.signature(model.forward).parameters
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    last_only = {keep: 1} if keep else {}
+
+    @torch.inference_mode()
+    def prefill_fn(ids):
+        out = model(torch.as_tensor(ids, dtype=torch.long)[None], use_cache=True, **last_only)
+        return {"past": out.past_key_values, "logits": out.logits[:, -1]}
+
+    @torch.inference_mode()
+    def decode_fn(state, n_tokens):
+        for _ in range(n_tokens):
+            token = state["logits"].argmax(-1, keepdim=True)
+            out = model(token, past_key_values=state["past"], use_cache=True, **last_only)
+            state["past"], state["logits"] = out.past_key_values, out.logits[:, -1]
+
+    prefill_fn(np.arange(WARMUP_TOKENS))  # thread pools, allocator
+    note = (f"transformers {transformers.__version__}, weights {spec['hf_weights']}, "
+            f"attn={model.config._attn_implementation}, {keep or 'all logits (no logits_to_keep)'}, "
+            f"threads={spec['threads']}")
+    return measure_lengths(prefill_fn, decode_fn, spec), note
+
+
+def llama_cpp_worker(spec) -> tuple[list[dict], str]:
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=max(spec["prompt_lens"]) + spec["decode_tokens"] + 1,
+                          n_batch=512, n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          logits_all=False, verbose=False)
+
+    def prefill_fn(ids):
+        llm.reset()
+        llm.eval(ids.tolist())
+        return None
+
+    def last_logits():
+        # With logits_all=False llama-cpp-python keeps no scores; read the context's last row.
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+    def decode_fn(_, n_tokens):
+        for _ in range(n_tokens):
+            llm.eval([int(np.argmax(last_logits()))])
+
+    prefill_fn(np.arange(WARMUP_TOKENS))
+    note = (f"llama-cpp-python {llama_cpp.__version__}, weights Q4_1 (native), n_batch=512, "
+            f"threads={spec['threads']}, {llama_cpp.llama_print_system_info().decode().strip()}")
+    return measure_lengths(prefill_fn, decode_fn, spec), note
+
+
+WORKERS = {"jaxchunk": jaxchunk_worker, "transformers": transformers_worker, "llama.cpp": llama_cpp_worker}
+
+
+def worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    rows, note = WORKERS[spec["system"]](spec)
+    print(RESULT_MARK + json.dumps({"rows": rows, "note": note}), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", type=lambda s: common.parse_list(s, str), default=list(SYSTEMS),
+                   help=f"comma-separated, from {SYSTEMS}")
+    p.add_argument("--model", default=common.DEFAULT_MODEL, choices=common.MODELS,
+                   help="tiny-random: jaxchunk only (the peers need the GGUF)")
+    p.add_argument("--prompt-lens", type=common.parse_list)
+    p.add_argument("--chunk-sizes", type=common.parse_list, help="jaxchunk chunk sizes")
+    p.add_argument("--dtypes", type=lambda s: common.parse_list(s, str), help="for jaxchunk and transformers")
+    p.add_argument("--attention-impl", default="xla", help="jaxchunk's attention_impl")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--hf-weights", choices=("dense", "packed"), default="dense",
+                   help="transformers: dequantize the GGUF at load (dense) or keep it packed")
+    p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (JAX uses all cores)")
+    p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
+    p.add_argument("--out", type=Path, default=Path("results/compare_peers"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one system, print JSON
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    return args
+
+
+def unavailable(system: str, model: str) -> str | None:
+    """Why `system` cannot run here (printed, never skipped silently), or None."""
+    if system != "jaxchunk" and model == common.TINY_MODEL:
+        return f"{system} needs the GGUF file; --model {model} is jaxchunk only"
+    module = {"transformers": "transformers", "llama.cpp": "llama_cpp"}.get(system)
+    if module:
+        import importlib.util
+        if importlib.util.find_spec(module) is None:
+            return f"the Python package {module!r} is not installed (pip install " \
+                   f"{'llama-cpp-python' if module == 'llama_cpp' else 'torch transformers accelerate'})"
+    return None
+
+
+def worker_specs(args, ids_path: Path) -> list[dict]:
+    base = dict(model=args.model, prompt_lens=sorted(args.prompt_lens), repeats=args.repeats,
+                decode_tokens=args.decode_tokens, threads=args.threads, ids_path=str(ids_path),
+                gguf=None if args.model == common.TINY_MODEL else str(common.model_path(args.model)))
+    specs = []
+    for system in args.systems:
+        reason = unavailable(system, args.model)
+        if reason:
+            print(f"compare_peers: skipping {system}: {reason}", file=sys.stderr)
+        elif system == "jaxchunk":
+            specs += [dict(base, system=system, dtype=d, chunk_size=c, attention_impl=args.attention_impl)
+                      for d in args.dtypes for c in args.chunk_sizes]
+        elif system == "transformers":
+            specs += [dict(base, system=system, dtype=d, hf_weights=args.hf_weights) for d in args.dtypes]
+        else:
+            specs.append(dict(base, system=system, dtype="Q4_1"))
+    return specs
+
+
+def run_worker(spec: dict) -> list[dict]:
+    """Run one system in a fresh interpreter; its stderr passes through, its result comes back as
+    one marked JSON line on stdout. A failing peer is reported and left out, not fatal."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
+                          text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode or not lines:
+        print(f"compare_peers: {spec['system']} {spec['dtype']} failed (exit {proc.returncode}); "
+              f"see its error output above", file=sys.stderr)
+        return []
+    result = json.loads(lines[-1][len(RESULT_MARK):])
+    label = {"jaxchunk": f"jaxchunk {spec['dtype']} chunk {spec.get('chunk_size')}",
+             "transformers": f"transformers {spec['dtype']}", "llama.cpp": "llama.cpp Q4_1"}[spec["system"]]
+    return [dict(system=spec["system"], label=label, dtype=spec["dtype"], chunk_size=spec.get("chunk_size"),
+                 **row, note=result["note"]) for row in result["rows"]]
+
+
+def add_ratios(df):
+    """prefill tok/s divided by transformers' at the same prompt length (NaN where not measured)."""
+    for dtype in ("f32", "bf16"):
+        hf = df[(df.system == "transformers") & (df.dtype == dtype)].set_index("prompt_len")["prefill_tok_s"]
+        df[f"vs_hf_{dtype}"] = df["prefill_tok_s"] / df["prompt_len"].map(hf)
+    return df
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    started = time.perf_counter()
+    machine = common.machine_info()
+    ids = common.prompt_ids(args.model, max(args.prompt_lens))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="compare-peers-") as tmp:
+        ids_path = Path(tmp) / "ids.npy"
+        np.save(ids_path, ids)
+        specs = worker_specs(args, ids_path)
+        for spec in (bar := common.progress(specs, "compare peers")):
+            bar.set_postfix_str(f"{spec['system']} {spec['dtype']} {spec.get('chunk_size') or ''}")
+            rows += run_worker(spec)
+    if not rows:
+        sys.exit("compare_peers: no system produced results")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
+    settings.update(wall_s=round(time.perf_counter() - started, 1), prefill_warmup=(
+        "jaxchunk: one full prefill of the same length (compiles); peers: one 64-token call at start-up"))
+    import pandas as pd
+    df = add_ratios(pd.DataFrame(rows))
+    df = common.write_results(args.out, df.to_dict("records"), settings, machine)
+    kw = dict(x="prompt_len", line="label", xlabel="prompt length (tokens, log2)", logy=True)
+    pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s", ylabel="prefill throughput (tokens/s, log)",
+                             title=f"Prefill throughput, {machine['usable_cores']} cores", **kw),
+            common.line_plot(df, args.out / "decode.png", y="decode_tok_s", ylabel="decode throughput (tokens/s, log)",
+                             title=f"Greedy decode after the prompt ({args.decode_tokens} tokens)", **kw),
+            common.line_plot(df, args.out / "memory.png", y="rss_peak_mb", ylabel="peak RSS of the process (MB, log)",
+                             title="Peak memory per system (own subprocess)", **kw)]
+    common.print_table(df, ["label", "prompt_len", "prefill_tok_s", "vs_hf_f32", "vs_hf_bf16", "decode_tok_s",
+                            "rss_peak_mb", "first_call_s"],
+                       title=f"\nload average at start {machine['load_average_1_5_15']}")
+    print("\nprefill tok/s:")
+    print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())
+    for label, note in dict(zip(df.label, df.note)).items():
+        print(f"  {label}: {note}")
+    print(f"\nwrote {args.out / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} "
+          f"in {settings['wall_s']} s")
+    return df
+
+
+if __name__ == "__main__":
+    main()
