@@ -56,6 +56,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_string(text: str) -> str:
+    r"""An argparse `type` for --stop: a shell passes \n as two characters, so the escapes \n \t \r \\
+    become newline, tab, carriage return and backslash (as llama.cpp does)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def _one_line(error: BaseException) -> str:
     return re.sub(r"\s*\n\s*", " ", str(error)).strip()
 
@@ -213,7 +224,12 @@ def _write_stream(pieces) -> str:
 def cmd_generate(args) -> int:
     if args.chat:
         return _chat_loop(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+        prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # the newline `echo` adds
     if not prompt:
         raise InputError("empty prompt: pass --prompt TEXT or text on stdin")
     model = _load_model(args)
@@ -372,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue a prompt, streaming the text to stdout as it is generated. "
                                    "Stops at EOS, after --max-new-tokens, or at a --stop string (not printed).")
     _add_model_flags(p)
-    p.add_argument("--prompt", help="the prompt text (default: read all of stdin)")
+    p.add_argument("--prompt", help="the prompt text (default: all of stdin, minus one trailing newline)")
     p.add_argument("--chat", action="store_true",
                    help="interactive chat: each stdin line is a user message, answered with the model's "
                         "chat template; the conversation is kept (--prompt, if given, is the first message)")
@@ -393,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 1 discourages tokens already in the prompt or output (HF semantics); 1 = off "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed for sampling (default: %(default)s)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the output contains TEXT (not printed); repeatable")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=stop_string,
+                   help="stop when the output contains TEXT (not printed); repeatable; "
+                        "\\n, \\t, \\r and \\\\ are understood, e.g. --stop '\\n\\n'")
     _add_chunk_flag(p)
     p.set_defaults(func=cmd_generate)
 

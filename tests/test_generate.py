@@ -256,3 +256,149 @@ def test_chat_feeds_the_transformers_rendering(smollm2, smollm2_gguf):
     assert reply == smollm2.generate(smollm2.tokenizer.encode(rendered), max_new_tokens=12)
     assert reply and "<|im_end|>" not in reply
     assert "".join(smollm2.chat(messages, max_new_tokens=12, stream=True)) == reply
+
+
+# ----------------------------------------------------------------------------- jaxchunk.load / Model
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A Hugging Face checkpoint directory: random small Llama + a BPE tokenizer trained here (its
+    tokenizer_config asks for BOS and has a chat template)."""
+    import json
+
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    from jaxchunk.corpus import reference_text
+    from jaxchunk.weights.safetensors import save_safetensors
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<|user|>", "<|bot|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(reference_text(20000).splitlines(), trainer)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+        "chat_template": "{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|bot|>{% endif %}"}))
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    save_safetensors(out, config, init_params(config, seed=3, scale=0.2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from jaxchunk.api import load
+    return load(tiny_dir, max_seq_len=64)
+
+
+def test_api_load_and_logits(tiny):
+    from jaxchunk.model import forward
+    assert tiny.add_bos and tiny.encode("Hello")[0] == tiny.tokenizer.bos_id == 0
+    ids = tiny.encode("The quick brown fox jumps over the lazy dog.")
+    want = np.asarray(forward(tiny.params, tiny.config, np.array([ids])))[0]
+    last = tiny.logits(ids, chunk_size=CHUNK)
+    every = tiny.logits(ids, chunk_size=CHUNK, all_positions=True)
+    assert isinstance(last, np.ndarray) and last.shape == (tiny.config.vocab_size,)
+    assert every.shape == (len(ids), tiny.config.vocab_size)
+    np.testing.assert_allclose(every, want, atol=1e-4 * np.ptp(want))
+    np.testing.assert_allclose(last, want[-1], atol=1e-4 * np.ptp(want))
+
+
+def reference_perplexity(model, ids, window):
+    """exp(mean NLL) from the plain full-attention forward, window by window, in float64 on the host."""
+    from jaxchunk.model import forward
+    forward = jax.jit(forward, static_argnums=1)
+    nll, n = 0.0, 0
+    for start in range(0, len(ids), window):
+        w = np.array(ids[start:start + window])
+        if len(w) < 2:
+            continue
+        logits = np.asarray(forward(model.params, model.config, w[None]))[0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        nll -= logp[np.arange(len(w) - 1), w[1:]].sum()
+        n += len(w) - 1
+    return float(np.exp(nll / n))
+
+
+def test_api_perplexity_matches_forward_including_windows(tiny):
+    from jaxchunk.api import Model
+    ids = tiny.encode("Perplexity is the exponential of the mean negative log-likelihood of each token. " * 2)
+    assert len(ids) > 40
+    np.testing.assert_allclose(tiny.perplexity(ids, chunk_size=CHUNK), reference_perplexity(tiny, ids, 64),
+                               rtol=1e-4)
+    text = "Short text scored as text."
+    assert tiny.perplexity(text, CHUNK) == pytest.approx(tiny.perplexity(tiny.encode(text), CHUNK))
+    small = Model(tiny.config, tiny.params, tiny.tokenizer, max_seq_len=16)  # windows of 16 tokens
+    np.testing.assert_allclose(small.perplexity(ids, chunk_size=CHUNK), reference_perplexity(tiny, ids, 16),
+                               rtol=1e-4)
+    with pytest.raises(InputError, match="at least 2 tokens"):
+        tiny.perplexity([5])
+
+
+def test_api_generate_text_batch_stream_and_stops(tiny):
+    texts = ["The quick brown fox", "Numbers and letters: the language reference says"]
+    kwargs = dict(max_new_tokens=8, chunk_size=CHUNK)
+    batch = tiny.generate(texts, **kwargs)
+    assert isinstance(batch, list) and len(batch) == 2
+    for text, out in zip(texts, batch):
+        single = tiny.generate(text, **kwargs)
+        assert isinstance(single, str) and single == out
+        assert "".join(tiny.generate(text, stream=True, **kwargs)) == single
+    # Greedy text is the decoded on-device loop output (ids in, same ids out).
+    ids = tiny.encode(texts[0])
+    _, (gen,) = generate_ids(tiny.params, tiny.config, tiny.new_cache(), [ids], max_new_tokens=8, chunk_size=CHUNK,
+                             stop_ids=[tiny.tokenizer.eos_id])
+    gen = gen[:-1] if gen and gen[-1] == tiny.tokenizer.eos_id else gen
+    assert tiny.generate(ids, **kwargs) == tiny.tokenizer.decode(gen) == batch[0]
+    # A stop string cuts the text before it, streamed or not.
+    full = batch[1]
+    assert len(full) > 4, full  # random weights: 8 tokens of varied text
+    stop = full[2:4]
+    want = full[:full.find(stop)]
+    assert tiny.generate(texts[1], stop=stop, **kwargs) == want
+    assert "".join(tiny.generate(texts[1], stop=[stop], stream=True, **kwargs)) == want
+
+
+def test_api_chat_feeds_the_rendered_template(tiny):
+    messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi"},
+                {"role": "user", "content": "Tell me more"}]
+    rendered = "<|user|>Hello there</s><|user|>Hi</s><|user|>Tell me more</s><|bot|>"
+    assert tiny.tokenizer.apply_chat_template(messages) == rendered
+    reply = tiny.chat(messages, max_new_tokens=8, chunk_size=CHUNK)
+    assert reply == tiny.generate(tiny.tokenizer.encode(rendered), max_new_tokens=8, chunk_size=CHUNK)
+
+
+def test_api_input_errors(tiny_dir, tiny):
+    from jaxchunk.api import load
+    from jaxchunk.errors import UnsupportedError
+    with pytest.raises(UnsupportedError, match="#6"):
+        load(tiny_dir, weights="q4")
+    for kwargs, match in ((dict(weights="int8"), "weights"), (dict(dtype="f16"), "dtype"),
+                          (dict(max_seq_len=10 ** 6), "max_seq_len"), (dict(attention_impl="magic"), "attention_impl"),
+                          (dict(cache_dtype="f8"), "cache dtype")):
+        with pytest.raises(InputError, match=match):
+            load(tiny_dir, **kwargs)
+    with pytest.raises(InputError, match="single prompt"):
+        tiny.generate(["a", "b"], stream=True)
+    with pytest.raises(InputError, match="empty"):
+        tiny.generate([])
+    with pytest.raises(InputError, match="stop"):
+        tiny.generate("a", stop=[""])
+    with pytest.raises(InputError, match="temperature"):
+        tiny.generate("a", temperature=-1)
+    with pytest.raises(InputError, match="does not fit the cache"):
+        tiny.generate("word " * 80, max_new_tokens=4)
+
+
+def test_api_bf16(tiny_dir):
+    import jax.numpy as jnp
+
+    from jaxchunk.api import load
+    model = load(tiny_dir, dtype="bf16", max_seq_len=64)
+    assert model.params["embed"].dtype == jnp.bfloat16 and model.new_cache().keys.dtype == jnp.bfloat16
+    assert isinstance(model.generate("The quick brown fox", max_new_tokens=4, chunk_size=CHUNK), str)
