@@ -258,7 +258,7 @@ class Model:
         """
         ids = np.asarray(self._ids(text_or_ids), np.int32)
         if max_tokens is not None:
-            if not isinstance(max_tokens, int) or max_tokens < 2:
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 2:
                 raise InputError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
             ids = ids[:max_tokens]
         if len(ids) < 2:
@@ -352,7 +352,8 @@ class Model:
     def _stop_ids(self, stops: Sequence[str]) -> list[int]:
         """EOS, plus stop strings that are exactly one token: those can stop the device loop early
         (the text check below stays the authority)."""
-        ids = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        eos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.config.eos_token_id
+        ids = [] if eos is None else [eos]
         for s in stops:
             encoded = self.tokenizer.encode(s)
             if len(encoded) == 1 and self.tokenizer.decode(encoded) == s:

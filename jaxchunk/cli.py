@@ -14,6 +14,7 @@ the model, so `--help` and `fetch` are quick.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -42,6 +43,7 @@ def _number_type(convert: Callable, ok: Callable, what: str):
 
 
 positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
+int_at_least_2 = _number_type(int, lambda v: v >= 2, "an integer >= 2")
 nonneg_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
 nonneg_float = _number_type(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 positive_float = _number_type(float, lambda v: 0 < v < float("inf"), "a number > 0")
@@ -72,22 +74,21 @@ def _one_line(error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- shared flags
-def _add_model_flags(parser: argparse.ArgumentParser, positional: bool = False) -> None:
-    """--model (or MODEL), --dtype, --attention-impl, --max-seq-len."""
+def _add_model_flags(parser: argparse.ArgumentParser,
+                     max_seq_len_default: str = "the model's context, at most 8192") -> None:
+    """--model, --dtype, --attention-impl, --max-seq-len."""
     help_model = (f"a known model name ({DEFAULT_MODEL}, fetched on first use), a .gguf file, or a "
                   f"Hugging Face checkpoint directory")
-    if positional:
-        parser.add_argument("model", metavar="MODEL", help=help_model)
-    else:
-        parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
     parser.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
                         help="dtype the weights are dequantized to and computed in (default: %(default)s)")
     parser.add_argument("--attention-impl", default="auto",
                         help="attention backend: auto, xla, pallas or reference "
                              "(see pallas_kernels/attention.py; default: %(default)s)")
     parser.add_argument("--max-seq-len", type=positive_int, default=None,
-                        help="KV-cache capacity in tokens: prompt plus generated tokens must fit "
-                             "(default: the model's context, at most 8192)")
+                        help=f"KV-cache capacity in tokens: a prompt plus its generated tokens must fit; "
+                             f"perplexity scores longer texts in windows of this size "
+                             f"(default: {max_seq_len_default})")
 
 
 def _add_chunk_flag(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +126,6 @@ def cmd_info(args) -> int:
 
 
 def _print_config(config) -> None:
-    import dataclasses
     print("config:")
     for field in dataclasses.fields(config):
         print(f"  {field.name}: {getattr(config, field.name)}")
@@ -328,7 +328,7 @@ def cmd_bench(args) -> int:
     results = []
     for length in args.prompt_lengths:
         ids = np.resize(corpus, length)
-        prefill = timed(loop(ids, 1))  # prefill + one sampled token
+        prefill = timed(loop(ids, 1))  # prefill and the first token's sampling
         n = args.decode_tokens
         on_device = timed(loop(ids, n)) - prefill
         streamed = timed(stream(ids, n)) - timed(stream(ids, 1))
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--max-seq-len are scored in consecutive windows).")
     p.add_argument("file", metavar="FILE", help="UTF-8 text file")
     _add_model_flags(p)
-    p.add_argument("--max-tokens", type=_number_type(int, lambda v: v >= 2, "an integer >= 2"), default=None,
+    p.add_argument("--max-tokens", type=int_at_least_2, default=None,
                    help="score only the first N tokens (default: all)")
     _add_chunk_flag(p)
     p.set_defaults(func=cmd_perplexity)
@@ -433,11 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "source checkout's experiments/bench_prefill.py or compare_peers.py "
                                    "(jaxchunk vs transformers and llama.cpp) instead, passing it the "
                                    "arguments after `--`.")
-    _add_model_flags(p)
+    _add_model_flags(p, max_seq_len_default="the longest prompt plus --decode-tokens")
     p.add_argument("--prompt-lengths", type=lambda s: [positive_int(x) for x in s.split(",")],
                    default=[128, 512, 2048], metavar="N,N,...",
                    help="prompt lengths in tokens (default: 128,512,2048)")
-    p.add_argument("--decode-tokens", type=_number_type(int, lambda v: v >= 2, "an integer >= 2"), default=64,
+    p.add_argument("--decode-tokens", type=int_at_least_2, default=64,
                    help="tokens decoded after each prompt (default: %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per measurement (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
