@@ -22,29 +22,39 @@ from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
 
 def key_block_range(q_offset, kv_len, first_row: int, last_row: int, group: int,
                     block_k: int, sliding_window: int | None):
-    """Traced [lo, hi) key-block range that rows [first_row, last_row] of *any*
-    batch entry can see. q_offset, kv_len: int32 [b] -> two int32 scalars."""
+    """Traced key-block ranges for rows [first_row, last_row] of a tile.
+
+    Returns (lo, full_lo, full_hi, hi), int32 scalars with lo <= full_lo <= full_hi <= hi
+    (or full_lo == full_hi when no block is fully visible): blocks in [lo, hi) are
+    visible to some row of *any* batch entry; blocks in [full_lo, full_hi) are
+    visible to *every* row of every batch entry, so they need no mask.
+    """
+    first_pos = q_offset + first_row // group  # [b]
     last_pos = q_offset + last_row // group
     hi_key = jnp.max(jnp.minimum(kv_len, last_pos + 1))  # past it: masked for all
     hi = cdiv(jnp.maximum(hi_key, 0), block_k)
+    # Keys every row sees: below kv_len and at or before the tile's first position.
+    full_hi = jnp.maximum(jnp.min(jnp.minimum(kv_len, first_pos + 1)), 0) // block_k
     if sliding_window is None:
-        lo = jnp.int32(0)
+        lo = full_lo = jnp.int32(0)
     else:
-        first_pos = q_offset + first_row // group
         lo = jnp.min(jnp.maximum(first_pos - sliding_window + 1, 0)) // block_k
-    return lo, hi
+        full_lo = cdiv(jnp.max(jnp.maximum(last_pos - sliding_window + 1, 0)), block_k)
+    full_hi = jnp.clip(full_hi, lo, hi)
+    full_lo = jnp.clip(full_lo, lo, full_hi)
+    return lo, full_lo, full_hi, hi
 
 
-def _attend_tile(qr, q_pos, k, v, layer, kv_len, lo, hi, *, block_k, sliding_window,
+def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, sliding_window,
                  soft_cap):
     """Online softmax for one row tile. qr [b, kvh, r, d] f32 (pre-scaled);
     q_pos [b, r] absolute positions; k, v [layers, b, max_seq, kvh, d] read at
-    `layer`; returns [b, kvh, r, d] f32."""
+    `layer`; block_range from `key_block_range`; returns [b, kvh, r, d] f32."""
     b, kvh, r, d = qr.shape
     max_seq = k.shape[2]
     kv_len_b = kv_len[:, None]
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         acc, m, l = carry
         start = j * block_k
         # dynamic_slice clamps an overhanging start; do it ourselves so we know
@@ -54,28 +64,36 @@ def _attend_tile(qr, q_pos, k, v, layer, kv_len, lo, hi, *, block_k, sliding_win
         start_idx = (layer, 0, load, 0, 0)
         kb = lax.dynamic_slice(k, start_idx, (1, b, block_k, kvh, d))[0]  # [b, bk, kvh, d]
         vb = lax.dynamic_slice(v, start_idx, (1, b, block_k, kvh, d))[0]
-        k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
+        # f32 PV (not bf16 p): this is the CPU path, where bf16 dots are slower
+        # than upcasting the block (bench: 97 -> 63 ms at q 512 / kv 2048).
+        vb = vb.astype(jnp.float32)
         s = jnp.einsum("bhrd,bkhd->bhrk", qr, kb.astype(jnp.float32))
         s = cap_logits(s, soft_cap)
-        mask = visible(q_pos[:, :, None], k_pos[None, None, :], kv_len_b[:, :, None],
-                       sliding_window) & (k_pos >= start)
-        s = jnp.where(mask[:, None], s, -jnp.inf)  # NaN garbage never survives
+        if masked:
+            k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
+            mask = visible(q_pos[:, :, None], k_pos[None, None, :], kv_len_b[:, :, None],
+                           sliding_window) & (k_pos >= start)
+            s = jnp.where(mask[:, None], s, -jnp.inf)  # NaN garbage never survives
+            # 0 * NaN = NaN: zero garbage values past kv_len, not just their weights.
+            vb = jnp.where((k_pos[None, :] < kv_len_b)[:, :, None, None], vb, 0.0)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far
         alpha = jnp.exp(m - m_use)
         p = jnp.exp(s - m_use[..., None])
         l = alpha * l + jnp.sum(p, axis=-1)
-        # f32 PV (not bf16 p): this is the CPU path, where bf16 dots are slower
-        # than upcasting the block (bench: 97 -> 63 ms at q 512 / kv 2048).
-        vb = jnp.where((k_pos[None, :] < kv_len_b)[:, :, None, None],
-                       vb.astype(jnp.float32), 0.0)
         pv = jnp.einsum("bhrk,bkhd->bhrd", p, vb)
         return alpha[..., None] * acc + pv, m_new, l
 
-    init = (jnp.zeros((b, kvh, r, d), jnp.float32),
-            jnp.full((b, kvh, r), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kvh, r), jnp.float32))
-    acc, _, l = lax.fori_loop(lo, hi, body, init)
+    masked = functools.partial(body, masked=True)
+    lo, full_lo, full_hi, hi = block_range
+    carry = (jnp.zeros((b, kvh, r, d), jnp.float32),
+             jnp.full((b, kvh, r), -jnp.inf, jnp.float32),
+             jnp.zeros((b, kvh, r), jnp.float32))
+    # Interior blocks skip the mask (most of the work for long prompts); the
+    # causal diagonal, kv_len tail and window edge take the masked body.
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(lo, full_lo, masked, carry)
+    acc, _, l = lax.fori_loop(full_hi, hi, masked, carry)
     l = l[..., None]
     return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
 
@@ -108,10 +126,10 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     tiles = []
     for r0 in range(0, rows, bs.block_q):
         r1 = min(r0 + bs.block_q, rows)
-        lo, hi = key_block_range(q_offset, kv_len, r0, r1 - 1, g, block_k,
-                                 sliding_window)
+        block_range = key_block_range(q_offset, kv_len, r0, r1 - 1, g, block_k,
+                                      sliding_window)
         tiles.append(_attend_tile(qr[:, :, r0:r1], q_pos[:, r0:r1], k, v, layer, kv_len,
-                                  lo, hi, block_k=block_k,
+                                  block_range, block_k=block_k,
                                   sliding_window=sliding_window, soft_cap=soft_cap))
     o = tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=2)
     return from_rows(o, ql, nh).astype(q.dtype)

@@ -73,13 +73,17 @@ def test_blockwise_work_follows_kv_len():
     """A cache of 8192 with kv_len 600 reads ceil(600 / block_k) key blocks: the
     loop bounds are traced values, not the static cache capacity."""
     jitted = jax.jit(lambda qo, kl: key_block_range(qo, kl, 0, 3 * 512 - 1, 3, 256, None))
-    lo, hi = jitted(jnp.array([88], jnp.int32), jnp.array([600], jnp.int32))
-    assert (int(lo), int(hi)) == (0, 3)
-    lo, hi = jitted(jnp.array([0, 4000], jnp.int32), jnp.array([100, 4300], jnp.int32))
-    assert (int(lo), int(hi)) == (0, 17)  # the longest row decides
-    # Window: the first blocks are skipped too.
-    lo, hi = key_block_range(jnp.array([5000]), jnp.array([5100]), 0, 299, 3, 256, 100)
-    assert (int(lo), int(hi)) == (4901 // 256, 20)
+    lo, full_lo, full_hi, hi = map(int, jitted(jnp.array([88], jnp.int32), jnp.array([600], jnp.int32)))
+    # Keys 0..88 are seen by every query (first query at 88): block 0 [0, 256) is not.
+    assert (lo, full_lo, full_hi, hi) == (0, 0, 0, 3)
+    lo, full_lo, full_hi, hi = map(int, jitted(jnp.array([1000], jnp.int32), jnp.array([1500], jnp.int32)))
+    assert (lo, full_lo, full_hi, hi) == (0, 0, 3, 6)  # blocks 0-2 (keys < 768 <= 1001) unmasked
+    lo, full_lo, full_hi, hi = map(int, jitted(jnp.array([0, 4000], jnp.int32), jnp.array([100, 4300], jnp.int32)))
+    assert (lo, full_lo, full_hi, hi) == (0, 0, 0, 17)  # the longest row decides hi, the shortest full_hi
+    # Window: the first blocks are skipped too, and blocks wholly inside every row's window need no mask.
+    lo, full_lo, full_hi, hi = map(int, key_block_range(jnp.array([5000]), jnp.array([5100]), 0, 299, 3, 256, 100))
+    assert (lo, hi) == (4901 // 256, 20)
+    assert full_lo == full_hi  # a 100-key window over 100 positions: no block is seen by all
 
     # The compiled program loops with a traced trip count (a while, no static scan).
     q = jnp.zeros((1, 512, 9, 64), jnp.float32)
