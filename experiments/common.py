@@ -107,7 +107,8 @@ class Timing:
 
     @property
     def compile_s(self) -> float:
-        """First-call overhead: what the first call cost beyond a warm call (mostly compilation)."""
+        """First-call overhead: what the first call cost beyond a warm call (mostly compilation).
+        Floored at 0: on a busy machine a warm call can take longer than the first."""
         return max(0.0, self.first_s - self.median_s)
 
 
@@ -350,8 +351,9 @@ def chunked_eval(model: LoadedModel, ids: np.ndarray, chunk_size: int, attention
 
 # ----------------------------------------------------------------------------- output
 def progress(items: Sequence, desc: str):
-    """A tqdm bar over runs, on stderr so stdout keeps only the results table."""
-    from tqdm.auto import tqdm
+    """A tqdm bar over runs, on stderr so stdout keeps only the results table. Plain-text tqdm
+    even in notebooks (tqdm.auto's widget needs ipywidgets); TQDM_DISABLE=1 turns it off."""
+    from tqdm import tqdm
     return tqdm(items, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
 
 

@@ -1,0 +1,141 @@
+"""The experiment scripts, run as users run them (subprocesses) on tiny settings.
+
+Mostly on `--model tiny-random` (a 2-layer random Llama, random ids), so these run without the
+model file. They check that every output is written and that the numbers are sane, and - with the
+hidden --break-mask hook, which swaps in a top-left-aligned causal mask - that the error columns
+come from a real comparison: the broken mask must make them large.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pd = pytest.importorskip("pandas")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny-random", "--repeats", "1"]
+
+
+def run_script(name: str, *args: str, out: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args, "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def check_outputs(out: Path, pngs: list[str]) -> pd.DataFrame:
+    """CSV and JSON written and consistent, PNGs non-trivial; returns the CSV."""
+    df = pd.read_csv(out / "results.csv")
+    payload = json.loads((out / "results.json").read_text())
+    assert {"machine", "settings", "rows"} <= payload.keys()
+    assert payload["machine"]["versions"]["jax"] and payload["machine"]["cpu"]
+    assert len(payload["rows"]) == len(df) > 0
+    for png in pngs:
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000, png
+    return df
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    proc = run_script("chunk_sweep.py", *TINY, "--prompt-lens", "40", "--chunk-sizes", "16,64,whole",
+                      "--dtypes", "f32", out=out)
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def broken_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("broken")
+    run_script("chunk_sweep.py", *TINY, "--prompt-lens", "40", "--chunk-sizes", "16,whole",
+               "--dtypes", "f32", "--break-mask", out=out)
+    return pd.read_csv(out / "results.csv")
+
+
+def test_chunk_sweep_writes_everything(sweep):
+    out, proc = sweep
+    df = check_outputs(out, ["throughput.png", "memory.png", "error.png"])
+    # Chunk 64 >= 40 tokens is the whole-prompt run, measured once.
+    assert sorted(zip(df.prompt_len, df.chunk_size)) == [(40, 16), (40, 40)]
+    assert list(df.whole_prompt) == [c == n for n, c in zip(df.prompt_len, df.chunk_size)]
+    assert (df.n_chunks == np.ceil(df.prompt_len / df.chunk_size)).all()
+    assert "tok_per_s" in proc.stdout and "max_abs_logit_diff" in proc.stdout  # the printed table
+
+
+def test_chunk_sweep_numbers_are_sane(sweep):
+    df = pd.read_csv(sweep[0] / "results.csv")
+    assert (df.tok_per_s > 0).all() and (df.median_s > 0).all()
+    assert (df.n_compiles >= 1).all()  # every run is a new (chunk, cache) shape
+    assert (df.compile_s >= 0).all()
+    assert (df.step_temp_mb > 0).all() and (df.step_peak_mb >= df.step_temp_mb).all()
+    assert (df.step_alias_mb > 0).all()  # the donated cache is updated in place
+    assert (df.rss_peak_mb > 50).all()  # a Python process with JAX loaded
+    assert (df.reference == "forward").all()
+    # Chunked prefill reproduces full attention.
+    assert (df.max_abs_logit_diff < 1e-3).all()
+    assert (df.top1_agreement == 1.0).all()
+    np.testing.assert_allclose(df.perplexity, df.perplexity_reference, rtol=1e-4)
+
+
+def test_broken_mask_makes_the_error_columns_large(sweep, broken_sweep):
+    good = pd.read_csv(sweep[0] / "results.csv").set_index(["prompt_len", "chunk_size"])
+    bad = broken_sweep.set_index(["prompt_len", "chunk_size"])
+    # Several chunks: the later ones see the wrong keys.
+    assert bad.loc[(40, 16), "max_abs_logit_diff"] > 0.1
+    assert bad.loc[(40, 16), "max_abs_logit_diff"] > 1000 * max(good.loc[(40, 16), "max_abs_logit_diff"], 1e-6)
+    assert bad.loc[(40, 16), "top1_agreement"] < 0.8
+    assert abs(bad.loc[(40, 16), "perplexity"] / bad.loc[(40, 16), "perplexity_reference"] - 1) > 0.01
+    # One chunk: top-left and bottom-right alignment coincide, so the "broken" run is still right.
+    assert bad.loc[(40, 40), "max_abs_logit_diff"] < 1e-3
+
+
+def test_max_attention_size_records_schedules(tmp_path):
+    from jaxchunk.prefill import chunk_schedule
+    sys.path.insert(0, str(ROOT))
+    from experiments.max_attention_size import compact
+
+    run_script("max_attention_size.py", *TINY, "--prompt-lens", "40,100", "--max-attention-sizes", "32",
+               "--chunk-sizes", "32", "--max-input-len", "64", out=tmp_path)
+    df = check_outputs(tmp_path, ["schedule.png", "time.png", "memory.png"])
+    assert list(df.schedule) == ["auto 32^2", "auto 32^2", "fixed 32", "fixed 32"]
+    for row in df.itertuples():
+        kwargs = (dict(chunk_size=32) if row.schedule == "fixed 32"
+                  else dict(max_attention_size=32 * 32, max_input_len=64))
+        expected = chunk_schedule(row.prompt_len, **kwargs)
+        assert row.chunks == compact(expected) and row.n_chunks == len(expected)
+        assert row.n_shapes == len({length for length, _ in expected})
+    assert (df.tok_per_s > 0).all() and (df.max_step_temp_mb > 0).all()
+    # A fixed chunk size compiles once for every prompt length (one shared cache).
+    fixed = df[df.schedule == "fixed 32"]
+    assert list(fixed.n_compiles) == [1, 0]
+    assert df[df.schedule == "auto 32^2"].n_compiles.iloc[0] >= 1
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [tuple(c) for c in rows[0]["schedule_list"]] == chunk_schedule(40, max_attention_size=1024,
+                                                                           max_input_len=64)
+
+
+def test_compare_peers_jaxchunk_only(tmp_path):
+    proc = run_script("compare_peers.py", *TINY, "--systems", "jaxchunk,transformers", "--prompt-lens", "64",
+                      "--chunk-sizes", "16", "--dtypes", "f32", "--decode-tokens", "3", out=tmp_path)
+    assert "skipping transformers" in proc.stderr  # said, not silently dropped
+    df = check_outputs(tmp_path, ["prefill.png", "decode.png", "memory.png"])
+    assert list(df.label) == ["jaxchunk f32 chunk 16"]
+    assert (df.prefill_tok_s > 0).all() and (df.decode_tok_s > 0).all()
+    assert (df.rss_peak_mb > 50).all()
+    assert df.vs_hf_f32.isna().all()  # no transformers row to compare with
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_chunk_sweep_on_smollm2(tmp_path):
+    """The default model: real text, so the perplexity is a language model's (not a random one's)."""
+    run_script("chunk_sweep.py", "--prompt-lens", "96", "--chunk-sizes", "32,whole", "--dtypes", "f32",
+               "--repeats", "1", out=tmp_path)
+    df = check_outputs(tmp_path, ["throughput.png", "memory.png", "error.png"])
+    assert (df.model == "smollm2-135m").all()
+    assert (df.top1_agreement > 0.99).all() and (df.max_abs_logit_diff < 1e-2).all()
+    assert (1 < df.perplexity).all() and (df.perplexity < 100).all()
