@@ -296,47 +296,47 @@ def cmd_bench(args) -> int:
                          f"script need --peers and go after `--`)")
     if args.peers:
         return _run_peer_bench(extra)
+    import jax
     import numpy as np
 
     from jaxchunk.corpus import reference_text
     from jaxchunk.generate import generate_ids, stream_ids
+    from jaxchunk.prefill import prefill
 
     if args.max_seq_len is None:
         args.max_seq_len = max(args.prompt_lengths) + args.decode_tokens
     model = _load_model(args)
     corpus = np.asarray(model.encode(reference_text(min_chars=6 * max(args.prompt_lengths))))
-    common = dict(chunk_size=args.chunk_size, stop_ids=(), attention_impl=model.attention_impl)
+    params, config, n = model.params, model.config, args.decode_tokens
+    chunking = dict(chunk_size=args.chunk_size, attention_impl=model.attention_impl)
 
-    def timed(fn) -> float:
-        """Best wall time of --repeats runs after one warm-up (compile) run."""
-        fn()
+    def timed(run, setup=lambda: None) -> float:
+        """Best wall time of `run(setup())` over --repeats runs, after one warm-up (compile) run.
+        `setup` (untimed) builds a fresh input for each run: the cache is donated, used up by a run."""
+        run(setup())
         times = []
         for _ in range(args.repeats):
+            state = setup()
             start = time.perf_counter()
-            fn()
+            run(state)
             times.append(time.perf_counter() - start)
         return min(times)
-
-    def loop(ids, n):
-        return lambda: generate_ids(model.params, model.config, model.new_cache(), [ids], max_new_tokens=n,
-                                    **common)
-
-    def stream(ids, n):
-        return lambda: list(stream_ids(model.params, model.config, model.new_cache(), [ids],
-                                       max_new_tokens=n, **common))
 
     results = []
     for length in args.prompt_lengths:
         ids = np.resize(corpus, length)
-        prefill = timed(loop(ids, 1))  # prefill and the first token's sampling
-        n = args.decode_tokens
-        on_device = timed(loop(ids, n)) - prefill
-        streamed = timed(stream(ids, n)) - timed(stream(ids, 1))
-        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill,
-                        "decode_tok_s_on_device": (n - 1) / on_device,
-                        "decode_tok_s_streaming": (n - 1) / streamed})
-        print(f"prompt {length}: prefill {length / prefill:.1f} tok/s, decode {(n - 1) / on_device:.1f} "
-              f"tok/s (on-device loop), {(n - 1) / streamed:.1f} tok/s (streaming)", file=sys.stderr)
+        prefill_s = timed(lambda _: jax.block_until_ready(
+            prefill(params, config, model.new_cache(), [ids], **chunking)[1]))
+        # Decoding after `length` tokens of context: the cache holds all but the last prompt token
+        # (untimed); a run prefills that one token and samples n tokens (n model steps in all).
+        context = lambda: prefill(params, config, model.new_cache(), [ids[:-1]], **chunking)[0]
+        decode = dict(max_new_tokens=n, stop_ids=(), **chunking)
+        loop_s = timed(lambda cache: generate_ids(params, config, cache, [ids[-1:]], **decode), context)
+        stream_s = timed(lambda cache: list(stream_ids(params, config, cache, [ids[-1:]], **decode)), context)
+        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill_s,
+                        "decode_tok_s_on_device": n / loop_s, "decode_tok_s_streaming": n / stream_s})
+        print(f"prompt {length}: prefill {length / prefill_s:.1f} tok/s, decode {n / loop_s:.1f} tok/s "
+              f"(on-device loop), {n / stream_s:.1f} tok/s (streaming)", file=sys.stderr)
 
     print(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s (loop)':>20} {'decode tok/s (stream)':>22}")
     for r in results:
