@@ -220,18 +220,22 @@ def test_stream_concatenates_to_text_with_multibyte_characters(smollm2):
 
 
 @pytest.mark.model
-def test_stream_text_assembly_with_crafted_ids(smollm2):
-    """The text side of streaming alone, on ids whose characters span tokens: pieces are whole
-    characters, they join to the non-streamed text, and stop strings cut both the same way."""
-    tok = smollm2.tokenizer
+def test_stream_text_assembly_with_crafted_ids(smollm2_gguf):
+    """The text side of streaming alone (SmolLM2's tokenizer, no weights), on ids whose characters
+    span tokens: pieces are whole characters, they join to the non-streamed text, and stop strings
+    cut both the same way."""
+    from jaxchunk.api import Model
+    from jaxchunk.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(smollm2_gguf)
+    text_only = Model(config=None, params=None, tokenizer=tok)  # only the text methods are used
     text = "Voilà: 日本語 🤔🤔 and ñ — the end. More after the end."
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)
-    stop_ids = {smollm2.config.eos_token_id}
+    stop_ids = {tok.eos_id}
     for stops in ([], ["the end"], ["🤔"], ["語 🤔"], ["nope"]):
-        steps = iter([np.array([i]) for i in ids + [smollm2.config.eos_token_id, 5, 6]])
-        pieces = list(smollm2._stream_text(_closable(steps), stop_ids, stops))
-        assert "".join(pieces) == smollm2._text(ids + [smollm2.config.eos_token_id], stop_ids, stops)
+        steps = iter([np.array([i]) for i in ids + [tok.eos_id, 5, 6]])  # what stream_ids yields
+        pieces = list(text_only._stream_text(_closable(steps), stop_ids, stops))
+        assert "".join(pieces) == text_only._text(ids + [tok.eos_id], stop_ids, stops)
         cut = min([text.find(s) for s in stops if s in text], default=len(text))
         assert "".join(pieces) == text[:cut]
         assert all("\ufffd" not in p for p in pieces)
