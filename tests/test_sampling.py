@@ -69,40 +69,38 @@ def ours_distribution(logits, p: SamplingParams, seen_mask=None):
 
 
 # ----------------------------------------------------------------------------- each filter
+def assert_matches_reference(p: SamplingParams, seen_rows=((), ())):
+    """Our filtered distribution of LOGITS equals the NumPy reference: same support, same probabilities."""
+    mask = seen_mask_from_rows(seen_rows, LOGITS.shape[1]) if p.uses_seen else None
+    want = np.array([ref_distribution(row, p, seen) for row, seen in zip(LOGITS, seen_rows)])
+    got = ours_distribution(LOGITS, p, mask)
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    return got
+
+
 @pytest.mark.parametrize("k", [1, 3, 5, 11, 12, 50])
 def test_top_k(k):
-    p = SamplingParams(temperature=1.0, top_k=k)
-    want = [ref_distribution(row, p) for row in LOGITS]
-    np.testing.assert_allclose(ours_distribution(LOGITS, p), want, atol=1e-6)
-    assert ((ours_distribution(LOGITS, p) > 0).sum(-1) == min(k, 12)).all()
+    got = assert_matches_reference(SamplingParams(temperature=1.0, top_k=k))
+    assert ((got > 0).sum(-1) == min(k, 12)).all()
 
 
 @pytest.mark.parametrize("top_p", [0.01, 0.3, 0.5, 0.75, 0.9, 0.99, 1.0])
 def test_top_p(top_p):
-    p = SamplingParams(temperature=1.0, top_p=top_p)
-    want = np.array([ref_distribution(row, p) for row in LOGITS])
-    got = ours_distribution(LOGITS, p)
-    np.testing.assert_array_equal(got > 0, want > 0)
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert_matches_reference(SamplingParams(temperature=1.0, top_p=top_p))
 
 
 @pytest.mark.parametrize("min_p", [0.0, 0.05, 0.2, 0.5, 1.0])
 def test_min_p(min_p):
-    p = SamplingParams(temperature=1.0, min_p=min_p)
-    want = np.array([ref_distribution(row, p) for row in LOGITS])
-    got = ours_distribution(LOGITS, p)
-    np.testing.assert_array_equal(got > 0, want > 0)
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert_matches_reference(SamplingParams(temperature=1.0, min_p=min_p))
 
 
 @pytest.mark.parametrize("penalty", [0.7, 1.0, 1.3, 2.0])
 def test_repetition_penalty(penalty):
     seen_rows = [[0, 3, 7, 9], [1, 2, 6]]  # positive and negative logits in both rows
-    mask = seen_mask_from_rows(seen_rows, LOGITS.shape[1])
-    p = SamplingParams(temperature=1.0, repetition_penalty=penalty)
-    want = np.array([ref_distribution(row, p, seen) for row, seen in zip(LOGITS, seen_rows)])
-    np.testing.assert_allclose(ours_distribution(LOGITS, p, mask), want, atol=1e-6)
+    assert_matches_reference(SamplingParams(temperature=1.0, repetition_penalty=penalty), seen_rows)
     # Greedy applies the penalty too: 2.0 halves row 1's top logit (3.0 -> 1.5 < 2.2).
+    mask = seen_mask_from_rows(seen_rows, LOGITS.shape[1])
     greedy = SamplingParams(repetition_penalty=penalty)
     want_argmax = [int(np.argmax(ref_repetition_penalty(row, seen, penalty))) for row, seen in zip(LOGITS, seen_rows)]
     assert sample(jnp.asarray(LOGITS), jax.random.key(0), greedy, mask).tolist() == want_argmax
@@ -110,12 +108,7 @@ def test_repetition_penalty(penalty):
 
 def test_all_filters_chained():
     p = SamplingParams(temperature=0.7, top_k=8, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
-    seen_rows = [[0, 5], [1, 11]]
-    mask = seen_mask_from_rows(seen_rows, LOGITS.shape[1])
-    want = np.array([ref_distribution(row, p, seen) for row, seen in zip(LOGITS, seen_rows)])
-    got = ours_distribution(LOGITS, p, mask)
-    np.testing.assert_array_equal(got > 0, want > 0)
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert_matches_reference(p, [[0, 5], [1, 11]])
 
 
 def test_temperature_scales_logits():
