@@ -198,3 +198,19 @@ def test_llama3_rope_scaling_matches_transformers():
                        num_kv_heads=4, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
                        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
     np.testing.assert_allclose(rope_inv_freq(ours), want.numpy(), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["pallas", "reference"])
+def test_model_with_other_attention_impls_matches_forward(params, impl):
+    """The whole model with the Pallas kernels (interpret mode on CPU: flash for the chunks, split-K
+    decode for single tokens) or the plain reference: chunked prefill + decode equal `forward`."""
+    ids = prompt(150, seed=3)
+    cache = init_cache(CONFIG, 1, 256)
+    cache, logits = prefill(params, CONFIG, cache, [ids], chunk_size=64, attention_impl=impl)
+    assert_close_logits(np.asarray(logits)[0], forward(params, CONFIG, ids[None])[0, -1])
+    seq = list(ids)
+    for _ in range(3):
+        seq.append(int(np.asarray(logits)[0].argmax()))
+        cache, logits = decode_step(params, cache, np.array([seq[-1]]), config=CONFIG, attention_impl=impl)
+        assert_close_logits(np.asarray(logits)[0], forward(params, CONFIG, np.array(seq)[None])[0, -1])
