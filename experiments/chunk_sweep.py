@@ -190,8 +190,7 @@ def plot(df, out: Path) -> list[Path]:
                          ylabel="prefill throughput (tokens/s)", **common_kw),
         common.line_plot(df, out / "memory.png", y=["step_temp_mb", "rss_added_mb"],
                          y_labels=["compiled temp", "RSS added"], logy=True,
-                         title="Memory vs chunk size (solid: XLA temporaries of one step; "
-                               "dashed: process RSS added during the run)",
+                         title="Memory vs chunk size: XLA step temporaries, RSS added by the run",
                          ylabel="memory (MB, log)", **common_kw),
         common.line_plot(df, out / "error.png", y="max_abs_logit_diff", logy=True, floor=1e-9,
                          title=f"Max |logit difference| vs reference ({df['reference'].iloc[0]})",

@@ -403,6 +403,7 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
     length), one line style per column in `y` (e.g. two kinds of memory). `floor` clips values
     below it (zeros on a log axis). Saves a PNG."""
     plt = pyplot()
+    import matplotlib.ticker
     ys = [y] if isinstance(y, str) else list(y)
     y_labels = list(y_labels) if y_labels else ys
     facets = list(dict.fromkeys(df[facet])) if facet else [None]  # in order of appearance
@@ -419,11 +420,15 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
                 if floor is not None:
                     values = values.clip(lower=floor)
                 suffix = f", {label}" if len(ys) > 1 else ""
-                ax.plot(group[x], values, style, color=colors[key], marker="o", label=f"{line}={key}{suffix}")
+                name = key if line == "label" else f"{line}={key}"  # a "label" column is already readable
+                ax.plot(group[x], values, style, color=colors[key], marker="o", label=f"{name}{suffix}")
         if logx:
             log2_axis(ax, part[x], "x")
         if logy:
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 200, not 2x10^2
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(f"{facet}: {value}" if facet else title, fontsize=10)
