@@ -282,11 +282,11 @@ def cmd_perplexity(args) -> int:
 # ----------------------------------------------------------------------------- bench
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"   # present in a source checkout
 # Scripts that time jaxchunk next to transformers and llama.cpp, in order of preference.
-PEER_SCRIPTS = (EXPERIMENTS / "bench_prefill.py", EXPERIMENTS / "compare_peers.py")
+PEER_SCRIPT = EXPERIMENTS / "compare_peers.py"
 
 
 def _peer_script() -> Optional[Path]:
-    return next((p for p in PEER_SCRIPTS if p.is_file()), None)
+    return PEER_SCRIPT if PEER_SCRIPT.is_file() else None
 
 
 def cmd_bench(args) -> int:
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time jaxchunk on a real text: prefill tok/s at each prompt length, and "
                                    "decode tok/s after it with the on-device loop and with streaming. Best of "
                                    "--repeats runs after a warm-up (compile) run. With --peers, runs the "
-                                   "source checkout's experiments/bench_prefill.py or compare_peers.py "
+                                   "source checkout's experiments/compare_peers.py "
                                    "(jaxchunk vs transformers and llama.cpp) instead, passing it the "
                                    "arguments after `--`.")
     _add_model_flags(p, max_seq_len_default="the longest prompt plus --decode-tokens")
