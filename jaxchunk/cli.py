@@ -329,8 +329,10 @@ def cmd_bench(args) -> int:
             prefill(params, config, model.new_cache(), [ids], **chunking)[1]))
         # Decoding after `length` tokens of context: the cache holds all but the last prompt token
         # (untimed); a run prefills that one token and samples n tokens (n model steps in all).
+        # That token takes the automatic schedule (a 1-token step): --chunk-size would pad it to a
+        # whole chunk and time a chunk's worth of compute as if it were decoding.
         context = lambda: prefill(params, config, model.new_cache(), [ids[:-1]], **chunking)[0]
-        decode = dict(max_new_tokens=n, stop_ids=(), **chunking)
+        decode = dict(max_new_tokens=n, stop_ids=(), attention_impl=model.attention_impl)
         loop_s = timed(lambda cache: generate_ids(params, config, cache, [ids[-1:]], **decode), context)
         stream_s = timed(lambda cache: list(stream_ids(params, config, cache, [ids[-1:]], **decode)), context)
         results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill_s,

@@ -120,3 +120,19 @@ def test_prompt_longer_than_the_cache_is_a_clean_error():
                    stdin="A prompt read from stdin that is longer than thirty-two tokens. " * 4)
     assert_one_line_error(proc, r"prompt 0 \(\d+ tokens\) \+ max_new_tokens \(4\) does not fit the cache.*"
                                 r"max_seq_len=32")
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_bench_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--prompt-lengths", "24,40", "--decode-tokens", "4", "--repeats", "1",
+                   "--chunk-size", "16", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    report = json.loads(out.read_text())
+    assert [r["prompt_tokens"] for r in report["results"]] == [24, 40]
+    for row in report["results"]:
+        for key in ("prefill_tok_s", "decode_tok_s_on_device", "decode_tok_s_streaming"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+    assert re.search(r"^\s+24\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+$", proc.stdout, re.M), proc.stdout
