@@ -114,43 +114,83 @@ def quant_matmul_reference(x: jax.Array, qs, scales, mins=None) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- CPU (XLA) path
-def quant_matmul_xla(x: jax.Array, qs, scales, mins=None) -> jax.Array:
-    """x [..., k] @ W -> [..., n] in x.dtype; one column tile dequantized (to x.dtype) at a time.
+# Per column tile: x2 [rows, k] (rows = flattened leading dims), q [k or k // 2, tile], d / m
+# [k // 32, tile] -> [rows, tile] float32. Weights are dequantized to x's dtype; dots accumulate in
+# float32 (Q4_1's min term cancels much of the rest: a bf16 sum of the two loses it). Measured by
+# experiments/bench_quant_matmul.py.
+def _dot(a, b):
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
-    4-bit: x is split into the halves that meet the low and the high nibbles (x_lo, x_hi:
-    [rows, k // 2]), so the nibbles are never interleaved back: y = x_lo @ (d * lo) + x_hi @ (d * hi)
-    + blocksum(x) @ mins. Each term's float operand is [k // 2, tile].
+
+def _tile_dequant_dot(x2, q, d, m):
+    """Dequantize the tile to x's dtype in natural row order, one dot."""
+    tile = q.shape[-1]
+    nb = d.shape[0]
+    w = _dequantize_tiles(q[None], d[None], None if m is None else m[None], x2.dtype)[0]
+    return _dot(x2, w.reshape(nb * QUANT_BLOCK, tile))
+
+
+def _tile_split_dot(x2, q, d, m):
+    """4-bit: split x into the halves that meet the low and the high nibbles (x_lo, x_hi
+    [rows, k // 2]) so the nibbles are never interleaved back:
+    y = x_lo @ (d * lo) + x_hi @ (d * hi) + blocksum(x) @ mins. 8-bit: as _tile_dequant_dot."""
+    if m is None:
+        return _tile_dequant_dot(x2, q, d, m)
+    dtype, tile, nb = x2.dtype, q.shape[-1], d.shape[0]
+    xb = x2.reshape(-1, nb, 2, QUANT_BLOCK // 2)
+    x_lo = xb[:, :, 0].reshape(-1, nb * QUANT_BLOCK // 2)
+    x_hi = xb[:, :, 1].reshape(-1, nb * QUANT_BLOCK // 2)
+    x_sum = jnp.sum(xb.astype(jnp.float32), axis=(2, 3))  # [rows, nb]
+    q = q.reshape(nb, QUANT_BLOCK // 2, tile)
+    dd = d.astype(dtype)[:, None, :]
+    lo = ((q & 15).astype(dtype) * dd).reshape(-1, tile)
+    hi = ((q >> 4).astype(dtype) * dd).reshape(-1, tile)
+    return _dot(x_lo, lo) + _dot(x_hi, hi) + _dot(x_sum, m.astype(jnp.float32))
+
+
+def _tile_multiply_reduce(x2, q, d, m):
+    """No dot: per-block partial sums of x * q (the int -> float conversion inside one
+    multiply-reduce fusion), then d * partial + min * blocksum(x)."""
+    tile, nb = q.shape[-1], d.shape[0]
+    xb = x2.astype(jnp.float32).reshape(-1, nb, QUANT_BLOCK)
+    if m is None:
+        qf = q.reshape(nb, QUANT_BLOCK, tile).astype(jnp.float32)
+        part = jnp.sum(xb[..., None] * qf, axis=2)  # [rows, nb, tile]
+        y = jnp.sum(part * d.astype(jnp.float32), axis=1)
+    else:
+        q = q.reshape(nb, QUANT_BLOCK // 2, tile)
+        half = QUANT_BLOCK // 2
+        part = jnp.sum(xb[:, :, :half, None] * (q & 15).astype(jnp.float32)
+                       + xb[:, :, half:, None] * (q >> 4).astype(jnp.float32), axis=2)
+        y = jnp.sum(part * d.astype(jnp.float32) + xb.sum(-1)[..., None] * m.astype(jnp.float32), axis=1)
+    return y
+
+
+XLA_FORMULATIONS = {"dequant_dot": _tile_dequant_dot, "split_dot": _tile_split_dot,
+                    "multiply_reduce": _tile_multiply_reduce}
+DECODE_ROWS = 16  # at most this many rows (decode): DECODE_FORMULATION; more (prefill): dequant_dot
+DECODE_FORMULATION = "split_dot"
+
+
+def quant_matmul_xla(x: jax.Array, qs, scales, mins=None, *, formulation: str | None = None) -> jax.Array:
+    """x [..., k] @ W -> [..., n] in x.dtype, one column tile dequantized at a time (a lax.map
+    over the tiles, so only one tile's floats exist at once).
+
+    formulation: a key of XLA_FORMULATIONS; default by row count (DECODE_ROWS).
     """
     check_quant_inputs(x, qs, scales, mins)
-    bits = quant_bits(qs)
     lead, k = x.shape[:-1], x.shape[-1]
     tiles, _, tile = qs.shape
-    nb = k // QUANT_BLOCK
-    dtype = x.dtype
     x2 = x.reshape(-1, k)
-    if bits == 4:
-        xb = x2.reshape(-1, nb, 2, QUANT_BLOCK // 2)
-        x_lo = xb[:, :, 0].reshape(-1, k // 2)
-        x_hi = xb[:, :, 1].reshape(-1, k // 2)
-        x_sum = jnp.sum(xb.astype(jnp.float32), axis=(2, 3)).astype(dtype)  # [rows, nb]
-
-    def tile_product(q, d, m):
-        """[rows, tile] of one column tile: q [k or k // 2, tile], d / m [nb, tile]."""
-        d = d.astype(dtype)[:, None, :]
-        if bits == 8:
-            w = (q.reshape(nb, QUANT_BLOCK, tile).astype(dtype) * d).reshape(k, tile)
-            return x2 @ w
-        q = q.reshape(nb, QUANT_BLOCK // 2, tile)
-        lo = ((q & 15).astype(dtype) * d).reshape(k // 2, tile)
-        hi = ((q >> 4).astype(dtype) * d).reshape(k // 2, tile)
-        return x_lo @ lo + x_hi @ hi + x_sum @ m.astype(dtype)
-
+    if formulation is None:
+        formulation = DECODE_FORMULATION if x2.shape[0] <= DECODE_ROWS else "dequant_dot"
+    tile_product = XLA_FORMULATIONS[formulation]
     if tiles == 1:
-        y = tile_product(qs[0], scales[0], None if mins is None else mins[0])
-    else:  # a loop, so only one tile's floats exist at a time
-        y = lax.map(lambda a: tile_product(*a), (qs, scales, mins))  # [tiles, rows, tile]
+        y = tile_product(x2, qs[0], scales[0], None if mins is None else mins[0])
+    else:
+        y = lax.map(lambda a: tile_product(x2, *a), (qs, scales, mins))  # [tiles, rows, tile]
         y = jnp.moveaxis(y, 0, 1).reshape(-1, tiles * tile)
-    return y.reshape(*lead, tiles * tile)
+    return y.reshape(*lead, tiles * tile).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- Pallas kernel
