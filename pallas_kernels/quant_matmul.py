@@ -28,6 +28,7 @@ Self-contained: imports nothing from jaxchunk.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -283,7 +284,8 @@ def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto") -> 
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     if impl == "pallas":
-        return quant_matmul_pallas(x, qs, scales, mins)
+        rows = math.prod(x.shape[:-1])
+        return quant_matmul_pallas(x, qs, scales, mins, block_m=16 if rows <= DECODE_ROWS else 64)
     if impl == "reference":
         return quant_matmul_reference(x, qs, scales, mins)
     return quant_matmul_xla(x, qs, scales, mins)

@@ -26,7 +26,7 @@ from gguf.quants import dequantize as _gguf_dequantize
 
 from jaxchunk.config import LlamaConfig, RopeScaling
 from jaxchunk.errors import ModelFileError, UnsupportedError
-from jaxchunk.weights.convert import assemble_params, check_tensors, expected_keys
+from jaxchunk.weights.convert import LINEAR_KEYS, assemble_params, check_tensors, expected_keys
 
 PathLike = Union[str, os.PathLike]
 
@@ -250,8 +250,7 @@ def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
 def _quantized_keys(config: LlamaConfig, raw: dict[str, RawTensor]) -> set[str]:
     """The params keys of matrices a quantized load keeps quantized: every layer (or the one global
     tensor) stored in the same one of Q4_0 / Q4_1 / Q8_0."""
-    from jaxchunk.weights.convert import LINEAR_KEYS
-    from jaxchunk.weights.quantized import QTYPES
+    from jaxchunk.weights.quantized import QTYPES  # imports JAX: only for quantized loads
     types: dict[str, set[str]] = collections.defaultdict(set)
     for key, layer in expected_keys(config):
         if key in LINEAR_KEYS or key == "embed":
