@@ -20,7 +20,9 @@ the same token ids (jaxchunk's tokenizer on jaxchunk.corpus.reference_text) thro
 
 Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jaxchunk a full
 prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
-tok/s (greedy, --decode-tokens tokens after the prompt, one step each, after one warm-up step).
+tok/s (greedy, --decode-tokens tokens after the prompt, one step each, after one warm-up step), and
+the decode's process CPU time per token (all threads; steadier than wall time on a shared machine,
+but it counts spin-waiting threads too).
 The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
 
   .venv/bin/python experiments/compare_peers.py --quick
@@ -69,11 +71,12 @@ def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
 
         timing = common.timeit(run, spec["repeats"])
         decode_fn(state["last"], 1)  # warm-up step (jaxchunk: compiles the decode step)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         decode_fn(state["last"], spec["decode_tokens"])
-        decode_s = time.perf_counter() - start
+        decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         rows.append({"prompt_len": n, "prefill_s": timing.median_s, "prefill_tok_s": n / timing.median_s,
                      "first_call_s": timing.first_s, "decode_tok_s": spec["decode_tokens"] / decode_s,
+                     "decode_cpu_ms_per_tok": decode_cpu_s / spec["decode_tokens"] * 1e3,
                      "rss_peak_mb": common.peak_rss_bytes() / common.MB})
     return rows
 
@@ -306,7 +309,7 @@ def main(argv=None):
             common.line_plot(df, args.out / "memory.png", y="rss_peak_mb", ylabel="peak RSS of the process (MB, log)",
                              title="Peak memory per system (own subprocess)", **kw)]
     common.print_table(df, ["label", "prompt_len", "prefill_tok_s", "vs_hf_f32", "vs_hf_bf16", "decode_tok_s",
-                            "rss_peak_mb", "first_call_s"],
+                            "decode_cpu_ms_per_tok", "rss_peak_mb", "first_call_s"],
                        title=f"\nload average at start {machine['load_average_1_5_15']}")
     print("\nprefill tok/s:")
     print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())
