@@ -12,8 +12,8 @@ Formulations (XLA_FORMULATIONS in pallas_kernels/quant_matmul.py, plus baselines
 - dense_f32:        the float32 matrix (what weights="f32" runs), for reference.
 - pallas_interpret: only with --pallas (slow: interpret mode; a correctness smoke, not a speed).
 
-Reports the median wall time of --repeats warm calls per matrix, weights/s (k * n / time) and the
-quantized bytes read per second. Writes results.csv, results.json, quant_matmul.png into --out.
+Reports the median wall time of --repeats warm calls per matrix, weights/s (k * n / time),
+multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv, results.json, quant_matmul.png into --out.
 
   .venv/bin/python experiments/bench_quant_matmul.py --quick
 """
@@ -98,6 +98,7 @@ def main(argv=None):
                 rows_out.append(dict(matrix=name, k=k, n=n, qtype=qtype, rows=rows, formulation=formulation,
                                      ms_per_matrix=per_matrix * 1e3,
                                      gweights_per_s=k * n / per_matrix / 1e9,
+                                     gmacs_per_s=rows * k * n / per_matrix / 1e9,
                                      quant_gb_per_s=qbytes / per_matrix / 1e9,
                                      compile_s=timing.compile_s))
                 print(f"{name:8} rows={rows:4} {formulation:17} {per_matrix * 1e3:8.3f} ms/matrix "
@@ -108,16 +109,17 @@ def main(argv=None):
     fig, axes = plt.subplots(1, len(args.rows), figsize=(6 * len(args.rows), 4.2), squeeze=False)
     for ax, rows in zip(axes[0], args.rows):
         part = df[df.rows == rows]
-        table = part.pivot_table(index="matrix", columns="formulation", values="gweights_per_s")
+        table = part.pivot_table(index="matrix", columns="formulation", values="gmacs_per_s")
         table = table.reindex([s[0] for s in SHAPES])
         table.plot.bar(ax=ax, rot=0)
-        ax.set_ylabel("weights processed per second (10^9/s, higher is better)")
+        ax.set_ylabel("multiply-adds per second (10^9/s, higher is better)")
         ax.set_xlabel("matrix (SmolLM2-135M shape)")
         ax.set_title(f"rows = {rows} ({'decode' if rows <= 16 else 'prefill chunk'})", fontsize=10)
         ax.legend(title="formulation", fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     common.save_figure(fig, args.out / "quant_matmul.png")
-    common.print_table(df, ["matrix", "rows", "formulation", "ms_per_matrix", "gweights_per_s", "quant_gb_per_s"])
+    common.print_table(df, ["matrix", "rows", "formulation", "ms_per_matrix", "gweights_per_s", "gmacs_per_s",
+                            "quant_gb_per_s"])
     print(f"wrote {args.out}/results.csv, results.json, quant_matmul.png")
     return df
 
