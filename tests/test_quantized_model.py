@@ -50,6 +50,7 @@ def test_quantized_weights_stand_for_the_dequantized_ones(smollm2_q4, smollm2_f3
     np.testing.assert_array_equal(qparams["layers"]["attn_norm"], fparams["layers"]["attn_norm"])
 
 
+@pytest.mark.slow
 def test_quantized_logits_match_dequantized_f32_model(smollm2_q4, smollm2_f32):
     """Chunked prefill (all positions) + decode on a real prompt. Both models compute with the same
     weight values in float32, so only summation order differs: logits agree to 2e-3 absolute
