@@ -260,16 +260,39 @@ def _tokenizer(name: str):
     return Tokenizer.from_gguf(model_path(name))
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32") -> LoadedModel:
-    """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`."""
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32", weights: str = "dequantized") -> LoadedModel:
+    """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`.
+
+    weights="q4": the weight matrices stay quantized (jaxchunk.weights.quantized; the GGUF's own
+    Q4_1 / Q8_0 blocks, or for the random model Q4_1 layers and a Q8_0 embedding); norms in `dtype`.
+    """
     import jax
     import jax.numpy as jnp
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    config, host_params, source = _host_weights(name)
+    if weights not in ("dequantized", "q4"):
+        raise ValueError(f"weights must be 'dequantized' or 'q4', got {weights!r}")
     jnp_dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
+    if weights == "q4":
+        config, host_params, source = _quantized_host_weights(name)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype if a.dtype == np.float32 else a.dtype),
+                              host_params)
+        return LoadedModel(name, dtype, config, params, _tokenizer(name), source + " (weights kept quantized)")
+    config, host_params, source = _host_weights(name)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype), host_params)
     return LoadedModel(name, dtype, config, params, _tokenizer(name), source)
+
+
+def _quantized_host_weights(name: str):
+    """(config, params with QuantizedWeight matrices, source)."""
+    if name == TINY_MODEL:
+        from jaxchunk.weights.quantized import quantize_params
+        config, params, source = _host_weights(name)
+        return config, quantize_params(params, "Q4_1", "Q8_0"), source + ", quantized Q4_1 / Q8_0"
+    from jaxchunk.weights.gguf import load_gguf
+    path = model_path(name)
+    config, params, _ = load_gguf(path, np.float32, quantized=True)
+    return config, params, str(path)
 
 
 def prompt_ids(name: str, n: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """jaxchunk's prefill next to Hugging Face transformers and llama.cpp, same machine, same prompts.
 
 Systems (--systems):
-- jaxchunk:     chunked prefill (jaxchunk.prefill) for each --chunk-sizes and --dtypes, last-token
-                logits; the GGUF dequantized to f32 / bf16 by jaxchunk's loader.
+- jaxchunk:     chunked prefill (jaxchunk.prefill) for each --chunk-sizes, --dtypes and --weights,
+                last-token logits; weights "dequantized": the GGUF dequantized to f32 / bf16 by
+                jaxchunk's loader; "q4": the GGUF's Q4_1 / Q8_0 blocks kept quantized in memory
+                (jaxchunk.weights.quantized; computed in the dtype).
 - transformers: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (its own dequantization)
                 in f32 / bf16, torch.set_num_threads(--threads), torch.inference_mode, one forward
                 over the whole prompt with logits_to_keep=1 (last-token logits only). Recent
@@ -18,7 +20,9 @@ the same token ids (jaxchunk's tokenizer on jaxchunk.corpus.reference_text) thro
 
 Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jaxchunk a full
 prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
-tok/s (greedy, --decode-tokens tokens after the prompt, one step each, after one warm-up step).
+tok/s (greedy, --decode-tokens tokens after the prompt, one step each, after one warm-up step), and
+the decode's process CPU time per token (all threads; steadier than wall time on a shared machine,
+but it counts spin-waiting threads too).
 The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
 
   .venv/bin/python experiments/compare_peers.py --quick
@@ -67,21 +71,23 @@ def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
 
         timing = common.timeit(run, spec["repeats"])
         decode_fn(state["last"], 1)  # warm-up step (jaxchunk: compiles the decode step)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         decode_fn(state["last"], spec["decode_tokens"])
-        decode_s = time.perf_counter() - start
+        decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         rows.append({"prompt_len": n, "prefill_s": timing.median_s, "prefill_tok_s": n / timing.median_s,
                      "first_call_s": timing.first_s, "decode_tok_s": spec["decode_tokens"] / decode_s,
+                     "decode_cpu_ms_per_tok": decode_cpu_s / spec["decode_tokens"] * 1e3,
                      "rss_peak_mb": common.peak_rss_bytes() / common.MB})
     return rows
 
 
 def jaxchunk_worker(spec) -> tuple[list[dict], str]:
+    import jax
     import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
     from jaxchunk.prefill import decode_step, prefill
-    model = common.load_model(spec["model"], spec["dtype"])
+    model = common.load_model(spec["model"], spec["dtype"], spec["weights"])
     config, params, impl = model.config, model.params, spec["attention_impl"]
 
     def prefill_fn(ids):
@@ -100,7 +106,9 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
             state["length"] += 1
         np.asarray(state["logits"])  # wait for the last step
 
-    return measure_lengths(prefill_fn, decode_fn, spec), f"attention_impl={impl}, cache=prompt+decode"
+    weight_mb = sum(int(a.nbytes) for a in jax.tree.leaves(params)) / common.MB
+    return measure_lengths(prefill_fn, decode_fn, spec), (f"weights {spec['weights']} ({weight_mb:.0f} MB resident), "
+                                                          f"attention_impl={impl}, cache=prompt+decode")
 
 
 def transformers_worker(spec) -> tuple[list[dict], str]:
@@ -188,6 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-sizes", type=common.parse_list, help="jaxchunk chunk sizes")
     p.add_argument("--dtypes", type=lambda s: common.parse_list(s, str), help="for jaxchunk and transformers")
     p.add_argument("--attention-impl", default="xla", help="jaxchunk's attention_impl")
+    p.add_argument("--weights", type=lambda s: common.parse_list(s, str), default=["dequantized", "q4"],
+                   help="jaxchunk weight modes: dequantized (to the dtype), q4 (kept quantized)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--hf-weights", choices=("dense", "packed"), default="dense",
@@ -200,6 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    bad_weights = set(args.weights) - {"dequantized", "q4"}
+    if bad_weights:
+        p.error(f"unknown --weights {sorted(bad_weights)}; choose from dequantized, q4")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
@@ -229,8 +242,8 @@ def worker_specs(args, ids_path: Path) -> list[dict]:
         if reason:
             print(f"compare_peers: skipping {system}: {reason}", file=sys.stderr)
         elif system == "jaxchunk":
-            specs += [dict(base, system=system, dtype=d, chunk_size=c, attention_impl=args.attention_impl)
-                      for d in args.dtypes for c in args.chunk_sizes]
+            specs += [dict(base, system=system, dtype=d, chunk_size=c, attention_impl=args.attention_impl,
+                           weights=w) for w in args.weights for d in args.dtypes for c in args.chunk_sizes]
         elif system == "transformers":
             specs += [dict(base, system=system, dtype=d, hf_weights=args.hf_weights) for d in args.dtypes]
         else:
@@ -249,9 +262,11 @@ def run_worker(spec: dict) -> list[dict]:
               f"see its error output above", file=sys.stderr)
         return []
     result = json.loads(lines[-1][len(RESULT_MARK):])
-    label = {"jaxchunk": f"jaxchunk {spec['dtype']} chunk {spec.get('chunk_size')}",
+    weights = "q4 " if spec.get("weights") == "q4" else ""
+    label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']} chunk {spec.get('chunk_size')}",
              "transformers": f"transformers {spec['dtype']}", "llama.cpp": "llama.cpp Q4_1"}[spec["system"]]
     return [dict(system=spec["system"], label=label, dtype=spec["dtype"], chunk_size=spec.get("chunk_size"),
+                 weights=spec.get("weights", "dequantized" if spec["system"] == "transformers" else "Q4_1"),
                  **row, note=result["note"]) for row in result["rows"]]
 
 
@@ -294,7 +309,7 @@ def main(argv=None):
             common.line_plot(df, args.out / "memory.png", y="rss_peak_mb", ylabel="peak RSS of the process (MB, log)",
                              title="Peak memory per system (own subprocess)", **kw)]
     common.print_table(df, ["label", "prompt_len", "prefill_tok_s", "vs_hf_f32", "vs_hf_bf16", "decode_tok_s",
-                            "rss_peak_mb", "first_call_s"],
+                            "decode_cpu_ms_per_tok", "rss_peak_mb", "first_call_s"],
                        title=f"\nload average at start {machine['load_average_1_5_15']}")
     print("\nprefill tok/s:")
     print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())

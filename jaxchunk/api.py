@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["load", "Model", "StopStrings"]
 
 DTYPES = ("f32", "bf16")
-WEIGHT_MODES = ("dequantized", "q4")
+WEIGHT_MODES = ("dequantized", "f32", "bf16", "q4")
 DEFAULT_MAX_SEQ_LEN = 8192
 PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
 PERPLEXITY_MAX_CHUNK = 512    # auto chunk cap for perplexity: "all" logits are [chunk, vocab] f32
@@ -47,7 +47,7 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- loading
-def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
+def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str] = None,
          weights: str = "dequantized", attention_impl: str = "auto", cache_dtype: Optional[str] = None,
          max_seq_len: Optional[int] = None) -> "Model":
     """Load a Llama model and its tokenizer.
@@ -55,8 +55,15 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
     model: a known model name ("smollm2-135m", fetched on first use), a .gguf file, or a Hugging
         Face checkpoint directory (config.json + safetensors + tokenizer files; a directory holding
         exactly one .gguf also works).
-    dtype: "f32" or "bf16", the dtype weights are dequantized / cast to and computed in.
-    weights: "dequantized" (the only mode for now: quantized files are expanded to `dtype`).
+    dtype: "f32" or "bf16", the dtype the model computes in (activations, norms, float weights).
+        Default: "bf16" for weights="bf16", else "f32".
+    weights: how the weight matrices are held in memory.
+        "q4": as the GGUF stores them: Q4_0 / Q4_1 / Q8_0 matrices stay quantized (4 or 8 bits a
+            weight plus the file's f16 block scales; the tied embedding too) and are dequantized
+            inside the quantized matmul (pallas_kernels/quant_matmul.py). Other types (F32 norms,
+            K-quants) are dequantized to `dtype`. GGUF files only.
+        "f32" / "bf16": dequantized to that float dtype at load (`dtype` must match or be left out).
+        "dequantized": dequantized to `dtype` (the default; same as weights=dtype).
     attention_impl: passed to every step ("auto", "xla", "pallas", "reference"; see
         pallas_kernels/attention.py).
     cache_dtype: KV-cache dtype, "f32" or "bf16"; default: `dtype`.
@@ -64,9 +71,14 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
     """
     from jaxchunk.fetch import resolve_model
 
+    _check_weights_mode(weights)
+    if dtype is None:
+        dtype = "bf16" if weights == "bf16" else "f32"
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    _check_weights_mode(weights)
+    if weights in DTYPES and dtype != weights:
+        raise InputError(f"weights={weights!r} dequantizes to {weights} and computes in it; dtype={dtype!r} "
+                         f"contradicts that (leave dtype out, or use weights='dequantized')")
     path = resolve_model(model)  # before importing JAX: a wrong path fails fast
 
     import jax
@@ -78,7 +90,7 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
     cache_dtype = dtype if cache_dtype is None else cache_dtype
     resolve_cache_dtype(cache_dtype)  # InputError for an unknown name, before the slow part
     np_dtype = {"f32": np.float32, "bf16": jnp.bfloat16}[dtype]
-    config, params, metadata, tokenizer, add_bos = _load_files(path, np_dtype)
+    config, params, metadata, tokenizer, add_bos = _load_files(path, np_dtype, quantized=weights == "q4")
 
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -88,16 +100,12 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: str = "f32",
                          f"(the model's context), got {max_seq_len!r}")
     return Model(config, jax.device_put(params), tokenizer, path=path, metadata=metadata, dtype=dtype,
                  attention_impl=attention_impl, cache_dtype=cache_dtype, max_seq_len=max_seq_len,
-                 add_bos=add_bos)
+                 add_bos=add_bos, weights="q4" if weights == "q4" else dtype)
 
 
 def _check_weights_mode(weights: str) -> None:
     if weights not in WEIGHT_MODES:
         raise InputError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
-    if weights == "q4":
-        raise UnsupportedError("weights='q4' (keeping the weights 4-bit in memory with a quantized "
-                               "matmul) is not implemented yet; issue #6 (Quantized weights) adds it. "
-                               "Use weights='dequantized'.")
 
 
 def _check_attention_impl(impl: str) -> None:
@@ -109,12 +117,16 @@ def _check_attention_impl(impl: str) -> None:
         raise InputError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _load_files(path: Path, np_dtype):
-    """(config, params, metadata, tokenizer, add_bos) from a .gguf file or a model directory."""
+def _load_files(path: Path, np_dtype, quantized: bool = False):
+    """(config, params, metadata, tokenizer, add_bos) from a .gguf file or a model directory;
+    quantized: keep a GGUF's Q4_0 / Q4_1 / Q8_0 matrices quantized (weights="q4")."""
     from jaxchunk.tokenizer import load_tokenizer
 
     if path.is_dir():
         if (path / "config.json").is_file():
+            if quantized:
+                raise UnsupportedError(f"{path}: weights='q4' keeps a GGUF file's quantized blocks; this is a "
+                                       f"Hugging Face checkpoint with float weights (use weights='f32' or 'bf16')")
             from jaxchunk.weights.safetensors import load_safetensors
             config, params, metadata = load_safetensors(path, dtype=np_dtype)
             return config, params, metadata, load_tokenizer(path), _hf_add_bos(path)
@@ -126,7 +138,7 @@ def _load_files(path: Path, np_dtype):
     from jaxchunk.tokenizer import Tokenizer
     from jaxchunk.weights.gguf import load_gguf, open_gguf
 
-    config, params, metadata = load_gguf(path, dtype=np_dtype)  # ModelFileError if not a GGUF
+    config, params, metadata = load_gguf(path, dtype=np_dtype, quantized=quantized)  # ModelFileError if not a GGUF
     reader = open_gguf(path)
     field = reader.get_field("tokenizer.ggml.add_bos_token")
     add_bos = bool(field.contents()) if field is not None else False
@@ -180,12 +192,12 @@ class StopStrings:
 # ----------------------------------------------------------------------------- the model
 class Model:
     """A loaded model: `config`, `params` (on device), `tokenizer`, and the settings it runs with
-    (`dtype`, `attention_impl`, `cache_dtype`, `max_seq_len`, `add_bos`). Build it with `load`."""
+    (`dtype`, `weights`, `attention_impl`, `cache_dtype`, `max_seq_len`, `add_bos`). Build it with `load`."""
 
     def __init__(self, config: LlamaConfig, params: dict, tokenizer: "Tokenizer", *, path=None,
                  metadata: Optional[Mapping[str, Any]] = None, dtype: str = "f32",
                  attention_impl: str = "auto", cache_dtype: Optional[str] = None,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_bos: bool = False):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_bos: bool = False, weights: Optional[str] = None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -196,10 +208,12 @@ class Model:
         self.cache_dtype = cache_dtype or dtype
         self.max_seq_len = max_seq_len
         self.add_bos = add_bos
+        self.weights = weights or dtype  # "q4", or the float dtype the matrices are held in
 
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, layers={self.config.num_layers}, "
                 f"hidden={self.config.hidden_size}, vocab={self.config.vocab_size}, dtype={self.dtype}, "
+                f"weights={self.weights}, "
                 f"max_seq_len={self.max_seq_len}, attention_impl={self.attention_impl!r})")
 
     # ---- tokens -------------------------------------------------------------------------

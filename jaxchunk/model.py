@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxchunk.cache import KVCache
 from jaxchunk.config import LlamaConfig
+from jaxchunk.weights.quantized import QuantizedWeight, embed_rows, quantized_linear
 from pallas_kernels.attention import attention
 
 LogitsMode = Literal["last", "all", "none"]
@@ -68,7 +69,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def linear(x: jax.Array, w) -> jax.Array:
-    """x [..., in] @ w [in, out]. The single place a weight matrix is applied."""
+    """x [..., in] @ w [in, out]. The single place a weight matrix is applied.
+
+    w is a float array or a QuantizedWeight (kept 4/8-bit, dequantized inside the quantized matmul:
+    see jaxchunk/weights/quantized.py).
+    """
+    if isinstance(w, QuantizedWeight):
+        return quantized_linear(x, w)
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
 
 
@@ -87,6 +94,10 @@ def qkv(layer: dict, config: LlamaConfig, h: jax.Array, positions: jax.Array, in
 
 
 def embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
+    """Token embeddings [..., hidden] of tokens [...]. A quantized embedding is stored as the LM
+    head's W [hidden, vocab]; only the looked-up columns are dequantized."""
+    if isinstance(params["embed"], QuantizedWeight):
+        return embed_rows(params["embed"], tokens, dtype)
     return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
 
@@ -95,6 +106,8 @@ def lm_head(params: dict, config: LlamaConfig, h: jax.Array) -> jax.Array:
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     if "lm_head" in params:
         return linear(h, params["lm_head"]).astype(jnp.float32)
+    if isinstance(params["embed"], QuantizedWeight):  # tied, stored as W [hidden, vocab]
+        return linear(h, params["embed"]).astype(jnp.float32)
     return jnp.einsum("...h,vh->...v", h, params["embed"].astype(h.dtype)).astype(jnp.float32)
 
 

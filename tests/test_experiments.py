@@ -123,7 +123,8 @@ def test_compare_peers_jaxchunk_only(tmp_path):
                       "--chunk-sizes", "16", "--dtypes", "f32", "--decode-tokens", "3", out=tmp_path)
     assert "skipping transformers" in proc.stderr  # said, not silently dropped
     df = check_outputs(tmp_path, ["prefill.png", "decode.png", "memory.png"])
-    assert list(df.label) == ["jaxchunk f32 chunk 16"]
+    assert list(df.label) == ["jaxchunk f32 chunk 16", "jaxchunk q4 f32 chunk 16"]  # --weights dequantized,q4
+    assert list(df.weights) == ["dequantized", "q4"]
     assert (df.prefill_tok_s > 0).all() and (df.decode_tok_s > 0).all()
     assert (df.rss_peak_mb > 50).all()
     assert df.vs_hf_f32.isna().all()  # no transformers row to compare with
@@ -139,3 +140,11 @@ def test_chunk_sweep_on_smollm2(tmp_path):
     assert (df.model == "smollm2-135m").all()
     assert (df.top1_agreement > 0.99).all() and (df.max_abs_logit_diff < 1e-2).all()
     assert (1 < df.perplexity).all() and (df.perplexity < 100).all()
+
+
+def test_bench_quant_matmul_smoke(tmp_path):
+    run_script("bench_quant_matmul.py", "--rows", "1,32", "--layers", "2", "--repeats", "1",
+               "--formulations", "split_dot,dense_f32", out=tmp_path)
+    df = check_outputs(tmp_path, ["quant_matmul.png"])
+    assert set(df.formulation) == {"split_dot", "dense_f32"} and set(df.rows) == {1, 32}
+    assert len(df) == 5 * 2 * 2 and (df.gweights_per_s > 0).all()

@@ -380,7 +380,7 @@ def test_api_chat_feeds_the_rendered_template(tiny):
 def test_api_input_errors(tiny_dir, tiny):
     from jaxchunk.api import load
     from jaxchunk.errors import UnsupportedError
-    with pytest.raises(UnsupportedError, match="#6"):
+    with pytest.raises(UnsupportedError, match="quantized blocks"):
         load(tiny_dir, weights="q4")
     for kwargs, match in ((dict(weights="int8"), "weights"), (dict(dtype="f16"), "dtype"),
                           (dict(max_seq_len=10 ** 6), "max_seq_len"), (dict(attention_impl="magic"), "attention_impl"),

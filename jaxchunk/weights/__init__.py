@@ -16,6 +16,11 @@ The params pytree (NumPy or JAX arrays; weights as [in, out] so a layer is `x @ 
             "w_gate": [L, hidden, ffn], "w_up": [L, hidden, ffn], "w_down": [L, ffn, hidden],
         },
     }
+
+With `load_gguf(..., quantized=True)` (weights="q4") a matrix may instead be a
+`quantized.QuantizedWeight` standing for the same [.., in, out] float array (its leaves stacked over
+layers the same way); a quantized "embed" stands for the LM head's [hidden, vocab], i.e. the
+embedding transposed.
 """
 
 PARAM_LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")

@@ -15,7 +15,7 @@ of the model is ever held.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from jaxchunk.weights import PARAM_LAYER_KEYS
 
 TensorName = Callable[[str, Optional[int]], str]
 TensorLoad = Callable[[str, Optional[int]], np.ndarray]
+TensorPack = Callable[[str, Any], Any]
 
 # Keys stored as linear weights: [out, in] in files, [in, out] in params.
 LINEAR_KEYS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
@@ -76,37 +77,59 @@ def check_tensors(path, config: LlamaConfig, tensor_name: TensorName,
 
 
 def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLoad,
-                    dtype=np.float32, path=None) -> dict:
+                    dtype=np.float32, path=None, pack: Optional[TensorPack] = None) -> dict:
     """Build the params pytree from `load`, which returns tensors in file orientation.
 
     Linear weights are transposed to [in, out]; layer tensors are written straight into
-    [L, ...] arrays allocated once. Call `check_tensors` first: this re-checks each loaded
-    shape only as a guard against a `load` that disagrees with the header.
+    [L, ...] arrays allocated once (at the first layer, in the shape of what it produced). Call
+    `check_tensors` first: this re-checks each loaded shape only as a guard against a `load` that
+    disagrees with the header.
+
+    `load` may also return something other than a float array (anything with a `.shape` in file
+    orientation, e.g. a GGUF RawTensor that is to stay quantized); `pack(key, tensor)` then turns
+    it into the params leaf or pytree of NumPy arrays in params orientation (e.g. a
+    QuantizedWeight), and returns None for tensors the default float path should take.
     """
     expected = file_shapes(config)
 
-    def get(key: str, layer: Optional[int]) -> np.ndarray:
+    def get(key: str, layer: Optional[int]):
         w = load(key, layer)
         if tuple(w.shape) != expected[key]:
             raise ModelFileError(f"{path}: tensor {tensor_name(key, layer)!r} loaded with shape "
                                  f"{list(w.shape)}, expected {list(expected[key])}")
-        return w.T if key in LINEAR_KEYS else w
+        packed = pack(key, w) if pack is not None else None
+        if packed is not None:
+            return packed
+        return np.asarray(w.T if key in LINEAR_KEYS else w, dtype=dtype)
 
     params: dict = {}
     for key in GLOBAL_KEYS:
         if key == "lm_head" and config.tie_word_embeddings:
             continue
-        params[key] = np.ascontiguousarray(get(key, None), dtype=dtype)
+        leaf = get(key, None)
+        params[key] = np.ascontiguousarray(leaf) if isinstance(leaf, np.ndarray) else leaf
 
-    layers = {}
-    for key in PARAM_LAYER_KEYS:
-        shape = expected[key][::-1] if key in LINEAR_KEYS else expected[key]
-        layers[key] = np.empty((config.num_layers, *shape), dtype=dtype)
+    layers: dict = {}
     for layer in range(config.num_layers):
         for key in PARAM_LAYER_KEYS:
-            layers[key][layer] = get(key, layer)
+            tensor = get(key, layer)
+            if layer == 0:
+                layers[key] = _tree_map(lambda a: np.empty((config.num_layers, *a.shape), a.dtype), tensor)
+            try:
+                _tree_map(lambda dst, src: dst.__setitem__(layer, src), layers[key], tensor)
+            except (ValueError, TypeError) as e:  # a layer stored in another quant type than layer 0
+                raise ModelFileError(f"{path}: tensor {tensor_name(key, layer)!r} is stored differently "
+                                     f"from layer 0's ({e}); layers must share one type per tensor") from None
     params["layers"] = layers
     return params
+
+
+def _tree_map(fn, *trees):
+    """jax.tree.map, imported only when a loader packs non-array leaves (plain arrays need no JAX)."""
+    if all(isinstance(t, np.ndarray) for t in trees):
+        return fn(*trees)
+    import jax
+    return jax.tree.map(fn, *trees)
 
 
 def iter_file_tensors(config: LlamaConfig, params: Mapping) -> Iterator[tuple[str, Optional[int], np.ndarray]]:

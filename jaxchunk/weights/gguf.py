@@ -26,7 +26,7 @@ from gguf.quants import dequantize as _gguf_dequantize
 
 from jaxchunk.config import LlamaConfig, RopeScaling
 from jaxchunk.errors import ModelFileError, UnsupportedError
-from jaxchunk.weights.convert import assemble_params, check_tensors, expected_keys
+from jaxchunk.weights.convert import LINEAR_KEYS, assemble_params, check_tensors, expected_keys
 
 PathLike = Union[str, os.PathLike]
 
@@ -247,6 +247,17 @@ def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
         raise ModelFileError(f"{path}: inconsistent metadata: {e}") from None
 
 
+def _quantized_keys(config: LlamaConfig, raw: dict[str, RawTensor]) -> set[str]:
+    """The params keys of matrices a quantized load keeps quantized: every layer (or the one global
+    tensor) stored in the same one of Q4_0 / Q4_1 / Q8_0."""
+    from jaxchunk.weights.quantized import QTYPES  # imports JAX: only for quantized loads
+    types: dict[str, set[str]] = collections.defaultdict(set)
+    for key, layer in expected_keys(config):
+        if key in LINEAR_KEYS or key == "embed":
+            types[key].add(raw[gguf_tensor_name(key, layer)].qtype)
+    return {key for key, found in types.items() if len(found) == 1 and found <= set(QTYPES)}
+
+
 def _file_type_name(file_type: Optional[int]) -> str:
     try:
         return LlamaFileType(file_type).name
@@ -254,12 +265,18 @@ def _file_type_name(file_type: Optional[int]) -> str:
         return str(file_type)
 
 
-def load_gguf(path: PathLike, dtype=np.float32) -> tuple[LlamaConfig, dict, dict]:
+def load_gguf(path: PathLike, dtype=np.float32, quantized: bool = False) -> tuple[LlamaConfig, dict, dict]:
     """Load a llama GGUF into `(config, params, metadata)`.
 
     params is the pytree documented in `jaxchunk.weights` (NumPy arrays of `dtype`, linear
     weights [in, out], Q/K rows in Hugging Face order); metadata is a small dict of strings:
     format, path, architecture, name, file_type, gguf_version, tensor_types.
+
+    quantized=True keeps Q4_0 / Q4_1 / Q8_0 matrices (the linear weights, and the embedding, which
+    then becomes the LM head's [hidden, vocab] matrix) quantized, as
+    `jaxchunk.weights.quantized.QuantizedWeight`s repacked from the file's bytes without
+    dequantizing; a matrix kind whose layers are not all one of those types, and the norms, are
+    dequantized to `dtype` as usual.
     """
     reader = open_gguf(path)
     raw = _raw_tensors(reader)
@@ -267,16 +284,28 @@ def load_gguf(path: PathLike, dtype=np.float32) -> tuple[LlamaConfig, dict, dict
     check_tensors(path, config, gguf_tensor_name, {name: t.shape for name, t in raw.items()})
     for key, layer in expected_keys(config):  # fail before dequantizing anything
         _check_qtype(raw[gguf_tensor_name(key, layer)], path)
+    keep = _quantized_keys(config, raw) if quantized else set()
 
-    def load(key: str, layer: Optional[int]) -> np.ndarray:
-        w = dequantize_raw(raw[gguf_tensor_name(key, layer)], path)
+    def load(key: str, layer: Optional[int]):
+        t = raw[gguf_tensor_name(key, layer)]
+        # A kept tensor moves as whole rows of quant blocks; only its Q/K row order is fixed.
+        w = t if key in keep else dequantize_raw(t, path)
+        rows = w.blocks if key in keep else w
         if key == "wq":
-            return unpermute_qk(w, config.num_heads)
-        if key == "wk":
-            return unpermute_qk(w, config.num_kv_heads)
-        return w
+            rows = unpermute_qk(rows, config.num_heads)
+        elif key == "wk":
+            rows = unpermute_qk(rows, config.num_kv_heads)
+        return t._replace(blocks=rows) if key in keep else rows
 
-    params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path)
+    def pack(key: str, t):
+        if key not in keep:
+            return None
+        from jaxchunk.weights.quantized import pack_gguf_rows
+        # [out, in] rows -> W [in, out]. For the embedding [vocab, hidden] that is the LM head's
+        # W [hidden, vocab], whose columns are the token rows.
+        return pack_gguf_rows(t.blocks, t.qtype, t.shape)
+
+    params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path, pack=pack)
     file_type = _field(reader, path, "general.file_type", int, None)
     metadata = {
         "format": "gguf",

@@ -1,0 +1,128 @@
+"""Times formulations of the quantized matmul x[rows, k] @ dequant(W)[k, n] on SmolLM2-135M shapes,
+to choose the CPU path (pallas_kernels.quant_matmul.quant_matmul_xla).
+
+Each case runs like the model: a lax.scan over --layers stacked copies of the weight (so the
+working set is model-sized and a float W cannot sit in cache the way one small matrix would), with
+rows = 1 (decode) and rows = 512 (a prefill chunk). The LM head (Q8_0, 576 x 49152) runs once.
+
+Formulations (XLA_FORMULATIONS in pallas_kernels/quant_matmul.py, plus baselines):
+- dequant_dot:      dequantize a column tile to float in natural order, one dot.
+- split_dot:        4-bit: x split into the halves meeting low / high nibbles, two dots + a mins term.
+- multiply_reduce:  no dot; x * int weights summed per block in one fusion, then scaled.
+- dense_f32:        the float32 matrix (what weights="f32" runs), for reference.
+- pallas_interpret: only with --pallas (slow: interpret mode; a correctness smoke, not a speed).
+
+Reports the median wall time of --repeats warm calls per matrix, weights/s (k * n / time),
+multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv, results.json, quant_matmul.png into --out.
+
+  .venv/bin/python experiments/bench_quant_matmul.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402
+
+# (name, k, n, qtype, stacked copies): SmolLM2-135M's matrices (q/o, k/v, gate/up, down, LM head).
+SHAPES = [("wq", 576, 576, "Q4_1", None), ("wk", 576, 192, "Q4_1", None), ("w_up", 576, 1536, "Q4_1", None),
+          ("w_down", 1536, 576, "Q4_1", None), ("lm_head", 576, 49152, "Q8_0", 1)]
+FORMULATIONS = ("dequant_dot", "split_dot", "multiply_reduce", "dense_f32")
+
+
+def make_fn(formulation: str, rows: int):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.quant_matmul import quant_matmul_pallas, quant_matmul_xla
+
+    def one(x, w):
+        if formulation == "dense_f32":
+            return x @ w
+        if formulation == "pallas_interpret":
+            return quant_matmul_pallas(x, w.qs, w.scales, w.mins, interpret=True)
+        return quant_matmul_xla(x, w.qs, w.scales, w.mins, formulation=formulation)
+
+    @jax.jit
+    def run(x, stacked):
+        def step(acc, w):  # the row sums keep every output live at a cost of rows * n adds
+            return acc + jnp.sum(one(x, w), axis=-1), None
+        acc, _ = jax.lax.scan(step, jnp.zeros((rows,), x.dtype), stacked)
+        return acc
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=common.parse_list, default=[1, 512])
+    p.add_argument("--layers", type=int, default=30, help="stacked copies of each layer matrix")
+    p.add_argument("--formulations", type=lambda s: common.parse_list(s, str), default=list(FORMULATIONS))
+    p.add_argument("--pallas", action="store_true", help="also time the Pallas kernel in interpret mode")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="3 repeats, 8 stacked layers")
+    p.add_argument("--out", type=Path, default=Path("results/bench_quant_matmul"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.layers = 3, 8
+    import jax
+    import jax.numpy as jnp
+
+    from jaxchunk.weights.quantized import quantize
+
+    formulations = list(args.formulations) + (["pallas_interpret"] if args.pallas else [])
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for name, k, n, qtype, copies in SHAPES:
+        copies = copies or args.layers
+        w = rng.normal(0, 0.02, (k, n)).astype(np.float32)
+        qw = quantize(w, qtype)
+        # Distinct bytes per copy (rolled), so no copy is a cache hit of another.
+        stacked_q = jax.tree.map(lambda a: jnp.asarray(np.stack([np.roll(a, i, axis=-1) for i in range(copies)])), qw)
+        stacked_f = jnp.asarray(np.stack([np.roll(w, i, axis=-1) for i in range(copies)]))
+        qbytes = qw.nbytes
+        for rows in args.rows:
+            x = jnp.asarray(rng.normal(size=(rows, k)).astype(np.float32))
+            for formulation in formulations:
+                if formulation == "pallas_interpret" and (rows > 16 or name == "lm_head"):
+                    continue  # interpret mode is a Python-level loop: keep it to small cases
+                fn = make_fn(formulation, rows)
+                stacked = stacked_f if formulation == "dense_f32" else stacked_q
+                timing = common.timeit(lambda: fn(x, stacked), args.repeats)
+                per_matrix = timing.median_s / copies
+                rows_out.append(dict(matrix=name, k=k, n=n, qtype=qtype, rows=rows, formulation=formulation,
+                                     ms_per_matrix=per_matrix * 1e3,
+                                     gweights_per_s=k * n / per_matrix / 1e9,
+                                     gmacs_per_s=rows * k * n / per_matrix / 1e9,
+                                     quant_gb_per_s=qbytes / per_matrix / 1e9,
+                                     compile_s=timing.compile_s))
+                print(f"{name:8} rows={rows:4} {formulation:17} {per_matrix * 1e3:8.3f} ms/matrix "
+                      f"{k * n / per_matrix / 1e9:6.2f} Gweights/s", flush=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    df = common.write_results(args.out, rows_out, settings, common.machine_info())
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(args.rows), figsize=(6 * len(args.rows), 4.2), squeeze=False)
+    for ax, rows in zip(axes[0], args.rows):
+        part = df[df.rows == rows]
+        table = part.pivot_table(index="matrix", columns="formulation", values="gmacs_per_s")
+        table = table.reindex([s[0] for s in SHAPES])
+        table.plot.bar(ax=ax, rot=0)
+        ax.set_ylabel("multiply-adds per second (10^9/s, higher is better)")
+        ax.set_xlabel("matrix (SmolLM2-135M shape)")
+        ax.set_title(f"rows = {rows} ({'decode' if rows <= 16 else 'prefill chunk'})", fontsize=10)
+        ax.legend(title="formulation", fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    common.save_figure(fig, args.out / "quant_matmul.png")
+    common.print_table(df, ["matrix", "rows", "formulation", "ms_per_matrix", "gweights_per_s", "gmacs_per_s",
+                            "quant_gb_per_s"])
+    print(f"wrote {args.out}/results.csv, results.json, quant_matmul.png")
+    return df
+
+
+if __name__ == "__main__":
+    main()

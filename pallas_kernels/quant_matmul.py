@@ -1,0 +1,291 @@
+"""Quantized matmul `x[m, k] @ dequant(W)[k, n]` for GGUF block-quantized weights (Q4_0, Q4_1, Q8_0).
+
+Weights stay quantized in memory; every backend dequantizes on the fly:
+- `quant_matmul_pallas`: Pallas kernel (Triton on GPU, interpret mode elsewhere), tiled over m and n,
+  looping over k one 32-weight quant block at a time, dequantizing in registers.
+- `quant_matmul_xla`: the CPU path. XLA:CPU fuses no int -> float conversion into a dot, and its
+  fused multiply-reduce over the quantized bytes runs at a fraction of a dot's speed (see
+  experiments/bench_quant_matmul.py), so it dequantizes one column tile (<= TILE_COLS columns, a
+  few MB of floats that stay in cache) at a time and feeds it to a plain dot. Inside the model's
+  layer scan this means the float copy is one tile of one layer, never the model.
+- `quant_matmul_reference`: dequantize everything to float32 and do one float32 dot (the oracle).
+
+Layout (what `jaxchunk.weights.quantized` repacks GGUF blocks into). W is [k, n] (x @ W), quant
+blocks of 32 run along k, and the n columns are split into `tiles` tiles of `tile` columns:
+
+    qs:     4-bit: uint8 [tiles, k // 2, tile]. Row b * 16 + i holds W[b * 32 + i] in its low nibble
+            and W[b * 32 + 16 + i] in its high nibble (GGUF's own order within a block).
+            8-bit: int8 [tiles, k, tile].
+    scales: [tiles, k // 32, tile] (float16 as stored in the file, or float32)
+    mins:   4-bit only, [tiles, k // 32, tile]: W = scale * q + min with q in 0..15 (Q4_0's
+            W = d * (q - 8) is stored as min = -8 d); None for 8-bit (W = scale * q, q in -128..127).
+
+Column j of W is column j % tile of tile j // tile. Leading axes beyond these (the layer axis) are
+not taken here: the model's layer scan slices them off.
+
+Self-contained: imports nothing from jaxchunk.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import check_triton_blocks, next_pow2
+from pallas_kernels._compat import default_interpret, triton_compiler_params
+
+QUANT_BLOCK = 32          # weights per quant block (GGUF Q4_0 / Q4_1 / Q8_0)
+TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
+IMPLS = ("auto", "xla", "pallas", "reference")
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def choose_tile(n: int, max_cols: int = TILE_COLS) -> int:
+    """Column tile width for an n-column weight: n itself when n <= 2 * max_cols (one tile), else
+    the largest divisor of n that is <= max_cols and a multiple of 16 (falls back to n)."""
+    if n <= 2 * max_cols:
+        return n
+    for t in range(max_cols, 15, -1):
+        if n % t == 0 and t % 16 == 0:
+            return t
+    return n
+
+
+def quant_bits(qs: jax.Array) -> int:
+    """4 for packed nibbles (uint8), 8 for int8."""
+    if qs.dtype == jnp.uint8:
+        return 4
+    if qs.dtype == jnp.int8:
+        return 8
+    raise ValueError(f"qs must be uint8 (packed 4-bit) or int8 (8-bit), got {qs.dtype}")
+
+
+def check_quant_inputs(x, qs, scales, mins) -> tuple[int, int]:
+    """Validates shapes; returns (k, n)."""
+    bits = quant_bits(qs)
+    if qs.ndim != 3 or scales.ndim != 3:
+        raise ValueError(f"expected qs [tiles, rows, tile] and scales [tiles, k // 32, tile], got "
+                         f"qs {qs.shape}, scales {scales.shape}")
+    tiles, rows, tile = qs.shape
+    k = rows * (2 if bits == 4 else 1)
+    if scales.shape != (tiles, k // QUANT_BLOCK, tile) or k % QUANT_BLOCK:
+        raise ValueError(f"scales {scales.shape} do not match qs {qs.shape} ({bits}-bit, k = {k}, "
+                         f"blocks of {QUANT_BLOCK})")
+    if (mins is None) != (bits == 8):
+        raise ValueError("4-bit weights need mins, 8-bit weights take none")
+    if mins is not None and mins.shape != scales.shape:
+        raise ValueError(f"mins {mins.shape} != scales {scales.shape}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x [..., {x.shape[-1]}] does not match the weight's k = {k}")
+    return k, tiles * tile
+
+
+def dequantize(qs, scales, mins, dtype=jnp.float32) -> jax.Array:
+    """The float matrix W [k, n] (the reference; the model never materialises all of it)."""
+    return jnp.concatenate(_dequantize_tiles(qs, scales, mins, dtype), axis=-1)
+
+
+def _dequantize_tiles(qs, scales, mins, dtype):
+    """W's column tiles, each [k, tile], in natural row order."""
+    bits = quant_bits(qs)
+    tiles, _, tile = qs.shape
+    nb = scales.shape[1]
+    d = scales.astype(jnp.float32)[:, :, None, :]  # [tiles, nb, 1, tile]
+    if bits == 8:
+        w = qs.reshape(tiles, nb, QUANT_BLOCK, tile).astype(jnp.float32) * d
+    else:
+        q = qs.reshape(tiles, nb, QUANT_BLOCK // 2, tile)
+        w = jnp.concatenate([q & 15, q >> 4], axis=2).astype(jnp.float32) * d \
+            + mins.astype(jnp.float32)[:, :, None, :]
+    w = w.reshape(tiles, nb * QUANT_BLOCK, tile).astype(dtype)
+    return [w[t] for t in range(tiles)]
+
+
+# ----------------------------------------------------------------------------- reference
+def quant_matmul_reference(x: jax.Array, qs, scales, mins=None) -> jax.Array:
+    """x [..., k] @ dequantize(W) [k, n] -> [..., n] in x.dtype, computed in float32."""
+    check_quant_inputs(x, qs, scales, mins)
+    w = dequantize(qs, scales, mins, jnp.float32)
+    y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- CPU (XLA) path
+# Per column tile: x2 [rows, k] (rows = flattened leading dims), q [k or k // 2, tile], d / m
+# [k // 32, tile] -> [rows, tile] float32. Weights are dequantized to x's dtype; dots accumulate in
+# float32 (Q4_1's min term cancels much of the rest: a bf16 sum of the two loses it). Measured by
+# experiments/bench_quant_matmul.py.
+def _dot(a, b):
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def _tile_dequant_dot(x2, q, d, m):
+    """Dequantize the tile to x's dtype in natural row order, one dot."""
+    tile = q.shape[-1]
+    nb = d.shape[0]
+    w = _dequantize_tiles(q[None], d[None], None if m is None else m[None], x2.dtype)[0]
+    return _dot(x2, w.reshape(nb * QUANT_BLOCK, tile))
+
+
+def _tile_split_dot(x2, q, d, m):
+    """4-bit: split x into the halves that meet the low and the high nibbles (x_lo, x_hi
+    [rows, k // 2]) so the nibbles are never interleaved back:
+    y = x_lo @ (d * lo) + x_hi @ (d * hi) + blocksum(x) @ mins. 8-bit: as _tile_dequant_dot."""
+    if m is None:
+        return _tile_dequant_dot(x2, q, d, m)
+    dtype, tile, nb = x2.dtype, q.shape[-1], d.shape[0]
+    xb = x2.reshape(-1, nb, 2, QUANT_BLOCK // 2)
+    x_lo = xb[:, :, 0].reshape(-1, nb * QUANT_BLOCK // 2)
+    x_hi = xb[:, :, 1].reshape(-1, nb * QUANT_BLOCK // 2)
+    x_sum = jnp.sum(xb.astype(jnp.float32), axis=(2, 3))  # [rows, nb]
+    q = q.reshape(nb, QUANT_BLOCK // 2, tile)
+    dd = d.astype(dtype)[:, None, :]
+    lo = ((q & 15).astype(dtype) * dd).reshape(-1, tile)
+    hi = ((q >> 4).astype(dtype) * dd).reshape(-1, tile)
+    return _dot(x_lo, lo) + _dot(x_hi, hi) + _dot(x_sum, m.astype(jnp.float32))
+
+
+def _tile_multiply_reduce(x2, q, d, m):
+    """No dot: per-block partial sums of x * q (the int -> float conversion inside one
+    multiply-reduce fusion), then d * partial + min * blocksum(x)."""
+    tile, nb = q.shape[-1], d.shape[0]
+    xb = x2.astype(jnp.float32).reshape(-1, nb, QUANT_BLOCK)
+    if m is None:
+        qf = q.reshape(nb, QUANT_BLOCK, tile).astype(jnp.float32)
+        part = jnp.sum(xb[..., None] * qf, axis=2)  # [rows, nb, tile]
+        y = jnp.sum(part * d.astype(jnp.float32), axis=1)
+    else:
+        q = q.reshape(nb, QUANT_BLOCK // 2, tile)
+        half = QUANT_BLOCK // 2
+        part = jnp.sum(xb[:, :, :half, None] * (q & 15).astype(jnp.float32)
+                       + xb[:, :, half:, None] * (q >> 4).astype(jnp.float32), axis=2)
+        y = jnp.sum(part * d.astype(jnp.float32) + xb.sum(-1)[..., None] * m.astype(jnp.float32), axis=1)
+    return y
+
+
+XLA_FORMULATIONS = {"dequant_dot": _tile_dequant_dot, "split_dot": _tile_split_dot,
+                    "multiply_reduce": _tile_multiply_reduce}
+DECODE_ROWS = 16  # at most this many rows (decode): DECODE_FORMULATION; more (prefill): dequant_dot
+DECODE_FORMULATION = "split_dot"
+
+
+def quant_matmul_xla(x: jax.Array, qs, scales, mins=None, *, formulation: str | None = None) -> jax.Array:
+    """x [..., k] @ W -> [..., n] in x.dtype, one column tile dequantized at a time (a lax.map
+    over the tiles, so only one tile's floats exist at once).
+
+    formulation: a key of XLA_FORMULATIONS; default by row count (DECODE_ROWS).
+    """
+    check_quant_inputs(x, qs, scales, mins)
+    lead, k = x.shape[:-1], x.shape[-1]
+    tiles, _, tile = qs.shape
+    x2 = x.reshape(-1, k)
+    if formulation is None:
+        formulation = DECODE_FORMULATION if x2.shape[0] <= DECODE_ROWS else "dequant_dot"
+    tile_product = XLA_FORMULATIONS[formulation]
+    if tiles == 1:
+        y = tile_product(x2, qs[0], scales[0], None if mins is None else mins[0])
+    else:
+        y = lax.map(lambda a: tile_product(x2, *a), (qs, scales, mins))  # [tiles, rows, tile]
+        y = jnp.moveaxis(y, 0, 1).reshape(-1, tiles * tile)
+    return y.reshape(*lead, tiles * tile).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- Pallas kernel
+def _quant_matmul_kernel(x_ref, qs_ref, scales_ref, *rest, bits, num_blocks):
+    """One [block_m, block_n] output tile; loops over k one quant block (32 weights) at a time."""
+    if bits == 4:
+        mins_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+        mins_ref = None
+    x_dtype = x_ref.dtype
+    dot_dtype = jnp.float32 if x_dtype == jnp.float32 else x_dtype  # bf16 x: bf16 tensor-core dot
+    half = QUANT_BLOCK // 2
+
+    def dot(a, b):
+        return lax.dot_general(a.astype(dot_dtype), b.astype(dot_dtype), (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+    def body(b, acc):
+        d = scales_ref[pl.ds(b, 1), :].astype(jnp.float32)          # [1, bn]
+        if bits == 8:
+            q = qs_ref[pl.ds(b * QUANT_BLOCK, QUANT_BLOCK), :]        # [32, bn] int8
+            x = x_ref[:, pl.ds(b * QUANT_BLOCK, QUANT_BLOCK)]         # [bm, 32]
+            return acc + dot(x, q.astype(jnp.float32) * d)
+        m = mins_ref[pl.ds(b, 1), :].astype(jnp.float32)
+        q = qs_ref[pl.ds(b * half, half), :]                          # [16, bn] uint8
+        x_lo = x_ref[:, pl.ds(b * QUANT_BLOCK, half)]                 # [bm, 16]: the low nibbles' x
+        x_hi = x_ref[:, pl.ds(b * QUANT_BLOCK + half, half)]
+        lo = (q & 15).astype(jnp.float32) * d + m
+        hi = (q >> 4).astype(jnp.float32) * d + m
+        return acc + dot(x_lo, lo) + dot(x_hi, hi)
+
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
+    acc = lax.fori_loop(0, num_blocks, body, acc)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret", "num_warps", "num_stages"))
+def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 16, block_n: int = 64,
+                        interpret: bool | None = None, num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+    """x [..., k] @ W -> [..., n] in x.dtype, accumulated in float32.
+
+    Grid: (cdiv(rows, block_m), tiles, cdiv(tile, block_n)); rows and tile need not be multiples of
+    the blocks (partial edge blocks are masked). block_n is capped at the tile width rounded up to a
+    power of two. On GPU (interpret=False) both blocks must be powers of two >= 16.
+    """
+    check_quant_inputs(x, qs, scales, mins)
+    if interpret is None:
+        interpret = default_interpret()
+    bits = quant_bits(qs)
+    lead, k = x.shape[:-1], x.shape[-1]
+    tiles, rows_q, tile = qs.shape
+    nb = k // QUANT_BLOCK
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    block_n = min(block_n, next_pow2(tile))
+    block_m = min(block_m, max(16, next_pow2(m))) if not interpret else min(block_m, next_pow2(m))
+    if not interpret:
+        check_triton_blocks(block_m, block_n)
+    grid = (pl.cdiv(m, block_m), tiles, pl.cdiv(tile, block_n))
+    in_specs = [
+        pl.BlockSpec((block_m, k), lambda i, t, j: (i, 0)),
+        pl.BlockSpec((None, rows_q, block_n), lambda i, t, j: (t, 0, j)),
+        pl.BlockSpec((None, nb, block_n), lambda i, t, j: (t, 0, j)),
+    ]
+    operands = [x2, qs, scales]
+    if mins is not None:
+        in_specs.append(pl.BlockSpec((None, nb, block_n), lambda i, t, j: (t, 0, j)))
+        operands.append(mins)
+    kernel = functools.partial(_quant_matmul_kernel, bits=bits, num_blocks=nb)
+    out = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((block_m, None, block_n), lambda i, t, j: (i, t, j)),
+        out_shape=jax.ShapeDtypeStruct((m, tiles, tile), x.dtype),
+        interpret=interpret,
+        compiler_params=triton_compiler_params(num_warps, num_stages),
+        name=f"quant_matmul_q{bits}",
+    )(*operands)
+    return out.reshape(*lead, tiles * tile)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto") -> jax.Array:
+    """x [..., k] @ W [k, n] -> [..., n] in x.dtype. impl "auto": the Pallas kernel on a GPU
+    backend, the XLA path elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl == "pallas":
+        rows = math.prod(x.shape[:-1])
+        return quant_matmul_pallas(x, qs, scales, mins, block_m=16 if rows <= DECODE_ROWS else 64)
+    if impl == "reference":
+        return quant_matmul_reference(x, qs, scales, mins)
+    return quant_matmul_xla(x, qs, scales, mins)

@@ -1,0 +1,70 @@
+"""Quantized-matmul cases shared by test_quant_matmul.py (interpret mode / XLA on CPU) and
+test_quant_matmul_gpu.py (compiled on a GPU).
+
+The oracle is independent of the code under test: the `gguf` package quantizes a random float
+matrix to GGUF blocks and dequantizes them back (llama.cpp's reference formulas, in NumPy), and
+NumPy multiplies in float64. jaxchunk only repacks the blocks.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+QTYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+class Case(NamedTuple):
+    m: int
+    k: int
+    n: int
+    tile: Optional[int]  # column tile width of the packed layout (None: the loader's choice)
+    block_m: int
+    block_n: int
+
+    @property
+    def id(self) -> str:
+        return f"m{self.m}-k{self.k}-n{self.n}-t{self.tile}-bm{self.block_m}-bn{self.block_n}"
+
+
+# Non-multiples of the blocks on purpose: m = 5 with block_m 4, n = 48 / 80 with block_n 32, a
+# tile (40) that is not a power of two; decode (m = 1) and a prefill-like m.
+CASES = [
+    Case(1, 64, 48, None, 16, 32),
+    Case(5, 96, 80, 40, 4, 32),
+    Case(37, 128, 64, 32, 16, 16),
+    Case(3, 256, 192, 64, 16, 64),
+]
+
+# Relative to max |y|. f32: only summation order differs from the float64 oracle (k <= 256 terms,
+# ~sqrt(k) * 2^-24 each). bf16: x is bf16-exact, but dequantized weights are rounded to bf16 for the
+# dot (2^-9 relative) and the output to bf16 (2^-9): a few 2^-9 in the worst element.
+TOL = {"float32": 2e-5, "bfloat16": 1.5e-2}
+
+
+def make_weight(case: Case, qtype: str, seed: int = 0):
+    """(QuantizedWeight with NumPy leaves, float64 W [k, n] the blocks dequantize to, per gguf)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from jaxchunk.weights.quantized import pack_gguf_rows
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 1, (case.k, case.n)).astype(np.float32)
+    w += rng.normal(0, 0.5, (1, case.n)).astype(np.float32)  # non-zero block means exercise Q4_1's min
+    blocks = quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[qtype])  # [n, k] rows, as in a file
+    dequant = dequantize(blocks, GGMLQuantizationType[qtype]).reshape(case.n, case.k).T.astype(np.float64)
+    return pack_gguf_rows(blocks, qtype, (case.n, case.k), case.tile), dequant
+
+
+def make_x(case: Case, dtype: str, seed: int = 1) -> np.ndarray:
+    import jax.numpy as jnp
+    x = np.random.default_rng(seed).normal(0, 1, (case.m, case.k)).astype(np.float32)
+    return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # representable in `dtype`
+
+
+def check(y, x: np.ndarray, w: np.ndarray, dtype: str) -> None:
+    expected = x.astype(np.float64) @ w
+    y = np.asarray(y, np.float64)
+    assert y.shape == expected.shape
+    err = np.abs(y - expected).max() / np.abs(expected).max()
+    assert err <= TOL[dtype], f"max error {err:.2e} x max|y| > {TOL[dtype]:.0e} ({dtype})"

@@ -1,0 +1,165 @@
+"""Quantized weights (jaxchunk.weights.quantized) and the quantized matmul
+(pallas_kernels.quant_matmul): packing, the Pallas kernel in interpret mode, the XLA CPU
+formulations and the reference, each against an oracle from the `gguf` package + NumPy
+(see quant_cases.py), and the model with quantized params against the same model with the
+dequantized floats."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quant_cases import CASES, QTYPES, check, make_weight, make_x
+from pallas_kernels.quant_matmul import (XLA_FORMULATIONS, choose_tile, quant_matmul, quant_matmul_pallas,
+                                         quant_matmul_reference, quant_matmul_xla)
+
+
+def _args(qw, dtype="float32"):
+    leaves = [jnp.asarray(qw.qs), jnp.asarray(qw.scales), None if qw.mins is None else jnp.asarray(qw.mins)]
+    return leaves
+
+
+# ----------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.id)
+def test_packed_blocks_dequantize_to_gguf_values(qtype, case):
+    from jaxchunk.weights.quantized import dequantize
+    qw, w = make_weight(case, qtype)
+    assert qw.shape == (case.k, case.n)
+    bytes_per_weight = {"Q4_0": 20 / 32, "Q4_1": 20 / 32, "Q8_0": 34 / 32}[qtype]  # f16 scale (+ min)
+    assert qw.nbytes == case.k * case.n * bytes_per_weight
+    # Exact: the f16 scales / mins are the file's bits and d * q + m is one f32 rounding in both.
+    np.testing.assert_array_equal(np.asarray(dequantize(qw)), w.astype(np.float32))
+
+
+def test_stacked_weight_dequantizes_per_layer():
+    from jaxchunk.weights.quantized import dequantize
+    pairs = [make_weight(CASES[1], "Q4_1", seed=s) for s in range(3)]
+    stacked = jax.tree.map(lambda *a: np.stack(a), *[qw for qw, _ in pairs])
+    assert stacked.shape == (3, CASES[1].k, CASES[1].n)
+    np.testing.assert_array_equal(np.asarray(dequantize(stacked)), np.stack([w for _, w in pairs]).astype(np.float32))
+
+
+def test_choose_tile():
+    assert choose_tile(576) == 576 and choose_tile(1536) == 1536
+    assert choose_tile(49152) == 1024
+    assert 49152 % choose_tile(49152) == 0
+
+
+# ----------------------------------------------------------------------------- matmul backends
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_pallas_interpret_matches_oracle(case, qtype, dtype):
+    qw, w = make_weight(case, qtype)
+    x = make_x(case, dtype)
+    y = quant_matmul_pallas(jnp.asarray(x, dtype), *_args(qw), block_m=case.block_m, block_n=case.block_n,
+                            interpret=True)
+    assert y.dtype == jnp.dtype(dtype)
+    check(y, x, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("formulation", sorted(XLA_FORMULATIONS) + ["reference"])
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CASES[1:3], ids=lambda c: c.id)
+def test_xla_formulations_match_oracle(case, qtype, formulation, dtype):
+    qw, w = make_weight(case, qtype)
+    x = make_x(case, dtype)
+    if formulation == "reference":
+        y = quant_matmul_reference(jnp.asarray(x, dtype), *_args(qw))
+    else:
+        y = quant_matmul_xla(jnp.asarray(x, dtype), *_args(qw), formulation=formulation)
+    assert y.dtype == jnp.dtype(dtype)
+    check(y, x, w, dtype)
+
+
+def test_leading_axes_and_dispatch():
+    """x [batch, seq, k] through the default dispatch (the model's call), default row choice."""
+    case = CASES[1]
+    qw, w = make_weight(case, "Q4_1")
+    x = np.random.default_rng(5).normal(size=(2, 20, case.k)).astype(np.float32)
+    for impl in ("auto", "xla", "reference"):
+        y = quant_matmul(jnp.asarray(x), *_args(qw), impl=impl)
+        assert y.shape == (2, 20, case.n)
+        check(np.asarray(y).reshape(-1, case.n), x.reshape(-1, case.k), w, "float32")
+
+
+def test_bad_inputs_raise_clear_errors():
+    qw, _ = make_weight(CASES[0], "Q4_1")
+    qs, scales, mins = _args(qw)
+    with pytest.raises(ValueError, match="does not match the weight's k"):
+        quant_matmul_xla(jnp.ones((1, 32)), qs, scales, mins)
+    with pytest.raises(ValueError, match="need mins"):
+        quant_matmul_xla(jnp.ones((1, 64)), qs, scales, None)
+    with pytest.raises(ValueError, match="uint8"):
+        quant_matmul_xla(jnp.ones((1, 64)), qs.astype(jnp.int32), scales, mins)
+    with pytest.raises(ValueError, match="impl"):
+        quant_matmul(jnp.ones((1, 64)), qs, scales, mins, impl="magic")
+    from jaxchunk.weights.quantized import pack_gguf_rows
+    with pytest.raises(ValueError, match="qtype"):
+        pack_gguf_rows(np.zeros((4, 18), np.uint8), "Q5_K", (4, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_gguf_rows(np.zeros((4, 18), np.uint8), "Q4_0", (4, 40))
+
+
+# ----------------------------------------------------------------------------- in the model
+def _tiny():
+    from jaxchunk.config import LlamaConfig
+    from jaxchunk.model import init_params
+    # hidden / head sizes multiples of 32 (quant blocks run along every matrix's input dim).
+    config = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    return config, init_params(config, seed=0, scale=0.2)
+
+
+def _dequantized_params(qparams):
+    """The float params the quantized ones stand for (embedding back to [vocab, hidden])."""
+    from jaxchunk.weights.quantized import QuantizedWeight, dequantize
+
+    def leaf(x):
+        return np.asarray(dequantize(x)) if isinstance(x, QuantizedWeight) else np.asarray(x)
+    out = jax.tree.map(leaf, qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    out["embed"] = out["embed"].T
+    return out
+
+
+def test_quantized_model_matches_model_on_dequantized_weights():
+    """forward and chunked model_step (prefill + decode) with QuantizedWeight params agree with the
+    float model run on exactly the weights they stand for: the only difference is summation order."""
+    from jaxchunk.cache import init_cache
+    from jaxchunk.model import forward
+    from jaxchunk.prefill import decode_step, prefill_chunk
+    from jaxchunk.weights.quantized import QuantizedWeight, quantize_params
+    config, params = _tiny()
+    qparams = quantize_params(params, "Q4_1", "Q8_0")
+    qparams["layers"]["wv"] = quantize_params(params, "Q4_0")["layers"]["wv"]  # a second 4-bit type
+    assert isinstance(qparams["embed"], QuantizedWeight) and qparams["embed"].shape == (64, 160)
+    fparams = _dequantized_params(qparams)
+    qparams = jax.device_put(qparams)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 22)).astype(np.int32)
+    run_forward = jax.jit(forward, static_argnums=1)
+    expected = np.asarray(run_forward(fparams, config, ids))
+    tol = 1e-4 * np.abs(expected).max()  # f32 logits ~10: summation order only, through 2 layers
+    np.testing.assert_allclose(np.asarray(run_forward(qparams, config, ids)), expected, atol=tol)
+
+    cache = init_cache(config, 2, 32, "f32")
+    cache, chunk_logits = prefill_chunk(qparams, cache, ids[:, :20], config=config, attention_impl="xla",
+                                        logits="all")
+    np.testing.assert_allclose(np.asarray(chunk_logits), expected[:, :20], atol=tol)
+    for i in range(20, 22):  # decode steps: rows = 2 takes the decode formulation
+        cache, last = decode_step(qparams, cache, ids[:, i], config=config, attention_impl="xla")
+        np.testing.assert_allclose(np.asarray(last), expected[:, i], atol=tol)
+
+
+def test_quantized_embedding_gathers_rows():
+    from jaxchunk.model import embed
+    from jaxchunk.weights.quantized import quantize
+    config, params = _tiny()
+    for qtype in QTYPES:
+        qembed = quantize(np.asarray(params["embed"]).T, qtype, tile=32)  # 5 tiles of 32 tokens
+        full = _dequantized_params({"embed": qembed, "layers": {}})["embed"]
+        tokens = jnp.array([[0, 31, 32, 159], [77, 5, 5, 100]])
+        got = embed({"embed": qembed}, tokens, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got), full[np.asarray(tokens)])
