@@ -76,12 +76,16 @@ def _one_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- shared flags
 def _add_model_flags(parser: argparse.ArgumentParser,
                      max_seq_len_default: str = "the model's context, at most 8192") -> None:
-    """--model, --dtype, --attention-impl, --max-seq-len."""
+    """--model, --dtype, --weights, --attention-impl, --max-seq-len."""
     help_model = (f"a known model name ({DEFAULT_MODEL}, fetched on first use), a .gguf file, or a "
                   f"Hugging Face checkpoint directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
-                        help="dtype the weights are dequantized to and computed in (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("f32", "bf16"), default=None,
+                        help="dtype the model computes in (default: bf16 with --weights bf16, else f32)")
+    parser.add_argument("--weights", choices=("dequantized", "q4", "f32", "bf16"), default="dequantized",
+                        help="weights in memory: q4 keeps the GGUF's Q4_0/Q4_1/Q8_0 blocks (quantized "
+                             "matmul); f32 / bf16 / dequantized (= --dtype) expand them at load "
+                             "(default: %(default)s)")
     parser.add_argument("--attention-impl", default="auto",
                         help="attention backend: auto, xla, pallas or reference "
                              "(see pallas_kernels/attention.py; default: %(default)s)")
@@ -98,7 +102,8 @@ def _add_chunk_flag(parser: argparse.ArgumentParser) -> None:
 
 def _load_model(args):
     from jaxchunk.api import load
-    return load(args.model, dtype=args.dtype, attention_impl=args.attention_impl, max_seq_len=args.max_seq_len)
+    return load(args.model, dtype=args.dtype, weights=args.weights, attention_impl=args.attention_impl,
+                max_seq_len=args.max_seq_len)
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -344,7 +349,7 @@ def cmd_bench(args) -> int:
     for r in results:
         print(f"{r['prompt_tokens']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s_on_device']:>20.1f} "
               f"{r['decode_tok_s_streaming']:>22.1f}")
-    report = {"model": str(model.path), "dtype": model.dtype, "attention_impl": model.attention_impl,
+    report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights, "attention_impl": model.attention_impl,
               "chunk_size": args.chunk_size, "decode_tokens": args.decode_tokens, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
