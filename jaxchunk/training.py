@@ -314,16 +314,26 @@ def loss_and_grad(params: dict, config: LlamaConfig, ids, *, chunk_len: int | No
                                    forward_attention_impl=forward_attention_impl)
 
 
-def lower_step(params, config: LlamaConfig, batch: int, n: int, **kwargs):
-    """The lowered (not yet compiled) training step for ids [batch, n] (shapes only: nothing runs).
-    kwargs as `loss_and_grad`. `.compile().memory_analysis()` gives its memory."""
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _chunked_loss_jit(params, ids, **kwargs):
+    return chunked_loss(params, kwargs.pop("config"), ids, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "train_len"))
+def _full_loss_jit(params, ids, *, config, train_len):
+    return full_loss(params, config, ids, train_len=train_len)
+
+
+def lower_step(params, config: LlamaConfig, batch: int, n: int, *, grad: bool = True, mode="exact", **kwargs):
+    """The lowered (not compiled) training step - or with grad=False the loss alone (the forward) -
+    for ids [batch, n]. params may be ShapeDtypeStructs: nothing runs. kwargs as `loss_and_grad`.
+    `.compile().memory_analysis()` gives its memory."""
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     ids = jax.ShapeDtypeStruct((batch, n), jnp.int32)
-    mode = kwargs.pop("mode", "exact")
     if mode == "full":
-        return _full_value_and_grad.lower(shapes, ids, config=config, train_len=kwargs.get("train_len"))
+        fn = _full_value_and_grad if grad else _full_loss_jit
+        return fn.lower(shapes, ids, config=config, train_len=kwargs.get("train_len"))
     make_plan(n, kwargs["chunk_len"], mode, kwargs.get("train_len"))
-    kwargs.setdefault("train_len", None)
-    kwargs.setdefault("strategy", "recompute")
-    kwargs.setdefault("forward_attention_impl", "auto")
-    return _chunked_value_and_grad.lower(shapes, ids, config=config, mode=mode, **kwargs)
+    kwargs = {"train_len": None, "strategy": "recompute", "forward_attention_impl": "auto", **kwargs}
+    fn = _chunked_value_and_grad if grad else _chunked_loss_jit
+    return fn.lower(shapes, ids, config=config, mode=mode, **kwargs)
