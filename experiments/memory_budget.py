@@ -86,7 +86,8 @@ def plot_budget(df, path: Path, title: str) -> Path:
         ax_mem.plot(failed["budget_mb"], failed["budget_mb"], "x", color="C3", markersize=10,
                     label="no chunk fits (error)")
     ax_tps.plot(ok["budget_mb"], ok["tok_per_s"], "o-", color="C1", label="prefill throughput")
-    for _, r in ok.iterrows():
+    # Label the first budget of each chosen chunk (a run of budgets picks the same one).
+    for _, r in ok[ok["chunk_len"] != ok["chunk_len"].shift()].iterrows():
         ax_mem.annotate(f"{int(r['chunk_len'])}", (r["budget_mb"], r["peak_mb"]), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=8)
         ax_tps.annotate(f"{int(r['chunk_len'])}", (r["budget_mb"], r["tok_per_s"]), textcoords="offset points",

@@ -140,3 +140,26 @@ def test_default_budget_counts_resident_arguments(params):
 def test_prefill_bad_budget_arguments(params, kwargs, match):
     with pytest.raises(InputError, match=match):
         prefill(params, CONFIG, init_cache(CONFIG, 1, MAX_SEQ), [np.arange(1, 20)], attention_impl=IMPL, **kwargs)
+
+
+@pytest.mark.slow
+def test_experiment_script(tmp_path):
+    """experiments/memory_budget.py end to end on the tiny random model: the chosen chunks never
+    exceed their budget, the smallest budget fails with the error, larger budgets pick longer chunks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "memory_budget.py"), "--model", "tiny-random",
+                           "--prompt-len", "40", "--n-budgets", "4", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "results.csv")
+    ok = df[df["chunk_len"].notna()]
+    assert (ok["peak_mb"] <= ok["budget_mb"] + 1e-9).all()
+    assert df["error"].iloc[0] == "no chunk fits" and ok["chunk_len"].max() == 64
+    assert ok["chunk_len"].is_monotonic_increasing or ok["chunk_len"].iloc[-1] == 64
+    for png in ("budget.png", "candidates.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
