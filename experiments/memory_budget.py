@@ -15,7 +15,7 @@ aliased + temporaries, from XLA's memory_analysis). This script
   .venv/bin/python experiments/memory_budget.py --quick
   .venv/bin/python experiments/memory_budget.py --prompt-len 4096 --out results/memory_budget
 
-Writes results.csv (budgets), candidates.csv, results.json, budget.png (peak memory and throughput
+Writes results.csv + results.json (budgets), candidates.csv + candidates.json, budget.png (peak memory and throughput
 against the budget, chosen chunk lengths written at the points) and candidates.png into --out.
 """
 from __future__ import annotations
@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-input-len", type=int, default=DEFAULT_MAX_INPUT_LEN, help="the largest chunk allowed")
     p.add_argument("--n-budgets", type=int, help="budgets swept between the smallest and largest peak")
     p.add_argument("--repeats", type=int)
+    p.add_argument("--candidates-only", action="store_true",
+                   help="only the compiled memory of each candidate chunk (no budgets, nothing run)")
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
     p.add_argument("--out", type=Path, default=Path("results/memory_budget"))
     args = p.parse_args(argv)
@@ -119,8 +121,8 @@ def main(argv=None):
 
     timings: dict[int, dict] = {}
     rows = []
-    for budget in (bar := common.progress(budget_grid([c["peak_bytes"] for c in candidates], args.n_budgets),
-                                          "budgets")):
+    budgets = [] if args.candidates_only else budget_grid([c["peak_bytes"] for c in candidates], args.n_budgets)
+    for budget in (bar := common.progress(budgets, "budgets")):
         row = {"budget_mb": budget / common.MB, "budget_bytes": budget}
         try:
             chunk_len, memory = pick_chunk_len(params, cache_shape, budget, config=config, max_chunk_len=max_chunk,
@@ -147,12 +149,13 @@ def main(argv=None):
     settings.update(model_source=model.source, cache_bytes=int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache_shape))),
                     smallest_working_budget_bytes=min(c["peak_bytes"] for c in candidates),
                     wall_s=round(time.perf_counter() - started, 1))
-    df = common.write_results(args.out, rows, settings, machine, json_only=["error_message"])
     cand_df = common.write_results(args.out, candidates, settings, machine, name="candidates")
-
     title = (f"{args.model} {args.dtype}, {args.attention_impl} attention: prefill of {args.prompt_len} tokens, "
              f"cache {args.cache_len}")
-    pngs = [plot_budget(df, args.out / "budget.png", title)]
+    pngs = []
+    if rows:
+        df = common.write_results(args.out, rows, settings, machine, json_only=["error_message"])
+        pngs.append(plot_budget(df, args.out / "budget.png", title))
     cand_df["series"] = "compiled step"
     pngs.append(common.line_plot(cand_df, args.out / "candidates.png", x="chunk_len", y=["peak_mb", "temp_mb"],
                                  y_labels=["peak (args + out - alias + temp)", "temporaries"], line="series",
@@ -160,12 +163,13 @@ def main(argv=None):
                                  title=f"Memory of one compiled prefill step vs chunk length ({args.model})"))
     common.print_table(cand_df, ["chunk_len", "arg_mb", "out_mb", "alias_mb", "temp_mb", "peak_mb"],
                        title="\ncandidates (compiled prefill step)")
-    common.print_table(df, TABLE_COLUMNS, title=f"\n{title}; load average {machine['load_average_1_5_15']}")
+    if rows:
+        common.print_table(df, TABLE_COLUMNS, title=f"\n{title}; load average {machine['load_average_1_5_15']}")
     for message in {r["error_message"] for r in rows if "error_message" in r}:
         print(f"\nbudget too small -> InputError: {message}")
-    print(f"\nwrote {args.out / 'results.csv'}, candidates.csv, results.json, {', '.join(p.name for p in pngs)} "
-          f"in {settings['wall_s']} s")
-    return df
+    print(f"\nwrote into {args.out}: {'results.csv, results.json, ' if rows else ''}candidates.csv, candidates.json, "
+          f"{', '.join(p.name for p in pngs)} in {settings['wall_s']} s")
+    return cand_df
 
 
 if __name__ == "__main__":

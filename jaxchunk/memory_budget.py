@@ -107,7 +107,7 @@ def pick_chunk_len(params, kv_cache, memory_budget_bytes: int, *, config: LlamaC
     Returns (chunk_len, its StepMemory). Raises InputError naming the smallest budget that works
     when no candidate fits.
     """
-    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) \
+    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, (int, np.integer)) \
             or memory_budget_bytes <= 0:
         raise InputError(f"memory_budget_bytes must be a positive int, got {memory_budget_bytes!r}")
     measured = []

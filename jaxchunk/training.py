@@ -105,6 +105,7 @@ class ChunkPlan:
 
 
 def make_plan(n: int, chunk_len: int, mode: Mode = "exact", train_len: int | None = None) -> ChunkPlan:
+    """The checked ChunkPlan of a length-n sequence (InputError on bad arguments)."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, (int, np.integer)) or chunk_len < 1:
@@ -305,7 +306,9 @@ def loss_and_grad(params: dict, config: LlamaConfig, ids, *, chunk_len: int | No
     """
     ids = check_ids(ids, config)
     if mode == "full":
-        return _full_value_and_grad(params, jnp.asarray(ids), config=config, train_len=train_len)
+        make_plan(ids.shape[1], 1, "exact" if train_len is None else "truncated", train_len)
+        return _full_value_and_grad(params, jnp.asarray(ids), config=config,
+                                    train_len=None if train_len is None else int(train_len))
     if chunk_len is None:
         raise InputError(f"mode={mode!r} needs chunk_len")
     make_plan(ids.shape[1], chunk_len, mode, train_len)  # argument errors before tracing
