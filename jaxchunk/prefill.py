@@ -9,7 +9,9 @@
   (the static set {1, 2, 4, ..., max_input_len}); the final partial chunk takes the smallest power of
   two that holds it. So auto prefill compiles at most 1 + ceil(log2(max_input_len)) step shapes per
   batch size, whatever the prompt lengths.
-- `prefill`: the host loop over the schedule, for a batch of prompts of different lengths.
+- `prefill`: the host loop over the schedule, for a batch of prompts of different lengths. With
+  `memory_budget_bytes=N` (or `chunk_size="auto"`) the chunk length is the largest power of two whose
+  compiled step fits the budget (`jaxchunk.memory_budget.pick_chunk_len`).
 
 Every bound is checked on the host before anything reaches the device: JAX clamps out-of-range
 dynamic slices silently, so a bad position would otherwise corrupt the cache without an error.
@@ -27,6 +29,7 @@ import numpy as np
 from jaxchunk.cache import KVCache
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
+from jaxchunk.memory_budget import default_memory_budget, pick_chunk_len
 from jaxchunk.model import LogitsMode, model_step
 
 DEFAULT_MAX_INPUT_LEN = 2048
@@ -157,12 +160,17 @@ def chunk_schedule(prompt_len: int, past: int = 0, *, chunk_size: int | None = N
 
 
 # ----------------------------------------------------------------------------- host loop
-def prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_size: int | None = None,
+def prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_size: int | str | None = None,
             max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
-            attention_impl: str = "auto", all_logits: bool = False, progress: bool = False):
+            attention_impl: str = "auto", all_logits: bool = False, progress: bool = False,
+            memory_budget_bytes: int | None = None):
     """Prefill a batch of prompts (one per cache row, lengths may differ) chunk by chunk.
 
     prompts: a sequence of `batch` token-id sequences, or an int array [batch, len].
+    chunk_size: an int (fixed chunks), None (exllamav2's max_attention_size rule) or "auto": one
+    fixed chunk length, the largest power of two <= max_input_len (and <= the longest prompt rounded
+    up) whose compiled step fits `memory_budget_bytes` (see jaxchunk.memory_budget; default budget:
+    free device / host memory plus the params and cache). Giving memory_budget_bytes implies "auto".
     Returns (kv_cache, logits): logits [batch, vocab] (float32) at each row's last prompt token, or with
     all_logits=True a list of `batch` NumPy arrays [len_b, vocab].
     """
@@ -174,6 +182,13 @@ def prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_si
         raise InputError(f"prompt {int(np.argmin(prompt_lens))} is empty")
     lengths = host_lengths(kv_cache)
     _check_room(lengths, prompt_lens, kv_cache.max_seq_len)
+    if memory_budget_bytes is not None or chunk_size == "auto":
+        if chunk_size not in (None, "auto"):
+            raise InputError(f"give chunk_size={chunk_size!r} or memory_budget_bytes, not both")
+        budget = default_memory_budget(params, kv_cache) if memory_budget_bytes is None else memory_budget_bytes
+        chunk_size, _ = pick_chunk_len(params, kv_cache, budget, config=config,
+                                       max_chunk_len=min(max_input_len, _pow2_ceil(int(prompt_lens.max()))),
+                                       attention_impl=attention_impl, logits="all" if all_logits else "last")
 
     schedule = chunk_schedule(int(prompt_lens.max()), int(lengths.max()), chunk_size=chunk_size,
                               max_input_len=max_input_len, max_attention_size=max_attention_size)
