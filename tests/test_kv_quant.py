@@ -225,9 +225,14 @@ def quantized_case_inputs(case, spec, seed=0):
     return q, k_stored, v_stored, qo, kl, k_scales, v_scales
 
 
+FAST_BACKEND_CASES = {(CASES[5].id, "q4"), (CASES[5].id, "fp8_e4m3"), (CASES[0].id, "q6")}
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("name", ["q4", "q6", "q8_norot", "fp8_e4m3"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case, name", [
+    pytest.param(c, n, id=f"{c.id}-{n}",
+                 marks=[] if (c.id, n) in FAST_BACKEND_CASES else [pytest.mark.slow])
+    for c in (CASES[0], CASES[5]) for n in ("q4", "q6", "q8_norot", "fp8_e4m3", "bf16")])
 def test_backends_read_a_quantized_cache(case, name, backend):
     """Every backend against the NumPy float64 oracle run on K/V decoded by the independent NumPy
     decoder. Tolerance: the f32 one of attention_cases (2e-5): both sides see identical K/V values
@@ -272,7 +277,7 @@ def test_backends_reject_mismatched_cache():
         attention(q, k, v, qo, kl, kv_quant="q5")
 
 
-@pytest.mark.parametrize("name", ["q4", "q6", "fp8_e5m2"])
+@pytest.mark.parametrize("name", ["q4", "q6", "q8", "fp8_e5m2", "bf16"])
 def test_quantized_pallas_kernels_lower_to_triton(name):
     """The dequantize-on-read path uses only what Triton lowers (shifts, masks, 2-way joins)."""
     from pallas_kernels.decode_attention import decode_attention
@@ -404,7 +409,7 @@ def test_decode_after_prefill_with_quantized_cache(params, impl):
     cache = init_cache(CONFIG, 1, 128, "q4")
     cache, logits = prefill(params, CONFIG, cache, [ids], chunk_size=32, attention_impl=impl)
     seq = list(ids)
-    for _ in range(3):
+    for _ in range(2):
         seq.append(int(np.asarray(logits)[0].argmax()))
         cache, logits = decode_step(params, cache, np.array([seq[-1]]), config=CONFIG, attention_impl=impl)
         keys, values = cache_kv(cache, len(seq))
@@ -419,7 +424,8 @@ def compiled_step(params, cache, chunk_len):
                                 logits="last").compile().memory_analysis()
 
 
-@pytest.mark.parametrize("name", ["q4", "fp8_e4m3", "bf16"])
+@pytest.mark.parametrize("name", ["q4", pytest.param("fp8_e4m3", marks=pytest.mark.slow),
+                                  pytest.param("bf16", marks=pytest.mark.slow)])
 def test_quantized_cache_is_donated_and_updated_in_place(params, name):
     cache = init_cache(CONFIG, 1, 512, name)
     old = jax.tree.leaves(cache)
