@@ -15,6 +15,11 @@ with the model's weights in float32. Per run:
   one host round trip per token as when streaming; measured once per format, chunk size does not
   enter it).
 
+Ablation (ablation.csv, with --ablation, on by default): which of K and V a format's error comes
+from. jaxchunk.model.forward (full attention, no cache) with K and V quantized separately
+(quantize -> dequantize, the same functions the cache uses): e.g. q4 keys with exact values, and
+q8 keys with q4 values. Perplexity change vs the same forward with exact K/V.
+
   .venv/bin/python experiments/cache_quant.py --quick      # 2048 tokens, chunks 128 and 512
   .venv/bin/python experiments/cache_quant.py              # every format, 4096 tokens (long)
 
@@ -67,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, help="greedy decode steps timed after the prefill (0: skip)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement after the warm-up call")
     p.add_argument("--attention-impl", default="xla", help="auto, xla, pallas, reference")
+    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                   help="K-vs-V ablation with the full forward (needs head_dim divisible by 32)")
     p.add_argument("--quick", action="store_true",
                    help=f"preset for ~15 minutes on 2 cores: {QUICK} (explicit flags still win)")
     p.add_argument("--out", type=Path, default=Path("results/cache_quant"))
@@ -140,6 +147,32 @@ def measure(model, ids, run: Run, args, reference: np.ndarray, decode: common.Ti
         "decode_tok_per_s": args.decode_tokens / decode.median_s if decode else math.nan,
         "decode_ms_per_token": 1e3 * decode.median_s / args.decode_tokens if decode else math.nan,
     }
+
+
+# ----------------------------------------------------------------------------- K vs V ablation
+ABLATION = [(None, None), ("q4", None), (None, "q4"), ("q4", "q4"), ("q8", "q4"), ("q4", "q8"),
+            ("q6", "q4"), ("q8", "q8")]
+
+
+def ablation(model, ids) -> list[dict]:
+    """Perplexity of the full forward with keys / values quantized separately (None: exact)."""
+    import jax
+
+    from jaxchunk.model import forward
+    from pallas_kernels.kv_quant import KV_QUANTS
+
+    run_forward = jax.jit(forward, static_argnums=(1, 3, 4))
+    config, rows, base = model.config, [], None
+    for keys, values in ABLATION:
+        logits = np.asarray(run_forward(model.params, config, np.asarray(ids)[None], False, (keys, values))[0])
+        ppl = math.exp(common.token_nll(logits[:-1], ids[1:]).mean())
+        base = ppl if base is None else base
+        per_head = sum((KV_QUANTS[f or "f32"]).bytes_per_vector(config.head_dim) for f in (keys, values))
+        rows.append({"model": model.name, "keys": keys or "f32 (exact)", "values": values or "f32 (exact)",
+                     "prompt_len": len(ids), "perplexity": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0),
+                     "bytes_per_token": config.num_layers * config.num_kv_heads * per_head})
+        del logits
+    return rows
 
 
 # ----------------------------------------------------------------------------- plots
@@ -217,6 +250,10 @@ def main(argv=None):
     common.print_table(df, TABLE_COLUMNS, title=f"\n{args.model}, {len(ids)} tokens, attention "
                                                   f"{args.attention_impl}, load average "
                                                   f"{machine['load_average_1_5_15']}")
+    if args.ablation and model.config.head_dim % 32 == 0:
+        ablation_df = common.write_results(args.out, ablation(model, ids), settings, machine, name="ablation")
+        common.print_table(ablation_df, ["keys", "values", "bytes_per_token", "perplexity", "ppl_delta_pct"],
+                           title="\nK vs V ablation (full forward, no cache; change vs exact K/V)")
     text = summary(df)
     if text:
         print("\n" + text)

@@ -126,10 +126,13 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
     cache should hold after prefilling `ids`.
     kv_quant: a cache format (name or `KVQuant`, see jaxchunk.cache): K and V go through that format
     and back (quantize, dequantize) before attention, as a quantized cache would give them; the
-    reference for chunked prefill into a quantized cache. None: exact K/V.
+    reference for chunked prefill into a quantized cache. A (keys, values) pair of formats (either
+    may be None) quantizes them differently (what experiments/cache_quant.py's ablation uses).
+    None: exact K/V.
     """
     ids = jnp.asarray(ids, jnp.int32)
-    spec = None if kv_quant is None else resolve_cache_dtype(kv_quant)
+    k_spec, v_spec = kv_quant if isinstance(kv_quant, tuple) else (kv_quant, kv_quant)
+    k_spec, v_spec = (None if s is None else resolve_cache_dtype(s) for s in (k_spec, v_spec))
     inv_freq = rope_inv_freq(config)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     x = embed(params, ids, compute_dtype(params))
@@ -137,8 +140,10 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
     def layer_fn(x, layer):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = qkv(layer, config, h, positions, inv_freq)
-        if spec is not None:
-            k, v = fake_quantize(k, spec), fake_quantize(v, spec)
+        if k_spec is not None:
+            k = fake_quantize(k, k_spec)
+        if v_spec is not None:
+            v = fake_quantize(v, v_spec)
         attn = full_causal_attention(q, k, v).reshape(*x.shape[:2], -1)
         x = x + linear(attn, layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
