@@ -58,8 +58,9 @@ def kv_like(shape, seed=0, outliers=True):
 
 # ----------------------------------------------------------------------------- independent decoder
 def numpy_hadamard():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
-    return scipy_linalg.hadamard(QUANT_BLOCK).astype(np.float64) / np.sqrt(QUANT_BLOCK)
+    """scipy's Hadamard matrix (scipy is a dependency of jax), normalised: float64 [32, 32]."""
+    from scipy.linalg import hadamard
+    return hadamard(QUANT_BLOCK).astype(np.float64) / np.sqrt(QUANT_BLOCK)
 
 
 def numpy_codes(stored, bits):
