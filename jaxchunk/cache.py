@@ -53,6 +53,12 @@ class KVCache:
         return self.keys.shape[2]
 
     @property
+    def dtype(self):
+        """The element format of the cached values (bfloat16 for a bf16 cache, whose arrays hold the
+        raw bits as uint16; uint8 for the packed integer formats)."""
+        return self.keys.dtype if self.quant is None else self.quant.element_dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 

@@ -199,6 +199,7 @@ def test_cache_layout_bytes_and_errors():
     assert resolve_cache_dtype("float32") == KV_QUANTS["f32"]
     assert resolve_cache_dtype(jnp.bfloat16) == KV_QUANTS["bf16"]
     assert init_cache(CONFIG, 1, 16, "bf16").keys.dtype == jnp.uint16
+    assert init_cache(CONFIG, 1, 16, "bf16").dtype == jnp.bfloat16
     assert init_cache(CONFIG, 1, 16, "fp8_e5m2").keys.dtype == jnp.uint8
     with pytest.raises(InputError, match="unknown cache dtype 'q3'.*q4"):
         init_cache(CONFIG, 1, 16, "q3")
