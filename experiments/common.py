@@ -344,16 +344,18 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def chunked_eval(model: LoadedModel, ids: np.ndarray, chunk_size: int, attention_impl: str,
-                 reference: np.ndarray, cache_len: int | None = None) -> dict[str, float]:
+                 reference: np.ndarray, cache_len: int | None = None,
+                 cache_dtype: str | None = None) -> dict[str, float]:
     """Prefill `ids` chunk by chunk with all-position logits and compare each chunk's logits with
     the same rows of `reference` as they arrive, so at most one chunk of logits is alive (never the
     whole [n, vocab] twice). Returns max |logit difference|, top-1 agreement, and the perplexity of
-    the text under the chunked logits and under the reference."""
+    the text under the chunked logits and under the reference. cache_dtype: the KV cache format
+    (jaxchunk.cache.CACHE_DTYPES); default the model's dtype."""
     from jaxchunk.cache import init_cache
     from jaxchunk.prefill import chunk_schedule, prefill_chunk
 
     n = len(ids)
-    cache = init_cache(model.config, 1, cache_len or n, model.dtype)
+    cache = init_cache(model.config, 1, cache_len or n, cache_dtype or model.dtype)
     max_diff, agree, nll, nll_ref, start = 0.0, 0, 0.0, 0.0, 0
     for chunk_len, n_valid in chunk_schedule(n, chunk_size=chunk_size, max_input_len=chunk_size):
         tokens = np.zeros((1, chunk_len), np.int32)

@@ -66,7 +66,9 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str
         "dequantized": dequantized to `dtype` (the default; same as weights=dtype).
     attention_impl: passed to every step ("auto", "xla", "pallas", "reference"; see
         pallas_kernels/attention.py).
-    cache_dtype: KV-cache dtype, "f32" or "bf16"; default: `dtype`.
+    cache_dtype: KV-cache format: "f32", "bf16", "fp8_e4m3", "fp8_e5m2", "q8", "q6", "q4" (blocks
+        of 32, Hadamard-rotated, float16 absmax scales; "*_norot" without the rotation); default:
+        `dtype`. See jaxchunk.cache and experiments/cache_quant.py for what each costs.
     max_seq_len: KV-cache capacity (prompt + generated tokens); default min(model context, 8192).
     """
     from jaxchunk.fetch import resolve_model

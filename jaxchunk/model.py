@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.cache import KVCache
+from jaxchunk.cache import KVCache, resolve_cache_dtype, write_kv
 from jaxchunk.config import LlamaConfig
 from jaxchunk.weights.quantized import QuantizedWeight, embed_rows, quantized_linear
 from pallas_kernels.attention import attention
+from pallas_kernels.kv_quant import fake_quantize
 
 LogitsMode = Literal["last", "all", "none"]
 
@@ -131,13 +132,20 @@ def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).astype(q.dtype)
 
 
-def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool = False):
+def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool = False, kv_quant=None):
     """Full-sequence forward with plain causal attention and no cache. ids: [b, s] -> logits [b, s, vocab].
 
     With return_kv=True also returns (keys, values), each [layers, b, s, kv_heads, head_dim], the K/V a
     cache should hold after prefilling `ids`.
+    kv_quant: a cache format (name or `KVQuant`, see jaxchunk.cache): K and V go through that format
+    and back (quantize, dequantize) before attention, as a quantized cache would give them; the
+    reference for chunked prefill into a quantized cache. A (keys, values) pair of formats (either
+    may be None) quantizes them differently (what experiments/cache_quant.py's ablation uses).
+    None: exact K/V.
     """
     ids = jnp.asarray(ids, jnp.int32)
+    k_spec, v_spec = kv_quant if isinstance(kv_quant, tuple) else (kv_quant, kv_quant)
+    k_spec, v_spec = (None if s is None else resolve_cache_dtype(s) for s in (k_spec, v_spec))
     inv_freq = rope_inv_freq(config)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     x = embed(params, ids, compute_dtype(params))
@@ -145,6 +153,10 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
     def layer_fn(x, layer):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = qkv(layer, config, h, positions, inv_freq)
+        if k_spec is not None:
+            k = fake_quantize(k, k_spec)
+        if v_spec is not None:
+            v = fake_quantize(v, v_spec)
         attn = full_causal_attention(q, k, v).reshape(*x.shape[:2], -1)
         x = x + linear(attn, layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
@@ -180,23 +192,29 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     rows = jnp.arange(batch)[:, None]
     inv_freq = rope_inv_freq(config)
     x = embed(params, tokens, compute_dtype(params))
+    spec = kv_cache.quant
 
     def layer_fn(carry, layer_and_index):
-        x, keys, values = carry
+        x, keys, values, key_scales, value_scales = carry
         layer, index = layer_and_index
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = qkv(layer, config, h, positions, inv_freq)
-        keys = keys.at[index, rows, write_index].set(k.astype(keys.dtype), mode="drop")
-        values = values.at[index, rows, write_index].set(v.astype(values.dtype), mode="drop")
-        attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl)
+        # Quantized on write (the chunk's own queries already see the stored K/V), dequantized
+        # on read inside attention.
+        keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, spec)
+        values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, spec)
+        attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl,
+                         kv_quant=spec, k_scales=key_scales, v_scales=value_scales)
         x = x + linear(attn.reshape(batch, chunk_len, -1), layer["wo"])
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-        return (x, keys, values), None
+        return (x, keys, values, key_scales, value_scales), None
 
     layer_index = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, keys, values), _ = jax.lax.scan(
-        layer_fn, (x, kv_cache.keys, kv_cache.values), (params["layers"], layer_index))
-    new_cache = KVCache(keys=keys, values=values, lengths=kv_len)
+    carry = (x, kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales)
+    (x, keys, values, key_scales, value_scales), _ = jax.lax.scan(
+        layer_fn, carry, (params["layers"], layer_index))
+    new_cache = kv_cache.replace(keys=keys, values=values, key_scales=key_scales,
+                                 value_scales=value_scales, lengths=kv_len)
 
     if logits == "none":
         return new_cache, None

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.kv_quant import check_quantized_cache
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -81,15 +83,18 @@ def visible(q_pos, k_pos, kv_len, sliding_window: int | None):
     return mask
 
 
-def check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap):
-    """Validates shapes; returns (q_offset, kv_len) as int32 [batch]."""
+def check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap, kv_quant=None,
+                 k_scales=None, v_scales=None):
+    """Validates shapes (k, v as stored: see kv_quant.check_quantized_cache); returns
+    (q_offset, kv_len) as int32 [batch]."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(
             f"expected q [b, q_len, heads, d] and k == v [b, max_seq, kv_heads, d];"
             f" got q {q.shape}, k {k.shape}, v {v.shape}")
     b, _, nh, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d:
+    if k.shape[0] != b:
         raise ValueError(f"batch/head_dim mismatch: q {q.shape}, k {k.shape}")
+    check_quantized_cache(kv_quant, d, k, v, k_scales, v_scales)
     if nh % k.shape[2]:
         raise ValueError(f"num_heads {nh} not a multiple of num_kv_heads {k.shape[2]}")
     if sliding_window is not None and sliding_window < 1:

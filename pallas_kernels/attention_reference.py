@@ -1,6 +1,8 @@
 """Plain masked attention over the whole cache, in f32: the obviously-right oracle.
 
-Cost is O(q_len * max_seq) whatever kv_len is; use it for tests, not for speed.
+Cost is O(q_len * max_seq) whatever kv_len is; use it for tests, not for speed. A quantized cache
+is decoded whole first (dequantized and un-rotated back to the original basis), so this path does
+not rely on the rotate-q trick the other backends use.
 """
 from __future__ import annotations
 
@@ -11,14 +13,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import cap_logits, check_inputs, default_sm_scale, visible
+from pallas_kernels.kv_quant import decode
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant"))
 def attention_reference(q, k, v, q_offset, kv_len, *, sm_scale=None,
-                        sliding_window=None, soft_cap=None):
+                        sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
+                        v_scales=None):
     """q [b, q_len, heads, d]; k, v [b, max_seq, kv_heads, d]; q_offset, kv_len [b]
-    int32. Returns [b, q_len, heads, d] in q.dtype (rows seeing no key -> 0)."""
-    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap)
+    int32. Returns [b, q_len, heads, d] in q.dtype (rows seeing no key -> 0).
+
+    kv_quant: a `KVQuant` spec when k, v are stored in that format ([b, max_seq, kv_heads,
+    stored_dim], with k_scales / v_scales [b, max_seq, kv_heads, d / 32] for the integer formats).
+    """
+    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
+                                    kv_quant, k_scales, v_scales)
+    if kv_quant is not None:
+        k, v = decode(k, k_scales, kv_quant), decode(v, v_scales, kv_quant)
     b, ql, nh, d = q.shape
     max_seq, kvh = k.shape[1], k.shape[2]
     scale = default_sm_scale(d) if sm_scale is None else sm_scale

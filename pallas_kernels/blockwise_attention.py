@@ -7,6 +7,10 @@ blocks. Peak memory per block is b * heads * q_len * block_k f32 scores.
 
 GQA: q is regrouped to rows [b, kv_heads, q_len*G, d] so one batched matmul per
 KV head serves its G query heads; K/V are never repeated.
+
+Quantized cache (pallas_kernels.kv_quant): each key block is dequantized as it is read (codes and
+its scales sliced straight from the whole cache); with a rotated format q is rotated once before
+the loop and the output once after it, so the blocks are never un-rotated.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from jax import lax
 
 from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
                                     default_sm_scale, from_rows, to_rows, visible)
+from pallas_kernels.kv_quant import dequantize, rotate
 
 
 def key_block_range(q_offset, kv_len, first_row: int, last_row: int, group: int,
@@ -46,13 +51,24 @@ def key_block_range(q_offset, kv_len, first_row: int, last_row: int, group: int,
 
 
 def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, sliding_window,
-                 soft_cap):
-    """Online softmax for one row tile. qr [b, kvh, r, d] f32 (pre-scaled);
-    q_pos [b, r] absolute positions; k, v [layers, b, max_seq, kvh, d] read at
-    `layer`; block_range from `key_block_range`; returns [b, kvh, r, d] f32."""
+                 soft_cap, kv_quant=None, k_scales=None, v_scales=None):
+    """Online softmax for one row tile. qr [b, kvh, r, d] f32 (pre-scaled, and rotated for a
+    rotated cache format); q_pos [b, r] absolute positions; k, v [layers, b, max_seq, kvh,
+    stored_dim] (+ scales [layers, b, max_seq, kvh, d / 32]) read at `layer`; block_range from
+    `key_block_range`; returns [b, kvh, r, d] f32 (in the rotated basis for a rotated format)."""
     b, kvh, r, d = qr.shape
     max_seq = k.shape[2]
     kv_len_b = kv_len[:, None]
+
+    def read_block(stored, scales, start_idx):
+        """One key block of one layer straight from the whole cache (no layer copy), as f32
+        [b, bk, kvh, d]."""
+        block = lax.dynamic_slice(stored, start_idx, (1, b, block_k, kvh, stored.shape[-1]))[0]
+        if kv_quant is None:
+            return block.astype(jnp.float32)
+        if scales is not None:
+            scales = lax.dynamic_slice(scales, start_idx, (1, b, block_k, kvh, scales.shape[-1]))[0]
+        return dequantize(block, scales, kv_quant)
 
     def body(j, carry, masked: bool):
         acc, m, l = carry
@@ -60,14 +76,12 @@ def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, slidin
         # dynamic_slice clamps an overhanging start; do it ourselves so we know
         # which keys we got, and mask the ones a previous block already counted.
         load = jnp.minimum(start, max_seq - block_k)
-        # Read one block of one layer straight from the whole cache: no layer copy.
         start_idx = (layer, 0, load, 0, 0)
-        kb = lax.dynamic_slice(k, start_idx, (1, b, block_k, kvh, d))[0]  # [b, bk, kvh, d]
-        vb = lax.dynamic_slice(v, start_idx, (1, b, block_k, kvh, d))[0]
+        kb = read_block(k, k_scales, start_idx)  # [b, bk, kvh, d] f32
         # f32 PV (not bf16 p): this is the CPU path, where bf16 dots are slower
         # than upcasting the block (bench: 97 -> 63 ms at q 512 / kv 2048).
-        vb = vb.astype(jnp.float32)
-        s = jnp.einsum("bhrd,bkhd->bhrk", qr, kb.astype(jnp.float32))
+        vb = read_block(v, v_scales, start_idx)
+        s = jnp.einsum("bhrd,bkhd->bhrk", qr, kb)
         s = cap_logits(s, soft_cap)
         if masked:
             k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
@@ -99,12 +113,16 @@ def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, slidin
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window",
-                                             "soft_cap", "block_sizes"))
+                                             "soft_cap", "block_sizes", "kv_quant"))
 def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
-                        sliding_window=None, soft_cap=None, block_sizes=None):
+                        sliding_window=None, soft_cap=None, block_sizes=None, kv_quant=None,
+                        k_scales=None, v_scales=None):
     """q [b, q_len, heads, d]; k, v [b, max_seq, kv_heads, d] (or the whole cache
     [layers, b, max_seq, kv_heads, d] with a traced `layer` index); q_offset,
     kv_len int32 [b]. -> [b, q_len, heads, d] in q.dtype.
+
+    kv_quant: a `KVQuant` spec when k, v are stored in that format (last dim stored_dim, with
+    k_scales / v_scales [..., max_seq, kv_heads, d / 32] for the integer formats, laid out like k).
 
     block_sizes.block_k: keys per loop step; block_sizes.block_q: query rows per
     tile (rows = q_len * G). Tiling rows lets early tiles stop at their own causal
@@ -112,7 +130,11 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     """
     if layer is None:
         k, v, layer = k[None], v[None], 0
-    q_offset, kv_len = check_inputs(q, k[0], v[0], q_offset, kv_len, sliding_window, soft_cap)
+        if k_scales is not None:
+            k_scales, v_scales = k_scales[None], v_scales[None]
+    q_offset, kv_len = check_inputs(
+        q, k[0], v[0], q_offset, kv_len, sliding_window, soft_cap, kv_quant,
+        None if k_scales is None else k_scales[0], None if v_scales is None else v_scales[0])
     b, ql, nh, d = q.shape
     max_seq, kvh = k.shape[2], k.shape[3]
     g = nh // kvh
@@ -120,7 +142,8 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     block_k = min(bs.block_k, max_seq)
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
 
-    qr = to_rows(q, kvh).astype(jnp.float32) * scale  # scale once, not per block
+    # Scale (and rotate, for a rotated cache) once, not per block.
+    qr = to_rows(rotate(q.astype(jnp.float32), kv_quant), kvh) * scale
     rows = ql * g
     q_pos = q_offset[:, None] + jnp.arange(rows, dtype=jnp.int32)[None, :] // g
     tiles = []
@@ -130,6 +153,7 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
                                       sliding_window)
         tiles.append(_attend_tile(qr[:, :, r0:r1], q_pos[:, r0:r1], k, v, layer, kv_len,
                                   block_range, block_k=block_k,
-                                  sliding_window=sliding_window, soft_cap=soft_cap))
+                                  sliding_window=sliding_window, soft_cap=soft_cap,
+                                  kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales))
     o = tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=2)
-    return from_rows(o, ql, nh).astype(q.dtype)
+    return rotate(from_rows(o, ql, nh), kv_quant).astype(q.dtype)

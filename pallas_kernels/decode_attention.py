@@ -24,14 +24,16 @@ from pallas_kernels._common import (BlockSizes, cdiv, check_inputs, check_triton
                                     default_sm_scale, from_rows, next_pow2, to_rows)
 from pallas_kernels._compat import default_interpret, triton_compiler_params
 from pallas_kernels.attention_reference import attention_reference
-from pallas_kernels.flash_attention import online_softmax_step, pad_cache
+from pallas_kernels.flash_attention import (cache_specs, load_kv_tile, online_softmax_step,
+                                            pad_cache, split_scale_refs)
+from pallas_kernels.kv_quant import rotate
 
 MAX_DECODE_Q_LEN = 8  # beyond this the flash prefill kernel has enough rows
 
 
-def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref,
-                   acc_ref, m_ref, l_ref, *, sm_scale, sliding_window, soft_cap,
-                   block_k, split_len, group, num_rows):
+def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale,
+                   sliding_window, soft_cap, block_k, split_len, group, num_rows, kv_quant):
+    ks_ref, vs_ref, (acc_ref, m_ref, l_ref) = split_scale_refs(refs, kv_quant)
     rows, d = q_ref.shape
     max_seq = k_ref.shape[0]
     split = pl.program_id(2)
@@ -53,8 +55,8 @@ def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref,
         start = j * block_k
         load = jnp.minimum(start, max_seq - block_k)
         k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
-        k = k_ref[pl.ds(load, block_k), :]
-        v = v_ref[pl.ds(load, block_k), :]
+        k = load_kv_tile(k_ref, ks_ref, load, block_k, kv_quant, q.dtype)
+        v = load_kv_tile(v_ref, vs_ref, load, block_k, kv_quant, q.dtype)
         return online_softmax_step(q, k, v, q_pos, k_pos, start, kv_len, carry,
                                    sm_scale=sm_scale, sliding_window=sliding_window,
                                    soft_cap=soft_cap)
@@ -81,17 +83,19 @@ def merge_splits(acc, m, l):
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "block_sizes", "k_splits",
-    "interpret", "num_warps", "num_stages"))
+    "interpret", "num_warps", "num_stages", "kv_quant"))
 def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=None,
                      soft_cap=None, block_sizes=None, k_splits=16, interpret=None,
-                     num_warps=4, num_stages=2):
+                     num_warps=4, num_stages=2, kv_quant=None, k_scales=None, v_scales=None):
     """q [b, q_len <= 8, heads, d]; k, v [b, max_seq, kv_heads, d]; q_offset,
     kv_len int32 [b] -> [b, q_len, heads, d] in q.dtype.
 
     block_sizes.block_k: keys per tile; block_sizes.block_q: minimum row block.
     k_splits is capped so every split owns at least one key tile.
+    kv_quant / k_scales / v_scales: a quantized cache, as in `flash_attention`.
     """
-    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap)
+    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
+                                    kv_quant, k_scales, v_scales)
     b, ql, nh, d = q.shape
     if ql > MAX_DECODE_Q_LEN:
         raise ValueError(f"decode_attention takes q_len <= {MAX_DECODE_Q_LEN}, got {ql}")
@@ -104,8 +108,9 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     block_k = bs.block_k
     if not interpret:
         check_triton_blocks(bs.block_q, block_k)
-    k, v = pad_cache(k, v, block_k)
-    max_seq, dp = k.shape[1], k.shape[3]
+    k, v, k_scales, v_scales, dp = pad_cache(k, v, block_k, k_scales, v_scales, kv_quant,
+                                             interpret)
+    max_seq = k.shape[1]
     n_blocks = pl.cdiv(max_seq, block_k)
     k_splits = max(1, min(k_splits, n_blocks))
     split_len = pl.cdiv(n_blocks, k_splits) * block_k
@@ -113,21 +118,22 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
 
     rows = ql * g
     rows_p = max(bs.block_q, next_pow2(rows))
-    qr = jnp.pad(to_rows(q, kvh), ((0, 0), (0, 0), (0, rows_p - rows), (0, dp - d)))
+    qr = jnp.pad(to_rows(rotate(q, kv_quant), kvh),
+                 ((0, 0), (0, 0), (0, rows_p - rows), (0, dp - d)))
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=scale, sliding_window=sliding_window,
         soft_cap=soft_cap, block_k=block_k, split_len=split_len, group=g,
-        num_rows=rows)
+        num_rows=rows, kv_quant=kv_quant)
     scalar_spec = pl.BlockSpec((None, 1), lambda i, h, s: (i, 0))
-    cache_spec = pl.BlockSpec((None, max_seq, None, dp), lambda i, h, s: (i, 0, h, 0))
+    scales = [] if k_scales is None else [k_scales, v_scales]
     part = (b, kvh, k_splits, rows_p)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(b, kvh, k_splits),
         in_specs=[scalar_spec, scalar_spec,
                   pl.BlockSpec((None, None, rows_p, dp), lambda i, h, s: (i, h, 0, 0)),
-                  cache_spec, cache_spec],
+                  *cache_specs(k, k_scales, lambda i, h, s: (i, 0, h, 0))],
         out_specs=[
             pl.BlockSpec((None, None, None, rows_p, dp), lambda i, h, s: (i, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows_p), lambda i, h, s: (i, h, s, 0)),
@@ -140,9 +146,9 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
                                                num_stages=num_stages),
         interpret=interpret,
         name="jaxchunk_flash_decode",
-    )(q_offset[:, None], kv_len[:, None], qr, k, v)
+    )(q_offset[:, None], kv_len[:, None], qr, k, v, *scales)
     o = merge_splits(acc, m, l)
-    return from_rows(o[..., :d], ql, nh).astype(q.dtype)
+    return rotate(from_rows(o[..., :d], ql, nh), kv_quant).astype(q.dtype)
 
 
 # The pure-JAX reference for this kernel is the shared one (design card: each

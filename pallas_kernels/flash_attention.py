@@ -8,7 +8,10 @@ prefill against a fixed-shape KV cache:
   * the key loop has traced bounds: it starts at the first block the sliding
     window lets the tile see and stops at min(cdiv(kv_len, bk),
     cdiv(last position in tile + 1, bk));
-  * optional soft-cap; cache garbage (NaN/inf) past kv_len never leaks.
+  * optional soft-cap; cache garbage (NaN/inf) past kv_len never leaks;
+  * quantized cache (pallas_kernels.kv_quant): the codes and their scales come in as
+    extra refs and each K/V tile is dequantized as it is loaded (`load_kv_tile`); a
+    rotated format is handled by rotating q before and the output after the kernel.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
                                     check_triton_blocks, default_sm_scale, from_rows,
                                     next_pow2, to_rows, visible)
 from pallas_kernels._compat import default_interpret, triton_compiler_params
+from pallas_kernels.kv_quant import dequantize_fields, float_values, rotate
 
 
 def _dot_nt(a, b):
@@ -57,8 +61,32 @@ def online_softmax_step(q, k, v, q_pos, k_pos, first_new_key, kv_len, carry, *,
     return alpha[:, None] * acc + pv, m_new, l
 
 
-def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, *,
-                  sm_scale, sliding_window, soft_cap, block_k, group, num_rows):
+def load_kv_tile(ref, scale_ref, start, block_k: int, kv_quant, dtype):
+    """Rows [start, start + block_k) of one head's cache ref, as [block_k, d] in `dtype`.
+
+    ref [max_seq, stored_dim]: plain values, or packed codes of `kv_quant` with scale_ref
+    [max_seq, d / 32]; each packed field is loaded as its own (power-of-two wide) tile."""
+    rows = pl.ds(start, block_k)
+    if kv_quant is None:
+        return ref[rows, :].astype(dtype)
+    if not kv_quant.packed:
+        return float_values(ref[rows, :], kv_quant, dtype)
+    head_dim = ref.shape[-1] * 8 // kv_quant.bits
+    fields = [ref[rows, pl.ds(off, n)] for off, n in kv_quant.field_slices(head_dim)]
+    return dequantize_fields(fields, scale_ref[rows, :], kv_quant, dtype)
+
+
+def split_scale_refs(refs, kv_quant):
+    """(k_scale_ref, v_scale_ref, *outputs) -> (k_scale_ref, v_scale_ref, outputs); the scale
+    refs are present only for a scaled format."""
+    if kv_quant is not None and kv_quant.scaled:
+        return refs[0], refs[1], refs[2:]
+    return None, None, refs
+
+
+def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
+                  sm_scale, sliding_window, soft_cap, block_k, group, num_rows, kv_quant):
+    ks_ref, vs_ref, (o_ref,) = split_scale_refs(refs, kv_quant)
     block_q = q_ref.shape[0]
     max_seq = k_ref.shape[0]
     tile = pl.program_id(2)
@@ -81,8 +109,8 @@ def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, *,
         start = j * block_k
         load = jnp.minimum(start, max_seq - block_k)  # wrapper ensures max_seq >= bk
         k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
-        k = k_ref[pl.ds(load, block_k), :]
-        v = v_ref[pl.ds(load, block_k), :]
+        k = load_kv_tile(k_ref, ks_ref, load, block_k, kv_quant, q.dtype)
+        v = load_kv_tile(v_ref, vs_ref, load, block_k, kv_quant, q.dtype)
         return online_softmax_step(q, k, v, q_pos, k_pos, start, kv_len, carry,
                                    sm_scale=sm_scale, sliding_window=sliding_window,
                                    soft_cap=soft_cap)
@@ -97,30 +125,53 @@ def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, *,
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def pad_cache(k, v, block_k: int):
+def pad_cache(k, v, block_k: int, k_scales=None, v_scales=None, kv_quant=None,
+              interpret: bool = True):
     """Pads head_dim to a power of two (Triton tiles) and the cache to >= block_k
     keys (the clamped tile load needs one full tile). Both are no-ops for the
     usual shapes (head_dim 64/128, max_seq >= block_k); padding head_dim copies
-    the cache, so keep head_dim a power of two for speed."""
+    the cache, so keep head_dim a power of two for speed. Packed (integer) formats
+    are never padded along head_dim: compiled, they need a power-of-two head_dim.
+    Returns (k, v, k_scales, v_scales, padded head_dim)."""
     max_seq, d = k.shape[1], k.shape[3]
-    pad_d = next_pow2(d) - d
     pad_s = max(0, block_k - max_seq)
+    packed = kv_quant is not None and kv_quant.packed
+    if packed:
+        d = d * 8 // kv_quant.bits
+        if not interpret and d != next_pow2(d):
+            raise ValueError(f"the compiled kernels read a {kv_quant.name!r} cache only with a "
+                             f"power-of-two head_dim, got {d}")
+    pad_d = 0 if packed else next_pow2(d) - d
     if pad_d or pad_s:
         widths = ((0, 0), (0, pad_s), (0, 0), (0, pad_d))
         k, v = jnp.pad(k, widths), jnp.pad(v, widths)
-    return k, v
+        if k_scales is not None:
+            seq_only = ((0, 0), (0, pad_s), (0, 0), (0, 0))
+            k_scales, v_scales = jnp.pad(k_scales, seq_only), jnp.pad(v_scales, seq_only)
+    return k, v, k_scales, v_scales, d + pad_d
+
+
+def cache_specs(k, k_scales, index_map):
+    """BlockSpecs for k, v (and their scales): one head's whole [max_seq, last dim]."""
+    spec = pl.BlockSpec((None, k.shape[1], None, k.shape[3]), index_map)
+    if k_scales is None:
+        return [spec, spec]
+    scale_spec = pl.BlockSpec((None, k.shape[1], None, k_scales.shape[3]), index_map)
+    return [spec, spec, scale_spec, scale_spec]
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "block_sizes", "interpret",
-    "num_warps", "num_stages"))
+    "num_warps", "num_stages", "kv_quant"))
 def flash_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=None,
                     soft_cap=None, block_sizes=None, interpret=None, num_warps=None,
-                    num_stages=2):
+                    num_stages=2, kv_quant=None, k_scales=None, v_scales=None):
     """q [b, q_len, heads, d]; k, v [b, max_seq, kv_heads, d]; q_offset, kv_len
     int32 [b] -> [b, q_len, heads, d] in q.dtype. block_q counts query rows
-    (q_len * G of them per KV head); on GPU both block sizes must be powers of 2."""
-    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap)
+    (q_len * G of them per KV head); on GPU both block sizes must be powers of 2.
+    kv_quant / k_scales / v_scales: a quantized cache, as in `blockwise_attention`."""
+    q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
+                                    kv_quant, k_scales, v_scales)
     b, ql, nh, d = q.shape
     kvh = k.shape[2]
     g = nh // kvh
@@ -134,27 +185,29 @@ def flash_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=
     block_k = bs.block_k
     if not interpret:
         check_triton_blocks(bs.block_q, block_k)
-    k, v = pad_cache(k, v, block_k)
-    max_seq, dp = k.shape[1], k.shape[3]
-    qr = to_rows(q, kvh)
+    k, v, k_scales, v_scales, dp = pad_cache(k, v, block_k, k_scales, v_scales, kv_quant,
+                                             interpret)
+    max_seq = k.shape[1]
+    qr = to_rows(rotate(q, kv_quant), kvh)
     n_tiles = pl.cdiv(rows, block_q)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, n_tiles * block_q - rows), (0, dp - d)))
 
     kernel = functools.partial(
         _flash_kernel, sm_scale=scale, sliding_window=sliding_window,
-        soft_cap=soft_cap, block_k=block_k, group=g, num_rows=rows)
+        soft_cap=soft_cap, block_k=block_k, group=g, num_rows=rows, kv_quant=kv_quant)
     scalar_spec = pl.BlockSpec((None, 1), lambda i, h, t: (i, 0))
-    cache_spec = pl.BlockSpec((None, max_seq, None, dp), lambda i, h, t: (i, 0, h, 0))
     rows_spec = pl.BlockSpec((None, None, block_q, dp), lambda i, h, t: (i, h, t, 0))
+    scales = [] if k_scales is None else [k_scales, v_scales]
     out = pl.pallas_call(
         kernel,
         grid=(b, kvh, n_tiles),
-        in_specs=[scalar_spec, scalar_spec, rows_spec, cache_spec, cache_spec],
+        in_specs=[scalar_spec, scalar_spec, rows_spec,
+                  *cache_specs(k, k_scales, lambda i, h, t: (i, 0, h, 0))],
         out_specs=rows_spec,
         out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
         compiler_params=triton_compiler_params(
             num_warps=num_warps or (4 if dp <= 64 else 8), num_stages=num_stages),
         interpret=interpret,
         name="jaxchunk_flash_prefill",
-    )(q_offset[:, None], kv_len[:, None], qr, k, v)
-    return from_rows(out[..., :d], ql, nh)
+    )(q_offset[:, None], kv_len[:, None], qr, k, v, *scales)
+    return rotate(from_rows(out[..., :d], ql, nh), kv_quant)

@@ -172,3 +172,17 @@ def backend_params(backends):
                 params.append(pytest.param(name, case, dtype, marks=marks,
                                            id=f"{name}-{case.id}-{dtype}"))
     return params
+
+
+def lower_for_cuda(fn, *args):
+    """Pallas -> Triton lowering for CUDA via cross-platform export: catches
+    non-power-of-two tiles and primitives Triton lacks, without a GPU. (PTX
+    compilation itself still needs one: see test_attention_gpu.py.)"""
+    import jax
+    from jax import export
+    try:
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    except (ImportError, NotImplementedError) as e:  # no Triton dialect in this jaxlib
+        pytest.skip(f"cannot lower for CUDA here: {e}")
+    return exp.mlir_module()

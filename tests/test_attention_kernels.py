@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attention_cases import (CASES, TEST_BLOCKS, backend_params, check_against_oracle,
-                              make_inputs, run_backend)
+                              lower_for_cuda, make_inputs, run_backend)
 from pallas_kernels import BlockSizes, attention, attention_reference
 from pallas_kernels.blockwise_attention import blockwise_attention, key_block_range
 from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
@@ -132,19 +132,6 @@ def test_layer_index_into_stacked_cache(impl):
     check_against_oracle(run(jnp.int32(1)), case, "float32", per_layer[1])
 
 
-def _lower_for_cuda(fn, *args):
-    """Pallas -> Triton lowering for CUDA via cross-platform export: catches
-    non-power-of-two tiles and primitives Triton lacks, without a GPU. (PTX
-    compilation itself still needs one: see test_attention_gpu.py.)"""
-    from jax import export
-    try:
-        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-    except (ImportError, NotImplementedError) as e:  # no Triton dialect in this jaxlib
-        pytest.skip(f"cannot lower for CUDA here: {e}")
-    return exp.mlir_module()
-
-
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_pallas_kernels_lower_to_triton(case, dtype):
@@ -156,7 +143,7 @@ def test_pallas_kernels_lower_to_triton(case, dtype):
     if case.q_len <= MAX_DECODE_Q_LEN:
         fns.append(lambda *a: decode_attention(*a, **kw))
     for fn in fns:
-        assert "xla.gpu.triton" in _lower_for_cuda(fn, *inputs)
+        assert "xla.gpu.triton" in lower_for_cuda(fn, *inputs)
 
 
 def test_compiled_kernels_reject_non_power_of_two_blocks():

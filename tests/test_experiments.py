@@ -148,3 +148,30 @@ def test_bench_quant_matmul_smoke(tmp_path):
     df = check_outputs(tmp_path, ["quant_matmul.png"])
     assert set(df.formulation) == {"split_dot", "dense_f32"} and set(df.rows) == {1, 32}
     assert len(df) == 5 * 2 * 2 and (df.gweights_per_s > 0).all()
+
+
+def test_cache_quant_writes_everything(tmp_path):
+    """tiny-random has head_dim 16, so only the float formats (the q formats need 32)."""
+    proc = run_script("cache_quant.py", *TINY, "--cache-dtypes", "bf16,fp8_e4m3", "--chunk-sizes", "16",
+                      "--prompt-len", "40", "--decode-tokens", "2", out=tmp_path)
+    df = check_outputs(tmp_path, ["accuracy.png", "speed.png"])
+    assert list(df.cache_dtype) == ["f32", "bf16", "fp8_e4m3"]  # the f32 baseline always runs first
+    np.testing.assert_allclose(df.bytes_vs_f32, [1.0, 0.5, 0.25])
+    base = df[df.cache_dtype == "f32"].iloc[0]
+    assert base.ppl_delta_pct == 0 and base.top1_agreement == 1 and base.max_abs_logit_diff == 0
+    assert (df.max_abs_logit_diff[1:] > 0).all()  # a real comparison: rounding K/V changes logits
+    assert (df.prefill_tok_per_s > 0).all() and (df.decode_tok_per_s > 0).all()
+    assert "ppl_delta_pct" in proc.stdout
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_cache_quant_on_smollm2(tmp_path):
+    run_script("cache_quant.py", "--cache-dtypes", "q8,q4", "--chunk-sizes", "32", "--prompt-len", "96",
+               "--decode-tokens", "2", "--repeats", "1", out=tmp_path)
+    df = check_outputs(tmp_path, ["accuracy.png", "speed.png"]).set_index("cache_dtype")
+    # SmolLM2: 30 layers x 3 KV heads x (K, V); head_dim 64 -> f32 256 bytes, q8 64 + 2 x 2, q4 32 + 2 x 2.
+    assert df.loc["f32", "bytes_per_token"] == 30 * 3 * 2 * 256
+    assert df.loc["q8", "bytes_per_token"] == 30 * 3 * 2 * 68 and df.loc["q4", "bytes_per_token"] == 30 * 3 * 2 * 36
+    assert abs(df.loc["q8", "ppl_delta_pct"]) < 1 and df.loc["q8", "top1_agreement"] > 0.95
+    assert df.loc["q4", "max_abs_logit_diff"] > df.loc["q8", "max_abs_logit_diff"] > 0

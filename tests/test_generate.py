@@ -404,5 +404,5 @@ def test_api_bf16(tiny_dir):
 
     from jaxchunk.api import load
     model = load(tiny_dir, dtype="bf16", max_seq_len=64)
-    assert model.params["embed"].dtype == jnp.bfloat16 and model.new_cache().keys.dtype == jnp.bfloat16
+    assert model.params["embed"].dtype == jnp.bfloat16 and model.new_cache().dtype == jnp.bfloat16
     assert isinstance(model.generate("The quick brown fox", max_new_tokens=4, chunk_size=CHUNK), str)
