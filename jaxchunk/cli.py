@@ -76,7 +76,7 @@ def _one_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- shared flags
 def _add_model_flags(parser: argparse.ArgumentParser,
                      max_seq_len_default: str = "the model's context, at most 8192") -> None:
-    """--model, --dtype, --weights, --attention-impl, --max-seq-len."""
+    """--model, --dtype, --weights, --cache-dtype, --attention-impl, --max-seq-len."""
     help_model = (f"a known model name ({DEFAULT_MODEL}, fetched on first use), a .gguf file, or a "
                   f"Hugging Face checkpoint directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
@@ -86,6 +86,10 @@ def _add_model_flags(parser: argparse.ArgumentParser,
                         help="weights in memory: q4 keeps the GGUF's Q4_0/Q4_1/Q8_0 blocks (quantized "
                              "matmul); f32 / bf16 / dequantized (= --dtype) expand them at load "
                              "(default: %(default)s)")
+    parser.add_argument("--cache-dtype", default=None,
+                        help="KV-cache format: f32, bf16, fp8_e4m3, fp8_e5m2, q8, q6, q4 (integer formats: "
+                             "blocks of 32 with f16 scales, Hadamard-rotated; see experiments/cache_quant.py "
+                             "for what each costs in perplexity) (default: --dtype)")
     parser.add_argument("--attention-impl", default="auto",
                         help="attention backend: auto, xla, pallas or reference "
                              "(see pallas_kernels/attention.py; default: %(default)s)")
@@ -102,8 +106,8 @@ def _add_chunk_flag(parser: argparse.ArgumentParser) -> None:
 
 def _load_model(args):
     from jaxchunk.api import load
-    return load(args.model, dtype=args.dtype, weights=args.weights, attention_impl=args.attention_impl,
-                max_seq_len=args.max_seq_len)
+    return load(args.model, dtype=args.dtype, weights=args.weights, cache_dtype=args.cache_dtype,
+                attention_impl=args.attention_impl, max_seq_len=args.max_seq_len)
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -349,7 +353,7 @@ def cmd_bench(args) -> int:
     for r in results:
         print(f"{r['prompt_tokens']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s_on_device']:>20.1f} "
               f"{r['decode_tok_s_streaming']:>22.1f}")
-    report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights, "attention_impl": model.attention_impl,
+    report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights, "cache_dtype": model.cache_dtype, "attention_impl": model.attention_impl,
               "chunk_size": args.chunk_size, "decode_tokens": args.decode_tokens, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -34,7 +34,7 @@ def test_help_explains_every_flag():
         "fetch": [], "info": [],
         "generate": ["--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p",
                      "--repetition-penalty", "--seed", "--chunk-size", "--dtype", "--attention-impl", "--stop",
-                     "--chat", "--system", "--max-seq-len", "--weights"],
+                     "--chat", "--system", "--max-seq-len", "--weights", "--cache-dtype"],
         "perplexity": ["--max-tokens", "--chunk-size", "--model"],
         "bench": ["--prompt-lengths", "--decode-tokens", "--repeats", "--json", "--peers"],
     }.items():
@@ -57,6 +57,7 @@ def test_help_explains_every_flag():
     (["perplexity", "f.txt", "--max-tokens", "1"], r"--max-tokens: must be an integer >= 2"),
     (["bench", "--prompt-lengths", "128,0"], r"--prompt-lengths"),
     (["generate", "--dtype", "f16", "--prompt", "x"], r"--dtype: invalid choice"),
+    (["generate", "--cache-dtype", "q3", "--prompt", "x"], r"unknown cache dtype 'q3'; choose one of .*q4"),
     (["frobnicate"], r"invalid choice"),
 ])
 def test_bad_flag_values(args, pattern):
@@ -127,11 +128,11 @@ def test_prompt_longer_than_the_cache_is_a_clean_error():
 def test_bench_writes_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "--prompt-lengths", "24,40", "--decode-tokens", "4", "--repeats", "1",
-                   "--chunk-size", "16", "--weights", "q4", "--json", out)
+                   "--chunk-size", "16", "--weights", "q4", "--cache-dtype", "q8", "--json", out)
     assert proc.returncode == 0, proc.stderr
     import json
     report = json.loads(out.read_text())
-    assert report["weights"] == "q4" and report["dtype"] == "f32"
+    assert report["weights"] == "q4" and report["dtype"] == "f32" and report["cache_dtype"] == "q8"
     assert [r["prompt_tokens"] for r in report["results"]] == [24, 40]
     for row in report["results"]:
         for key in ("prefill_tok_s", "decode_tok_s_on_device", "decode_tok_s_streaming"):
