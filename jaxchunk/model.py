@@ -77,7 +77,11 @@ def linear(x: jax.Array, w) -> jax.Array:
     """
     if isinstance(w, QuantizedWeight):
         return quantized_linear(x, w)
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+    # Accumulate in f32 whatever the operands (what bf16 hardware does anyway). On XLA:CPU it is
+    # also the fast path: a bf16-output dot runs ~1.5x slower than the same dot with f32 output
+    # (prefill-shaped [512, 576] x [576, 1536] over 30 layers: 94 vs 62 ms, = the f32 dot).
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def mlp(layer: dict, x: jax.Array) -> jax.Array:
@@ -109,7 +113,8 @@ def lm_head(params: dict, config: LlamaConfig, h: jax.Array) -> jax.Array:
         return linear(h, params["lm_head"]).astype(jnp.float32)
     if isinstance(params["embed"], QuantizedWeight):  # tied, stored as W [hidden, vocab]
         return linear(h, params["embed"]).astype(jnp.float32)
-    return jnp.einsum("...h,vh->...v", h, params["embed"].astype(h.dtype)).astype(jnp.float32)
+    return jnp.einsum("...h,vh->...v", h, params["embed"].astype(h.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def compute_dtype(params: dict):
