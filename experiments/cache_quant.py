@@ -78,10 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"preset for ~15 minutes on 2 cores: {QUICK} (explicit flags still win)")
     p.add_argument("--out", type=Path, default=Path("results/cache_quant"))
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_preset(args, QUICK if args.quick else FULL)
     unknown = [d for d in args.cache_dtypes if d not in CACHE_DTYPES]
     if unknown:
         p.error(f"unknown cache dtype(s) {unknown}; choose from {list(CACHE_DTYPES)}")
@@ -259,8 +256,7 @@ def main(argv=None):
     text = summary(df)
     if text:
         print("\n" + text)
-    print(f"\nwrote {args.out / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} "
-          f"in {settings['wall_s']} s")
+    common.print_written(args.out, pngs, settings['wall_s'])
     return df
 
 

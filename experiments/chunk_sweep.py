@@ -84,10 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Test hook: swap in the top-left-aligned mask so tests can check the error columns react.
     p.add_argument("--break-mask", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_preset(args, QUICK if args.quick else FULL)
     for dtype in args.dtypes:
         if dtype not in common.DTYPES:
             p.error(f"unknown dtype {dtype!r}; choose from {tuple(common.DTYPES)}")
@@ -226,8 +223,7 @@ def main(argv=None):
     pngs = plot(df, args.out)
     common.print_table(df, TABLE_COLUMNS, title=f"\n{args.model}, reference={args.reference}, "
                                                   f"load average {machine['load_average_1_5_15']}")
-    print(f"\nwrote {args.out / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} "
-          f"in {settings['wall_s']} s")
+    common.print_written(args.out, pngs, settings['wall_s'])
     return df
 
 

@@ -71,9 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
     p.add_argument("--out", type=Path, default=Path("results/chunked_training"))
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_preset(args, QUICK if args.quick else FULL)
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
@@ -193,8 +191,7 @@ def main(argv=None):
                                            f"(truncated: train_len {args.train_len})", **kw))
     common.print_table(df, TABLE_COLUMNS, title=f"\n{args.model} {args.dtype}, batch 1, load average "
                                                  f"{machine['load_average_1_5_15']}")
-    print(f"\nwrote {args.out / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} "
-          f"in {settings['wall_s']} s")
+    common.print_written(args.out, pngs, settings['wall_s'])
     return df
 
 

@@ -495,3 +495,15 @@ def save_figure(fig, path: Path) -> Path:
 def parse_list(text: str, kind=int) -> list:
     """'64,128, 256' -> [64, 128, 256] (argparse type for comma-separated lists)."""
     return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def apply_preset(args, preset: dict) -> None:
+    """Fill every argument still None from the --quick / full preset (explicit flags win)."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def print_written(out_dir: Path, pngs: Sequence[Path], wall_s: float) -> None:
+    """The closing line of every experiment: what it wrote and how long it took."""
+    print(f"\nwrote {out_dir / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} in {wall_s} s")

@@ -207,9 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/compare_peers"))
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one system, print JSON
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_preset(args, QUICK if args.quick else FULL)
     bad_weights = set(args.weights) - {"dequantized", "q4"}
     if bad_weights:
         p.error(f"unknown --weights {sorted(bad_weights)}; choose from dequantized, q4")
@@ -315,8 +313,7 @@ def main(argv=None):
     print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())
     for label, note in dict(zip(df.label, df.note)).items():
         print(f"  {label}: {note}")
-    print(f"\nwrote {args.out / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} "
-          f"in {settings['wall_s']} s")
+    common.print_written(args.out, pngs, settings['wall_s'])
     return df
 
 

@@ -88,9 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
     p.add_argument("--out", type=Path, default=Path("results/max_attention_size"))
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_preset(args, QUICK if args.quick else FULL)
     args.cache_len = args.cache_len or max(args.prompt_lens)
     if max(args.prompt_lens) > args.cache_len:
         p.error(f"--cache-len {args.cache_len} is shorter than the longest prompt")
@@ -183,8 +181,7 @@ def main(argv=None):
                                  title="Compiled memory of the largest chunk shape", **kw))
     common.print_table(df, TABLE_COLUMNS, title=f"\n{args.model} {args.dtype}, cache {args.cache_len}, "
                                                   f"load average {machine['load_average_1_5_15']}")
-    print(f"\nwrote {args.out / 'results.csv'}, results.json, {', '.join(p.name for p in pngs)} "
-          f"in {settings['wall_s']} s")
+    common.print_written(args.out, pngs, settings['wall_s'])
     return df
 
 

@@ -57,9 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
     p.add_argument("--out", type=Path, default=Path("results/memory_budget"))
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.apply_preset(args, QUICK if args.quick else FULL)
     args.cache_len = args.cache_len or args.prompt_len
     if args.prompt_len > args.cache_len:
         p.error("--cache-len is shorter than --prompt-len")
