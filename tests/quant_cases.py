@@ -56,6 +56,12 @@ def make_weight(case: Case, qtype: str, seed: int = 0):
     return pack_gguf_rows(blocks, qtype, (case.n, case.k), case.tile), dequant
 
 
+def kernel_args(qw) -> list:
+    """The packed leaves of a QuantizedWeight as the kernels take them: [qs, scales, mins or None]."""
+    import jax.numpy as jnp
+    return [jnp.asarray(qw.qs), jnp.asarray(qw.scales), None if qw.mins is None else jnp.asarray(qw.mins)]
+
+
 def make_x(case: Case, dtype: str, seed: int = 1) -> np.ndarray:
     import jax.numpy as jnp
     x = np.random.default_rng(seed).normal(0, 1, (case.m, case.k)).astype(np.float32)

@@ -5,20 +5,14 @@ Skipped, with the reason shown, wherever jax has no GPU backend.
 """
 from __future__ import annotations
 
-import jax
 import pytest
 
 from attention_cases import (CASES, TOL, backend_params, check_against_oracle,
                              make_inputs, run_backend)
+from gpu_marks import gpu_only
 from pallas_kernels import attention
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        jax.default_backend() != "gpu",
-        reason=f"needs a GPU: jax.default_backend() is {jax.default_backend()!r}; "
-               "the same cases run in interpret mode in test_attention_kernels.py"),
-]
+pytestmark = gpu_only("test_attention_kernels.py")
 
 # On GPU the f32 tolerance widens: Triton's exp/div are approximate (a few ulp),
 # and XLA:GPU may run f32 dots in TF32 (10-bit mantissa, ~5e-4 relative) at

@@ -10,14 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quant_cases import CASES, QTYPES, check, make_weight, make_x
+from quant_cases import CASES, QTYPES, check, kernel_args, make_weight, make_x
 from pallas_kernels.quant_matmul import (XLA_FORMULATIONS, choose_tile, quant_matmul, quant_matmul_pallas,
                                          quant_matmul_reference, quant_matmul_xla)
-
-
-def _args(qw, dtype="float32"):
-    leaves = [jnp.asarray(qw.qs), jnp.asarray(qw.scales), None if qw.mins is None else jnp.asarray(qw.mins)]
-    return leaves
 
 
 # ----------------------------------------------------------------------------- packing
@@ -54,7 +49,7 @@ def test_choose_tile():
 def test_pallas_interpret_matches_oracle(case, qtype, dtype):
     qw, w = make_weight(case, qtype)
     x = make_x(case, dtype)
-    y = quant_matmul_pallas(jnp.asarray(x, dtype), *_args(qw), block_m=case.block_m, block_n=case.block_n,
+    y = quant_matmul_pallas(jnp.asarray(x, dtype), *kernel_args(qw), block_m=case.block_m, block_n=case.block_n,
                             interpret=True)
     assert y.dtype == jnp.dtype(dtype)
     check(y, x, w, dtype)
@@ -68,9 +63,9 @@ def test_xla_formulations_match_oracle(case, qtype, formulation, dtype):
     qw, w = make_weight(case, qtype)
     x = make_x(case, dtype)
     if formulation == "reference":
-        y = quant_matmul_reference(jnp.asarray(x, dtype), *_args(qw))
+        y = quant_matmul_reference(jnp.asarray(x, dtype), *kernel_args(qw))
     else:
-        y = quant_matmul_xla(jnp.asarray(x, dtype), *_args(qw), formulation=formulation)
+        y = quant_matmul_xla(jnp.asarray(x, dtype), *kernel_args(qw), formulation=formulation)
     assert y.dtype == jnp.dtype(dtype)
     check(y, x, w, dtype)
 
@@ -81,14 +76,14 @@ def test_leading_axes_and_dispatch():
     qw, w = make_weight(case, "Q4_1")
     x = np.random.default_rng(5).normal(size=(2, 20, case.k)).astype(np.float32)
     for impl in ("auto", "xla", "reference"):
-        y = quant_matmul(jnp.asarray(x), *_args(qw), impl=impl)
+        y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl=impl)
         assert y.shape == (2, 20, case.n)
         check(np.asarray(y).reshape(-1, case.n), x.reshape(-1, case.k), w, "float32")
 
 
 def test_bad_inputs_raise_clear_errors():
     qw, _ = make_weight(CASES[0], "Q4_1")
-    qs, scales, mins = _args(qw)
+    qs, scales, mins = kernel_args(qw)
     with pytest.raises(ValueError, match="does not match the weight's k"):
         quant_matmul_xla(jnp.ones((1, 32)), qs, scales, mins)
     with pytest.raises(ValueError, match="need mins"):
