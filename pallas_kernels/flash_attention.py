@@ -187,7 +187,6 @@ def flash_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=
         check_triton_blocks(bs.block_q, block_k)
     k, v, k_scales, v_scales, dp = pad_cache(k, v, block_k, k_scales, v_scales, kv_quant,
                                              interpret)
-    max_seq = k.shape[1]
     qr = to_rows(rotate(q, kv_quant), kvh)
     n_tiles = pl.cdiv(rows, block_q)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, n_tiles * block_q - rows), (0, dp - d)))
