@@ -129,14 +129,23 @@ def _chunk_slices(plan: ChunkPlan, tokens, targets, weights, start):
     return tuple(jax.lax.dynamic_slice(a, (0, start), size) for a in (tokens, targets, weights))
 
 
+def _run_chunk(params, keys, values, tokens, start, n_valid, *, config, attention_impl, logits):
+    """model_step on the chunk `tokens` [batch, chunk_len] at position `start` (traced) of every row,
+    n_valid of them real: (keys, values, logits). keys/values [layers, batch, cache_len, kv_heads,
+    head_dim], passed as arrays so that they can be differentiated or stop-gradiented."""
+    batch = tokens.shape[0]
+    cache = KVCache(keys=keys, values=values, lengths=jnp.full((batch,), start, jnp.int32))
+    cache, out = model_step(params, config, cache, tokens, jnp.full((batch,), n_valid, jnp.int32),
+                            attention_impl=attention_impl, logits=logits)
+    return cache.keys, cache.values, out
+
+
 def _chunk_nll_sum(params, keys, values, tokens, targets, weights, start, n_valid, *, config, attention_impl):
     """One chunk at position `start` of every row: write its K/V, return (keys, values, sum of
     weighted NLL). keys/values [layers, batch, cache_len, kv_heads, head_dim]."""
-    batch = tokens.shape[0]
-    cache = KVCache(keys=keys, values=values, lengths=jnp.full((batch,), start, jnp.int32))
-    cache, logits = model_step(params, config, cache, tokens, jnp.full((batch,), n_valid, jnp.int32),
-                               attention_impl=attention_impl, logits="all")
-    return cache.keys, cache.values, jnp.sum(token_nll(logits, targets) * weights)
+    keys, values, logits = _run_chunk(params, keys, values, tokens, start, n_valid, config=config,
+                                      attention_impl=attention_impl, logits="all")
+    return keys, values, jnp.sum(token_nll(logits, targets) * weights)
 
 
 def _window_start(plan: ChunkPlan, i):
@@ -227,10 +236,9 @@ def _prefill_prefix(params, keys, values, tokens, *, plan, config, attention_imp
         start = i * plan.chunk_len
         chunk = jax.lax.dynamic_slice(tokens, (0, start), (batch, plan.chunk_len))
         n_valid = jnp.minimum(plan.chunk_len, plan.first - start)
-        cache = KVCache(keys=keys, values=values, lengths=jnp.full((batch,), start, jnp.int32))
-        cache, _ = model_step(params, config, cache, chunk, jnp.full((batch,), n_valid, jnp.int32),
-                              attention_impl=attention_impl, logits="none")
-        return cache.keys, cache.values
+        keys, values, _ = _run_chunk(params, keys, values, chunk, start, n_valid, config=config,
+                                     attention_impl=attention_impl, logits="none")
+        return keys, values
 
     return jax.lax.fori_loop(0, plan.n_prefix_chunks, body, (keys, values))
 
