@@ -93,6 +93,9 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str
     resolve_cache_dtype(cache_dtype)  # InputError for an unknown name, before the slow part
     np_dtype = {"f32": np.float32, "bf16": jnp.bfloat16}[dtype]
     config, params, metadata, tokenizer, add_bos = _load_files(path, np_dtype, quantized=weights == "q4")
+    if dtype == "bf16" and weights != "q4":
+        from jaxchunk.weights.bf16 import pack_bf16
+        params = pack_bf16(params)  # bf16 matrices held as bits: see jaxchunk/weights/bf16.py
 
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
