@@ -261,7 +261,8 @@ def _tokenizer(name: str):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32", weights: str = "dequantized") -> LoadedModel:
-    """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`.
+    """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`
+    (bf16: packed as `jaxchunk.load` packs it, for inference; not differentiable).
 
     weights="q4": the weight matrices stay quantized (jaxchunk.weights.quantized; the GGUF's own
     Q4_1 / Q8_0 blocks, or for the random model Q4_1 layers and a Q8_0 embedding); norms in `dtype`.
@@ -280,6 +281,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32", weights: str = "de
         return LoadedModel(name, dtype, config, params, _tokenizer(name), source + " (weights kept quantized)")
     config, host_params, source = _host_weights(name)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype), host_params)
+    if dtype == "bf16":  # as jaxchunk.load does: bf16 matrices held as bits (jaxchunk/weights/bf16.py)
+        from jaxchunk.weights.bf16 import pack_bf16
+        params = pack_bf16(params)
     return LoadedModel(name, dtype, config, params, _tokenizer(name), source)
 
 
