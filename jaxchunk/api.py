@@ -63,6 +63,8 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str
             inside the quantized matmul (pallas_kernels/quant_matmul.py). Other types (F32 norms,
             K-quants) are dequantized to `dtype`. GGUF files only.
         "f32" / "bf16": dequantized to that float dtype at load (`dtype` must match or be left out).
+            bf16 matrices are held as their uint16 bits (jaxchunk/weights/bf16.py: keeps XLA:CPU from
+            converting the whole model to f32 every step); inference only, not differentiable.
         "dequantized": dequantized to `dtype` (the default; same as weights=dtype).
     attention_impl: passed to every step ("auto", "xla", "pallas", "reference"; see
         pallas_kernels/attention.py).

@@ -21,6 +21,9 @@ With `load_gguf(..., quantized=True)` (weights="q4") a matrix may instead be a
 `quantized.QuantizedWeight` standing for the same [.., in, out] float array (its leaves stacked over
 layers the same way); a quantized "embed" stands for the LM head's [hidden, vocab], i.e. the
 embedding transposed.
+
+`jaxchunk.load(..., dtype="bf16")` holds the bf16 matrices and embedding as `bf16.BF16Weight` (the
+same values as uint16 bits, same shapes; see bf16.py for why); `bf16.unpack_bf16` undoes it.
 """
 
 PARAM_LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
