@@ -40,7 +40,7 @@ from pallas_kernels._compat import default_interpret, triton_compiler_params
 
 QUANT_BLOCK = 32          # weights per quant block (GGUF Q4_0 / Q4_1 / Q8_0)
 TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
-IMPLS = ("auto", "xla", "pallas", "reference")
+IMPLS = ("auto", "xla", "cpu", "pallas", "reference")
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -276,16 +276,35 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
 
 
 # ----------------------------------------------------------------------------- dispatch
-def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto") -> jax.Array:
+def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", layer=None) -> jax.Array:
     """x [..., k] @ W [k, n] -> [..., n] in x.dtype. impl "auto": the Pallas kernel on a GPU
-    backend, the XLA path elsewhere."""
+    backend; elsewhere the native CPU kernel (pallas_kernels/quant_matmul_cpu.py) for decode-shaped
+    products (<= DECODE_ROWS rows, float16 scales) where it builds, else the XLA path.
+
+    layer: None, or a (traced) index when qs / scales / mins are stacked [layers, ...]: W is that
+    layer. The CPU kernel reads it in place; the other backends slice it (inside their fusions).
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        impl = "pallas" if jax.default_backend() == "gpu" else _cpu_impl(x, scales)
+    if impl == "cpu":
+        from pallas_kernels.quant_matmul_cpu import quant_matmul_cpu
+        return quant_matmul_cpu(x, qs, scales, mins, layer=layer)
+    if layer is not None:
+        qs, scales, mins = (None if a is None else lax.dynamic_index_in_dim(a, layer, keepdims=False)
+                            for a in (qs, scales, mins))
     if impl == "pallas":
         rows = math.prod(x.shape[:-1])
         return quant_matmul_pallas(x, qs, scales, mins, block_m=16 if rows <= DECODE_ROWS else 64)
     if impl == "reference":
         return quant_matmul_reference(x, qs, scales, mins)
     return quant_matmul_xla(x, qs, scales, mins)
+
+
+def _cpu_impl(x, scales) -> str:
+    """"cpu" (the native decode kernel) for few rows when it is available here, else "xla"."""
+    if math.prod(x.shape[:-1]) > DECODE_ROWS or scales.dtype != jnp.float16 or jax.default_backend() != "cpu":
+        return "xla"
+    from pallas_kernels.quant_matmul_cpu import available
+    return "cpu" if available() else "xla"

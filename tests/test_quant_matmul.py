@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quant_cases import CASES, QTYPES, check, kernel_args, make_weight, make_x
+from quant_cases import CASES, QTYPES, Case, check, kernel_args, make_weight, make_x
 from pallas_kernels.quant_matmul import (XLA_FORMULATIONS, choose_tile, quant_matmul, quant_matmul_pallas,
                                          quant_matmul_reference, quant_matmul_xla)
 
@@ -70,12 +70,71 @@ def test_xla_formulations_match_oracle(case, qtype, formulation, dtype):
     check(y, x, w, dtype)
 
 
+# The native CPU decode kernel (pallas_kernels/quant_matmul_cpu.cc). Cases: the shared ones plus
+# widths around its 128-column blocks (edge remainders 8 / 64 / 72 / 136), and up to 16 rows.
+CPU_CASES = CASES + [Case(1, 64, 136, None, 16, 32), Case(16, 96, 200, 100, 16, 32),
+                     Case(2, 576, 1536, None, 16, 32), Case(1, 128, 1024 + 64, 1088 // 2, 16, 32)]
+
+
+def _cpu_kernel():
+    from pallas_kernels import quant_matmul_cpu
+    if not quant_matmul_cpu.available():  # a failed build must not pass silently: fail with the reason
+        pytest.fail(f"the CPU kernel did not build: {quant_matmul_cpu.unavailable_reason()}")
+    return quant_matmul_cpu
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+def test_cpu_kernel_matches_oracle(case, qtype, dtype):
+    kernel = _cpu_kernel()
+    qw, w = make_weight(case, qtype)
+    x = make_x(case, dtype)
+    y = jax.jit(kernel.quant_matmul_cpu)(jnp.asarray(x, dtype), *kernel_args(qw))
+    assert y.dtype == jnp.dtype(dtype)
+    # f32: the kernel sums each 32-block then scales, a different order from the oracle's; at
+    # k = 576 the bound of the shared table still holds (measured ~1e-6).
+    check(y, x, w, dtype)
+
+
+def test_cpu_kernel_reads_a_layer_of_a_stack_in_place():
+    """Inside the model's layer scan the kernel gets the whole stack and a traced layer index."""
+    kernel = _cpu_kernel()
+    case = CPU_CASES[-2]
+    pairs = [make_weight(case, "Q4_1", seed=s) for s in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *[qw for qw, _ in pairs])
+    x = make_x(case, "float32")
+
+    @jax.jit
+    def per_layer(x, qs, scales, mins):
+        def body(_, i):
+            return None, kernel.quant_matmul_cpu(x, qs, scales, mins, layer=i)
+        return jax.lax.scan(body, None, jnp.arange(3))[1]
+
+    ys = per_layer(jnp.asarray(x), stacked.qs, stacked.scales, stacked.mins)
+    for y, (_, w) in zip(ys, pairs):
+        check(y, x, w, "float32")
+    with pytest.raises(Exception, match="layer index out of range"):
+        jax.block_until_ready(kernel.quant_matmul_cpu(jnp.asarray(x), stacked.qs, stacked.scales,
+                                                      stacked.mins, layer=3))
+
+
+def test_auto_dispatch_uses_the_cpu_kernel_for_decode_only():
+    from pallas_kernels.quant_matmul import DECODE_ROWS, _cpu_impl
+    _cpu_kernel()
+    qw, _ = make_weight(CASES[1], "Q4_1")
+    scales = jnp.asarray(qw.scales)
+    assert _cpu_impl(jnp.ones((DECODE_ROWS, CASES[1].k)), scales) == "cpu"
+    assert _cpu_impl(jnp.ones((DECODE_ROWS + 1, CASES[1].k)), scales) == "xla"
+    assert _cpu_impl(jnp.ones((1, CASES[1].k)), scales.astype(jnp.float32)) == "xla"  # kernel takes f16 only
+
+
 def test_leading_axes_and_dispatch():
     """x [batch, seq, k] through the default dispatch (the model's call), default row choice."""
     case = CASES[1]
     qw, w = make_weight(case, "Q4_1")
     x = np.random.default_rng(5).normal(size=(2, 20, case.k)).astype(np.float32)
-    for impl in ("auto", "xla", "reference"):
+    for impl in ("auto", "xla", "cpu", "reference"):
         y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl=impl)
         assert y.shape == (2, 20, case.n)
         check(np.asarray(y).reshape(-1, case.n), x.reshape(-1, case.k), w, "float32")

@@ -42,12 +42,21 @@ class QuantizedWeight:
     scales: jax.Array
     mins: Optional[jax.Array]
     qtype: str = struct.field(pytree_node=False)
+    # A traced layer index into the leading (stacked) axis: this stands for W[layer] (see at_layer).
+    layer: Optional[jax.Array] = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Logical shape [..., in, out] of the float matrix this stands for."""
         *lead, tiles, rows, tile = self.qs.shape
+        if self.layer is not None:
+            lead = lead[1:]
         return (*lead, rows * (2 if self.qtype != "Q8_0" else 1), tiles * tile)
+
+    def at_layer(self, index: jax.Array) -> "QuantizedWeight":
+        """Layer `index` of a stacked [layers, ...] weight, without slicing: the leaves stay whole
+        and the matmul reads that layer in place."""
+        return self.replace(layer=index)
 
     @property
     def nbytes(self) -> int:
@@ -123,8 +132,9 @@ def quantize_params(params: dict, qtype: str = "Q4_1", embed_qtype: str = "Q8_0"
 
 # ----------------------------------------------------------------------------- use (JAX)
 def quantized_linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    """x [..., in] @ W [in, out] -> [..., out] in x.dtype (2-D W: the layer axis already sliced)."""
-    return quant_matmul(x, w.qs, w.scales, w.mins)
+    """x [..., in] @ W [in, out] -> [..., out] in x.dtype (W 2-D, or one layer of a stacked W
+    through `at_layer`)."""
+    return quant_matmul(x, w.qs, w.scales, w.mins, layer=w.layer)
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
