@@ -278,7 +278,7 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
 # ----------------------------------------------------------------------------- dispatch
 def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", layer=None) -> jax.Array:
     """x [..., k] @ W [k, n] -> [..., n] in x.dtype. impl "auto": the Pallas kernel on a GPU
-    backend; elsewhere the native CPU kernel (pallas_kernels/quant_matmul_cpu.py) for decode-shaped
+    backend; elsewhere the native CPU kernel (pallas_kernels/native_cpu.py) for decode-shaped
     products (<= DECODE_ROWS rows, float16 scales) where it builds, else the XLA path.
 
     layer: None, or a (traced) index when qs / scales / mins are stacked [layers, ...]: W is that
@@ -289,7 +289,7 @@ def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", lay
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else _cpu_impl(x, scales)
     if impl == "cpu":
-        from pallas_kernels.quant_matmul_cpu import quant_matmul_cpu
+        from pallas_kernels.native_cpu import quant_matmul_cpu
         return quant_matmul_cpu(x, qs, scales, mins, layer=layer)
     if layer is not None:
         qs, scales, mins = (None if a is None else lax.dynamic_index_in_dim(a, layer, keepdims=False)
@@ -306,5 +306,5 @@ def _cpu_impl(x, scales) -> str:
     """"cpu" (the native decode kernel) for few rows when it is available here, else "xla"."""
     if math.prod(x.shape[:-1]) > DECODE_ROWS or scales.dtype != jnp.float16 or jax.default_backend() != "cpu":
         return "xla"
-    from pallas_kernels.quant_matmul_cpu import available
+    from pallas_kernels.native_cpu import available
     return "cpu" if available() else "xla"

@@ -70,17 +70,17 @@ def test_xla_formulations_match_oracle(case, qtype, formulation, dtype):
     check(y, x, w, dtype)
 
 
-# The native CPU decode kernel (pallas_kernels/quant_matmul_cpu.cc). Cases: the shared ones plus
+# The native CPU decode kernel (pallas_kernels/native_cpu.cc). Cases: the shared ones plus
 # widths around its 128-column blocks (edge remainders 8 / 64 / 72 / 136), and up to 16 rows.
 CPU_CASES = CASES + [Case(1, 64, 136, None, 16, 32), Case(16, 96, 200, 100, 16, 32),
                      Case(2, 576, 1536, None, 16, 32), Case(1, 128, 1024 + 64, 1088 // 2, 16, 32)]
 
 
 def _cpu_kernel():
-    from pallas_kernels import quant_matmul_cpu
-    if not quant_matmul_cpu.available():  # a failed build must not pass silently: fail with the reason
-        pytest.fail(f"the CPU kernel did not build: {quant_matmul_cpu.unavailable_reason()}")
-    return quant_matmul_cpu
+    from pallas_kernels import native_cpu
+    if not native_cpu.available():  # a failed build must not pass silently: fail with the reason
+        pytest.fail(f"the CPU kernel did not build: {native_cpu.unavailable_reason()}")
+    return native_cpu
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

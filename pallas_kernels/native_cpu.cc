@@ -1,4 +1,6 @@
-// Quantized matrix-vector product for the CPU decode path, as an XLA FFI custom call.
+// Native CPU kernels for decode, as XLA FFI custom calls (built by pallas_kernels/native_cpu.py).
+//
+// JaxchunkQuantGemv: the quantized matrix-vector product.
 //
 // y[r, :] = x[r, :] @ dequant(W) for a few rows r (decode: one per batch row), reading the 4-bit (or
 // 8-bit) weights once and dequantizing in registers. XLA:CPU cannot do this: it fuses no int -> float
@@ -21,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "xla/ffi/api/ffi.h"
@@ -100,21 +103,36 @@ void RunItem(const Problem& p, int64_t item) {
   }
 }
 
-// Work shared by the calling thread and XLA's pool: each participant takes column blocks from an
-// atomic counter until none are left; the caller then waits for blocks still in flight. A pool task
-// that starts after the work is gone just returns (the state is shared_ptr-owned), so nothing waits
-// on a task the pool has not started (the caller may itself be the pool's only thread).
+// Work shared by the calling thread and XLA's pool: each participant takes items from an atomic
+// counter until none are left; the caller then waits for items still in flight. A pool task that
+// starts after the work is gone just returns (the state is shared_ptr-owned), so nothing waits on a
+// task the pool has not started (the caller may itself be the pool's only thread).
 struct Shared {
-  Problem problem;
-  int64_t items;
+  std::function<void(int64_t)> run_item;
+  int64_t items = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
 
 void Participate(Shared& s) {
   for (int64_t i = s.next.fetch_add(1); i < s.items; i = s.next.fetch_add(1)) {
-    RunItem(s.problem, i);
+    s.run_item(i);
     s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Runs run_item(0 .. items - 1) on the caller and up to `helpers` pool threads.
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t helpers,
+                 std::function<void(int64_t)> run_item) {
+  auto shared = std::make_shared<Shared>();
+  shared->run_item = std::move(run_item);
+  shared->items = items;
+  helpers = std::min<int64_t>({helpers, pool.num_threads(), items - 1});
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([shared] { Participate(*shared); });
+  }
+  Participate(*shared);
+  while (shared->done.load(std::memory_order_acquire) < items) {
   }
 }
 
@@ -145,24 +163,20 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
   }
   const int64_t q_layer = tiles * q_dims[2] * tile;        // elements (bytes) per layer
   const int64_t s_layer = tiles * (k / kQuantBlock) * tile;
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{
+  const Problem problem{
       x.typed_data(),
       static_cast<const uint8_t*>(qs.untyped_data()) + layer * q_layer,
       reinterpret_cast<const _Float16*>(scales.typed_data()) + layer * s_layer,
       four_bit ? static_cast<const _Float16*>(mins.untyped_data()) + layer * s_layer : nullptr,
       y->typed_data(), rows, k, tiles, tile, four_bit};
-  shared->items = tiles * ((tile + kColumnBlock - 1) / kColumnBlock);
+  const int64_t items = tiles * ((tile + kColumnBlock - 1) / kColumnBlock);
   // Small products (< ~64k weights per helper) are not worth waking another thread for.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), (k * tiles * tile) / (1 << 16));
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([shared] { Participate(*shared); });
-  }
-  Participate(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->items) {
-  }
+  ParallelFor(pool, items, (k * tiles * tile) / (1 << 16),
+              [&problem](int64_t item) { RunItem(problem, item); });
   return ffi::Error::Success();
 }
+
+
 
 }  // namespace
 
@@ -175,3 +189,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkQuantGemv, QuantGemvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+

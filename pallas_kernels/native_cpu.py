@@ -1,17 +1,17 @@
-"""The CPU decode backend of the quantized matmul: quant_matmul_cpu.cc, an XLA FFI custom call.
+"""Native CPU kernels for decode (native_cpu.cc), as XLA FFI custom calls:
 
-XLA:CPU fuses no int -> float conversion into a dot and Pallas has no CPU compiler (interpret mode
-only), so for decode-shaped products (a few rows) every formulation XLA can run writes dequantized
-floats to memory and reads them back: 7-9 G weights/s on the reference machine, while the weights
-themselves are 0.6 bytes each. quant_matmul_cpu.cc reads the packed bytes once and dequantizes in
-registers (the layout and semantics of pallas_kernels/quant_matmul.py, checked against its
-`quant_matmul_reference` in tests/test_quant_matmul.py).
+- `quant_matmul_cpu`: the quantized matmul's CPU decode backend. XLA:CPU fuses no int -> float
+  conversion into a dot and Pallas has no CPU compiler (interpret mode only), so for decode-shaped
+  products (a few rows) every formulation XLA can run writes dequantized floats to memory and reads
+  them back: 7-9 G weights/s on the reference machine, while the weights are 0.6 bytes each. The
+  kernel reads the packed bytes once and dequantizes in registers (~27 G weights/s). Layout and
+  semantics of pallas_kernels/quant_matmul.py; reference: its `quant_matmul_reference`.
 
 The shared library is compiled on first use with the system C++ compiler (`$CXX`, else `c++`),
 `-O3 -march=native`, against the FFI headers jaxlib ships, into `$JAXCHUNK_CACHE/kernels` (default:
-the repository's `.cache/kernels`), named by a hash of the source, flags and compiler, so a changed
-source or another machine's CPU gets its own build. If that fails, `available()` is False with the
-reason in `unavailable_reason()`, and callers use the XLA path.
+the repository's `.cache/kernels`), named by a hash of the source, flags, compiler and CPU flags, so
+a changed source or another machine's CPU gets its own build. If that fails, `available()` is
+False with the reason in `unavailable_reason()`, and the dispatchers use the XLA paths.
 
 Self-contained: imports nothing from jaxchunk.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-TARGET = "jaxchunk_quant_gemv"
+QUANT_GEMV = "jaxchunk_quant_gemv"
 SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -63,7 +63,7 @@ def _build() -> tuple[Path | None, str]:
         return None, "no C++ compiler found ($CXX, c++, g++)"
     include = jax.ffi.include_dir()
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *FLAGS, include, _cpu_id()]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"quant_matmul_cpu-{key}.so"
+    lib = cache_dir() / f"native_cpu-{key}.so"
     if lib.exists():
         return lib, ""
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,8 @@ def _register() -> str:
         return f"building the CPU kernel failed: {e}"
     if lib is None:
         return why
-    handler = ctypes.cdll.LoadLibrary(str(lib)).JaxchunkQuantGemv
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    library = ctypes.cdll.LoadLibrary(str(lib))
+    jax.ffi.register_ffi_target(QUANT_GEMV, jax.ffi.pycapsule(library.JaxchunkQuantGemv), platform="cpu")
     return ""
 
 
@@ -110,7 +110,7 @@ def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.A
     of range is an error raised by the kernel). Raises RuntimeError if the kernel is unavailable."""
     why = _register()
     if why:
-        raise RuntimeError(f"quant_matmul_cpu is unavailable: {why}")
+        raise RuntimeError(f"the native CPU kernels are unavailable: {why}")
     if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
         raise ValueError(f"quant_matmul_cpu needs float16 scales / mins, got {scales.dtype}")
     if layer is None:  # a 2-D W is a stack of one
@@ -119,7 +119,8 @@ def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.A
     lead, k = x.shape[:-1], x.shape[-1]
     _, tiles, _, tile = qs.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], tiles * tile), jnp.float32))
+    call = jax.ffi.ffi_call(QUANT_GEMV, jax.ShapeDtypeStruct((x2.shape[0], tiles * tile), jnp.float32))
     # 8-bit weights have no mins: the scales stand in for the unused argument (never read).
     y = call(x2, qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32))
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
+
