@@ -9,6 +9,8 @@ Formulations (XLA_FORMULATIONS in pallas_kernels/quant_matmul.py, plus baselines
 - dequant_dot:      dequantize a column tile to float in natural order, one dot.
 - split_dot:        4-bit: x split into the halves meeting low / high nibbles, two dots + a mins term.
 - multiply_reduce:  no dot; x * int weights summed per block in one fusion, then scaled.
+- native_cpu:       the native CPU kernel (pallas_kernels/native_cpu.py; what decode uses), reading
+                    each layer of the stack in place.
 - dense_f32:        the float32 matrix (what weights="f32" runs), for reference.
 - pallas_interpret: only with --pallas (slow: interpret mode; a correctness smoke, not a speed).
 
@@ -32,13 +34,14 @@ from experiments import common  # noqa: E402
 # (name, k, n, qtype, stacked copies): SmolLM2-135M's matrices (q/o, k/v, gate/up, down, LM head).
 SHAPES = [("wq", 576, 576, "Q4_1", None), ("wk", 576, 192, "Q4_1", None), ("w_up", 576, 1536, "Q4_1", None),
           ("w_down", 1536, 576, "Q4_1", None), ("lm_head", 576, 49152, "Q8_0", 1)]
-FORMULATIONS = ("dequant_dot", "split_dot", "multiply_reduce", "dense_f32")
+FORMULATIONS = ("dequant_dot", "split_dot", "multiply_reduce", "native_cpu", "dense_f32")
 
 
 def make_fn(formulation: str, rows: int):
     import jax
     import jax.numpy as jnp
 
+    from pallas_kernels.native_cpu import quant_matmul_cpu
     from pallas_kernels.quant_matmul import quant_matmul_pallas, quant_matmul_xla
 
     def one(x, w):
@@ -52,6 +55,12 @@ def make_fn(formulation: str, rows: int):
     def run(x, stacked):
         def step(acc, w):  # the row sums keep every output live at a cost of rows * n adds
             return acc + jnp.sum(one(x, w), axis=-1), None
+        if formulation == "native_cpu":  # reads layer i of the stack in place, as in the model
+            def step_in_place(acc, i):
+                y = quant_matmul_cpu(x, stacked.qs, stacked.scales, stacked.mins, layer=i)
+                return acc + jnp.sum(y, axis=-1), None
+            copies = jax.tree.leaves(stacked)[0].shape[0]
+            return jax.lax.scan(step_in_place, jnp.zeros((rows,), x.dtype), jnp.arange(copies))[0]
         acc, _ = jax.lax.scan(step, jnp.zeros((rows,), x.dtype), stacked)
         return acc
     return run
@@ -90,6 +99,8 @@ def main(argv=None):
             for formulation in formulations:
                 if formulation == "pallas_interpret" and (rows > 16 or name == "lm_head"):
                     continue  # interpret mode is a Python-level loop: keep it to small cases
+                if formulation == "native_cpu" and rows > 16:
+                    continue  # a decode kernel (the model uses it for <= 16 rows)
                 fn = make_fn(formulation, rows)
                 stacked = stacked_f if formulation == "dense_f32" else stacked_q
                 timing = common.timeit(lambda: fn(x, stacked), args.repeats)
