@@ -18,8 +18,8 @@
 //
 // Per quant block the 32 products are summed first, then scaled (W = d q + m):
 //   y = sum_b d_b * (sum_i x_i q_i) + m_b * (sum_i x_i)        (the min term only for 4-bit)
-// Columns are processed 64 at a time (four AVX-512 vectors of partial sums); the column blocks are
-// shared among XLA's intra-op threads.
+// Columns are processed kColumnBlock (128) at a time, eight AVX-512 vectors of partial sums; the
+// column blocks are shared among XLA's intra-op threads.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -175,8 +175,6 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
               [&problem](int64_t item) { RunItem(problem, item); });
   return ffi::Error::Success();
 }
-
-
 
 }  // namespace
 
