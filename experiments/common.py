@@ -260,25 +260,32 @@ def _tokenizer(name: str):
     return Tokenizer.from_gguf(model_path(name))
 
 
+WEIGHTS = ("dequantized", "q4", "q4_q8")  # load_model's weight modes
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32", weights: str = "dequantized") -> LoadedModel:
     """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`
     (bf16: packed as `jaxchunk.load` packs it, for inference; not differentiable).
 
     weights="q4": the weight matrices stay quantized (jaxchunk.weights.quantized; the GGUF's own
     Q4_1 / Q8_0 blocks, or for the random model Q4_1 layers and a Q8_0 embedding); norms in `dtype`.
+    "q4_q8": the same, each matrix's input rounded to 8 bits per 32-block (as jaxchunk.load).
     """
     import jax
     import jax.numpy as jnp
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if weights not in ("dequantized", "q4"):
-        raise ValueError(f"weights must be 'dequantized' or 'q4', got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     jnp_dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
-    if weights == "q4":
+    if weights in ("q4", "q4_q8"):
+        from jaxchunk.weights.quantized import with_activations
         config, host_params, source = _quantized_host_weights(name)
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype if a.dtype == np.float32 else a.dtype),
                               host_params)
-        return LoadedModel(name, dtype, config, params, _tokenizer(name), source + " (weights kept quantized)")
+        params = with_activations(params, "q8" if weights == "q4_q8" else "float")
+        note = " (weights kept quantized" + (", inputs rounded to 8 bits)" if weights == "q4_q8" else ")")
+        return LoadedModel(name, dtype, config, params, _tokenizer(name), source + note)
     config, host_params, source = _host_weights(name)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype), host_params)
     if dtype == "bf16":  # as jaxchunk.load does: bf16 matrices held as bits (jaxchunk/weights/bf16.py)

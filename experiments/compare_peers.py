@@ -4,7 +4,8 @@ Systems (--systems):
 - jaxchunk:     chunked prefill (jaxchunk.prefill) for each --chunk-sizes, --dtypes and --weights,
                 last-token logits; weights "dequantized": the GGUF dequantized to f32 / bf16 by
                 jaxchunk's loader; "q4": the GGUF's Q4_1 / Q8_0 blocks kept quantized in memory
-                (jaxchunk.weights.quantized; computed in the dtype).
+                (jaxchunk.weights.quantized; computed in the dtype); "q4_q8": q4 with each matrix's
+                input rounded to 8 bits per 32-block, llama.cpp's own arithmetic (integer products).
 - transformers: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (its own dequantization)
                 in f32 / bf16, torch.set_num_threads(--threads), torch.inference_mode, one forward
                 over the whole prompt with logits_to_keep=1 (last-token logits only). Recent
@@ -195,9 +196,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-lens", type=common.parse_list)
     p.add_argument("--chunk-sizes", type=common.parse_list, help="jaxchunk chunk sizes")
     p.add_argument("--dtypes", type=lambda s: common.parse_list(s, str), help="for jaxchunk and transformers")
-    p.add_argument("--attention-impl", default="xla", help="jaxchunk's attention_impl")
+    p.add_argument("--attention-impl", default="auto", help="jaxchunk's attention_impl")
     p.add_argument("--weights", type=lambda s: common.parse_list(s, str), default=["dequantized", "q4"],
-                   help="jaxchunk weight modes: dequantized (to the dtype), q4 (kept quantized)")
+                   help="jaxchunk weight modes: dequantized (to the dtype), q4 (kept quantized), q4_q8 "
+                        "(q4 with 8-bit inputs, as llama.cpp)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--hf-weights", choices=("dense", "packed"), default="dense",
@@ -208,9 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one system, print JSON
     args = p.parse_args(argv)
     common.apply_preset(args, QUICK if args.quick else FULL)
-    bad_weights = set(args.weights) - {"dequantized", "q4"}
+    bad_weights = set(args.weights) - set(common.WEIGHTS)
     if bad_weights:
-        p.error(f"unknown --weights {sorted(bad_weights)}; choose from dequantized, q4")
+        p.error(f"unknown --weights {sorted(bad_weights)}; choose from {', '.join(common.WEIGHTS)}")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
@@ -260,7 +262,7 @@ def run_worker(spec: dict) -> list[dict]:
               f"see its error output above", file=sys.stderr)
         return []
     result = json.loads(lines[-1][len(RESULT_MARK):])
-    weights = "q4 " if spec.get("weights") == "q4" else ""
+    weights = f"{spec['weights']} " if spec.get("weights") in ("q4", "q4_q8") else ""
     label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']} chunk {spec.get('chunk_size')}",
              "transformers": f"transformers {spec['dtype']}", "llama.cpp": "llama.cpp Q4_1"}[spec["system"]]
     return [dict(system=spec["system"], label=label, dtype=spec["dtype"], chunk_size=spec.get("chunk_size"),

@@ -82,10 +82,11 @@ def _add_model_flags(parser: argparse.ArgumentParser,
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
     parser.add_argument("--dtype", choices=("f32", "bf16"), default=None,
                         help="dtype the model computes in (default: bf16 with --weights bf16, else f32)")
-    parser.add_argument("--weights", choices=("dequantized", "q4", "f32", "bf16"), default="dequantized",
+    parser.add_argument("--weights", choices=("dequantized", "q4", "q4_q8", "f32", "bf16"), default="dequantized",
                         help="weights in memory: q4 keeps the GGUF's Q4_0/Q4_1/Q8_0 blocks (quantized "
-                             "matmul); f32 / bf16 / dequantized (= --dtype) expand them at load "
-                             "(default: %(default)s)")
+                             "matmul); q4_q8 also rounds each matrix's input to 8 bits per 32-block, "
+                             "as llama.cpp does (integer products: faster decode on CPU); f32 / bf16 / "
+                             "dequantized (= --dtype) expand them at load (default: %(default)s)")
     parser.add_argument("--cache-dtype", default=None,
                         help="KV-cache format: f32, bf16, fp8_e4m3, fp8_e5m2, q8, q6, q4 (integer formats: "
                              "blocks of 32 with f16 scales, Hadamard-rotated; see experiments/cache_quant.py "

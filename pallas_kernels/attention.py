@@ -1,9 +1,11 @@
 """One attention op, several backends (tokamax-style dispatcher).
 
 impl:
-  "auto"      - Pallas on GPU (decode kernel for q_len <= 8, flash otherwise),
-                blockwise XLA elsewhere.
+  "auto"      - Pallas on GPU (decode kernel for q_len <= 8, flash otherwise); on CPU the native
+                decode kernel for q_len <= 8 over an f32 / bf16 cache when it builds, blockwise
+                XLA otherwise.
   "xla"       - blockwise online-softmax XLA (fast on CPU, cost follows kv_len).
+  "cpu"       - the native CPU decode kernel (pallas_kernels/native_cpu.py): f32 / bf16 cache.
   "pallas"    - the Pallas kernels; on CPU they run in interpret mode (slow, tests).
   "reference" - full masked attention in f32 over the whole cache.
 """
@@ -11,14 +13,24 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels._common import BlockSizes
+from pallas_kernels import native_cpu
+from pallas_kernels._common import BlockSizes, check_inputs, default_sm_scale
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.kv_quant import kv_quant_spec
+from pallas_kernels.kv_quant import KVQuant, kv_quant_spec
 
-IMPLS = ("auto", "xla", "pallas", "reference")
+IMPLS = ("auto", "xla", "pallas", "reference", "cpu")
+NATIVE_STORAGE = {"float32": "float32", "bfloat16": "uint16"}  # cache format -> array dtype
+
+
+def _native_fits(q, k, kv_quant: KVQuant | None) -> bool:
+    """Whether the native CPU decode kernel takes this call (short q, plain f32 / bf16 cache, a
+    head size it is compiled for)."""
+    storage = "float32" if kv_quant is None else kv_quant.storage
+    return (q.shape[1] <= MAX_DECODE_Q_LEN and storage in NATIVE_STORAGE
+            and str(k.dtype) == NATIVE_STORAGE[storage] and q.shape[-1] in native_cpu.ATTENTION_HEAD_DIMS)
 
 
 def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="auto",
@@ -45,10 +57,24 @@ def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="aut
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     if kv_quant is not None:
         kv_quant = kv_quant_spec(kv_quant)
+    if impl == "auto":
+        if jax.default_backend() == "gpu":
+            impl = "pallas"
+        else:
+            impl = "cpu" if _native_fits(q, k, kv_quant) and native_cpu.available() else "xla"
+    if impl == "cpu":
+        if not _native_fits(q, k, kv_quant):
+            raise ValueError(f"impl='cpu' takes q_len <= {MAX_DECODE_Q_LEN}, a plain f32 / bf16 cache and "
+                             f"head_dim in {native_cpu.ATTENTION_HEAD_DIMS}; got q_len {q.shape[1]}, cache "
+                             f"{kv_quant.name if kv_quant else k.dtype}, head_dim {q.shape[-1]}")
+        one_layer = (lambda a: a[0]) if layer is not None else (lambda a: a)
+        q_offset, kv_len = check_inputs(q, one_layer(k), one_layer(v), q_offset, kv_len,
+                                        sliding_window, soft_cap, kv_quant)
+        scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+        return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale,
+                                               soft_cap=soft_cap, sliding_window=sliding_window)
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
     if layer is not None and impl == "xla":

@@ -4,8 +4,16 @@
   conversion into a dot and Pallas has no CPU compiler (interpret mode only), so for decode-shaped
   products (a few rows) every formulation XLA can run writes dequantized floats to memory and reads
   them back: 7-9 G weights/s on the reference machine, while the weights are 0.6 bytes each. The
-  kernel reads the packed bytes once and dequantizes in registers (~27 G weights/s). Layout and
-  semantics of pallas_kernels/quant_matmul.py; reference: its `quant_matmul_reference`.
+  kernel reads the packed bytes once and dequantizes in registers (~20 G weights/s on 2 cores).
+  With `quantize_x` (quant_matmul's activations="q8") x is rounded to 8 bits per 32-block and the
+  products run in integers with AVX-512 VNNI where the CPU has it (~4x fewer instructions per
+  weight: memory-bound), plain C++ otherwise. Layout and semantics of
+  pallas_kernels/quant_matmul.py; reference: its `quant_matmul_reference`.
+- `decode_attention_cpu`: attention of a few query positions against a plain f32 / bf16 cache, the
+  CPU decode backend of pallas_kernels.attention. XLA's blockwise loop spends most of a decode
+  step's attention on per-block transposing copies and loop overhead; the kernel reads each cached
+  key and value once for all query heads of its KV head. Semantics of
+  pallas_kernels/attention_reference.py.
 
 The shared library is compiled on first use with the system C++ compiler (`$CXX`, else `c++`),
 `-O3 -march=native`, against the FFI headers jaxlib ships, into `$JAXCHUNK_CACHE/kernels` (default:
@@ -29,8 +37,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 QUANT_GEMV = "jaxchunk_quant_gemv"
+DECODE_ATTENTION = "jaxchunk_decode_attention"
+ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # decode_attention_cpu's compiled head sizes
 SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -90,6 +101,8 @@ def _register() -> str:
         return why
     library = ctypes.cdll.LoadLibrary(str(lib))
     jax.ffi.register_ffi_target(QUANT_GEMV, jax.ffi.pycapsule(library.JaxchunkQuantGemv), platform="cpu")
+    jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(library.JaxchunkDecodeAttention),
+                                platform="cpu")
     return ""
 
 
@@ -102,15 +115,21 @@ def available() -> bool:
     return _register() == ""
 
 
-def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.Array | None = None,
-                     *, layer=None) -> jax.Array:
-    """x [..., k] @ W -> [..., n] in x.dtype, W in the layout of pallas_kernels/quant_matmul.py
-    (scales / mins float16). Computed in float32. layer: None for a 2-D W (qs [tiles, rows, tile]),
-    or the index of W in stacked leaves [layers, tiles, rows, tile] (read in place; an index out
-    of range is an error raised by the kernel). Raises RuntimeError if the kernel is unavailable."""
+def _require() -> None:
     why = _register()
     if why:
         raise RuntimeError(f"the native CPU kernels are unavailable: {why}")
+
+
+def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.Array | None = None,
+                     *, layer=None, quantize_x: bool = False) -> jax.Array:
+    """x [..., k] @ W -> [..., n] in x.dtype, W in the layout of pallas_kernels/quant_matmul.py
+    (scales / mins float16). Computed in float32. layer: None for a 2-D W (qs [tiles, rows, tile]),
+    or the index of W in stacked leaves [layers, tiles, rows, tile] (read in place; an index out
+    of range is an error raised by the kernel). quantize_x: first round x to 8 bits per 32-block
+    (quant_matmul's activations="q8"; the products then run in integers). Raises RuntimeError if
+    the kernel is unavailable."""
+    _require()
     if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
         raise ValueError(f"quant_matmul_cpu needs float16 scales / mins, got {scales.dtype}")
     if layer is None:  # a 2-D W is a stack of one
@@ -121,6 +140,30 @@ def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.A
     x2 = x.reshape(-1, k).astype(jnp.float32)
     call = jax.ffi.ffi_call(QUANT_GEMV, jax.ShapeDtypeStruct((x2.shape[0], tiles * tile), jnp.float32))
     # 8-bit weights have no mins: the scales stand in for the unused argument (never read).
-    y = call(x2, qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32))
+    y = call(x2, qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32),
+             quantize_x=bool(quantize_x))
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
 
+
+
+def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,
+                         *, layer=None, sm_scale: float, soft_cap: float | None = None,
+                         sliding_window: int | None = None) -> jax.Array:
+    """Attention of q [batch, q_len, heads, d] against k, v [batch, max_seq, kv_heads, d] (or the
+    whole cache [layers, batch, max_seq, kv_heads, d] with a traced `layer`, read in place), float32
+    or bfloat16 held as uint16 bits (the cache's bf16 format). q_offset, kv_len: int32 [batch].
+    Returns [batch, q_len, heads, d] in q.dtype, computed in float32; rows that see no key are zero.
+    Masking as pallas_kernels.attention. Raises RuntimeError if the kernel is unavailable."""
+    _require()
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"decode_attention_cpu takes head_dim in {ATTENTION_HEAD_DIMS}, got {q.shape[-1]}")
+    if k.dtype not in (jnp.float32, jnp.uint16) or v.dtype != k.dtype:
+        raise ValueError(f"decode_attention_cpu takes an f32 cache or bf16 bits (uint16), got {k.dtype}")
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(DECODE_ATTENTION, out)
+    o = call(q.astype(jnp.float32), k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_len, jnp.int32),
+             jnp.asarray(layer, jnp.int32), sm_scale=np.float32(sm_scale),
+             soft_cap=np.float32(soft_cap or 0.0), window=np.int64(sliding_window or 0))
+    return o.astype(q.dtype)

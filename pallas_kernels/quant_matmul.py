@@ -20,6 +20,13 @@ blocks of 32 run along k, and the n columns are split into `tiles` tiles of `til
     mins:   4-bit only, [tiles, k // 32, tile]: W = scale * q + min with q in 0..15 (Q4_0's
             W = d * (q - 8) is stored as min = -8 d); None for 8-bit (W = scale * q, q in -128..127).
 
+Activations: `activations="float"` (default) multiplies x as given. `activations="q8"` first rounds
+each 32-element block of x to 8 bits, as llama.cpp does for these weight types (its Q8_0 / Q8_1
+"vec_dot" formats): x' = d * round(x / d), d = max|x_block| / 127; every backend then computes
+x' @ W, so chunk sizes and backends still agree up to float summation order. The native CPU kernel
+does the q8 products in integers (AVX-512 VNNI), about 4x fewer instructions per weight than
+dequantizing to float, which is what makes decode memory-bound.
+
 Column j of W is column j % tile of tile j // tile. Leading axes beyond these (the layer axis) are
 not taken here: the model's layer scan slices them off.
 
@@ -41,6 +48,7 @@ from pallas_kernels._compat import default_interpret, triton_compiler_params
 QUANT_BLOCK = 32          # weights per quant block (GGUF Q4_0 / Q4_1 / Q8_0)
 TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
 IMPLS = ("auto", "xla", "cpu", "pallas", "reference")
+ACTIVATIONS = ("float", "q8")
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -103,6 +111,16 @@ def _dequantize_tiles(qs, scales, mins, dtype):
             + mins.astype(jnp.float32)[:, :, None, :]
     w = w.reshape(tiles, nb * QUANT_BLOCK, tile).astype(dtype)
     return [w[t] for t in range(tiles)]
+
+
+def quantize_activations(x: jax.Array) -> jax.Array:
+    """x [..., k] -> x' = d * round(x / d) per 32-block along k, d = max|x_block| / 127 (f32, ties
+    to even; all-zero blocks stay zero): the values the "q8" activation mode multiplies, in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    blocks = x32.reshape(*x.shape[:-1], x.shape[-1] // QUANT_BLOCK, QUANT_BLOCK)
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / jnp.float32(127)
+    q = jnp.round(blocks / jnp.where(d > 0, d, 1.0))
+    return (q * d).reshape(x.shape).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -276,21 +294,29 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
 
 
 # ----------------------------------------------------------------------------- dispatch
-def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", layer=None) -> jax.Array:
+def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", layer=None,
+                 activations: str = "float") -> jax.Array:
     """x [..., k] @ W [k, n] -> [..., n] in x.dtype. impl "auto": the Pallas kernel on a GPU
     backend; elsewhere the native CPU kernel (pallas_kernels/native_cpu.py) for decode-shaped
     products (<= DECODE_ROWS rows, float16 scales) where it builds, else the XLA path.
+
+    activations: "float" (x as given) or "q8" (x rounded to 8 bits per 32-block first, llama.cpp's
+    scheme: see the module docstring), for every impl.
 
     layer: None, or a (traced) index when qs / scales / mins are stacked [layers, ...]: W is that
     layer. The CPU kernel reads it in place; the other backends slice it (inside their fusions).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else _cpu_impl(x, scales)
     if impl == "cpu":
         from pallas_kernels.native_cpu import quant_matmul_cpu
-        return quant_matmul_cpu(x, qs, scales, mins, layer=layer)
+        return quant_matmul_cpu(x, qs, scales, mins, layer=layer, quantize_x=activations == "q8")
+    if activations == "q8":
+        x = quantize_activations(x)
     if layer is not None:
         qs, scales, mins = (None if a is None else lax.dynamic_index_in_dim(a, layer, keepdims=False)
                             for a in (qs, scales, mins))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -152,6 +153,14 @@ def run_backend(name, inputs, case, interpret=True):
     if name == "decode":
         return decode_attention(*inputs, block_sizes=TEST_BLOCKS, k_splits=3,
                                 interpret=interpret, **kw)
+    if name == "cpu":  # the native CPU decode kernel; a bf16 cache is held as its bits
+        from pallas_kernels import native_cpu
+        if not native_cpu.available():  # a failed build must fail, with the compiler's reason
+            pytest.fail(f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}")
+        q, k, v, q_offset, kv_len = inputs
+        if k.dtype == jnp.bfloat16:
+            k, v = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v))
+        return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=1 / np.sqrt(q.shape[-1]), **kw)
     raise ValueError(name)
 
 
@@ -161,7 +170,7 @@ def backend_params(backends):
     for case in CASES:
         for dtype in ("float32", "bfloat16"):
             for name in backends:
-                if name == "decode" and case.q_len > MAX_DECODE_Q_LEN:
+                if name in ("decode", "cpu") and case.q_len > MAX_DECODE_Q_LEN:
                     continue
                 pallas = name in ("flash", "decode")
                 # Interpret-mode compiles dominate the file's runtime: bf16 on the

@@ -68,6 +68,18 @@ def make_x(case: Case, dtype: str, seed: int = 1) -> np.ndarray:
     return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # representable in `dtype`
 
 
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """The "q8" activation mode's x' in float64, written from llama.cpp's Q8_0 definition (NumPy,
+    not the code under test): per 32-block, d = max|x| / 127 in f32, q = round(x / d) to nearest even
+    in f32; x' = d * q."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d > 0, np.round(blocks / d), 0)
+    return (d.astype(np.float64) * q).reshape(x.shape)
+
+
 def check(y, x: np.ndarray, w: np.ndarray, dtype: str) -> None:
     expected = x.astype(np.float64) @ w
     y = np.asarray(y, np.float64)

@@ -19,7 +19,7 @@ from pallas_kernels.flash_attention import flash_attention
 
 
 @pytest.mark.parametrize("name,case,dtype",
-                         backend_params(("reference", "xla", "flash", "decode")))
+                         backend_params(("reference", "xla", "flash", "decode", "cpu")))
 def test_backend_matches_numpy(name, case, dtype):
     inputs = make_inputs(case, dtype)
     check_against_oracle(run_backend(name, inputs, case), case, dtype, inputs)
@@ -114,6 +114,31 @@ def test_flash_head_dim_not_power_of_two():
     inputs = make_inputs(case, "float32")
     for name in ("flash", "xla"):
         check_against_oracle(run_backend(name, inputs, case), case, "float32", inputs)
+
+
+def test_native_cpu_kernel_in_the_dispatcher():
+    """impl="cpu": the native decode kernel, reading one layer of a stacked cache in place (f32 and
+    the bf16 cache's uint16 bits); it refuses what it does not implement instead of guessing."""
+    from pallas_kernels.kv_quant import KV_QUANTS
+    case = CASES[0]  # decode, GQA 3
+    per_layer = [make_inputs(case, "float32", seed=s) for s in range(3)]
+    q, _, _, qo, kl = per_layer[2]
+    keys = jnp.stack([x[1] for x in per_layer])
+    values = jnp.stack([x[2] for x in per_layer])
+    run = jax.jit(lambda layer, k, v, fmt: attention(q, k, v, qo, kl, layer=layer, impl="cpu", kv_quant=fmt),
+                  static_argnums=3)
+    check_against_oracle(run(jnp.int32(2), keys, values, None), case, "float32", per_layer[2])
+    bits = lambda a: jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16)
+    bf16_inputs = (q, per_layer[2][1].astype(jnp.bfloat16), per_layer[2][2].astype(jnp.bfloat16), qo, kl)
+    out = run(jnp.int32(2), bits(keys), bits(values), KV_QUANTS["bf16"])
+    check_against_oracle(out, case, "float32", bf16_inputs)  # f32 q, bf16-exact K/V: f32 tolerance
+    with pytest.raises(ValueError, match="q_len <= 8"):  # prefill-sized chunks stay with the others
+        attention(*make_inputs(CASES[3], "float32"), impl="cpu")
+    with pytest.raises(ValueError, match="plain f32 / bf16 cache"):
+        attention(q, keys[0], values[0], qo, kl, impl="cpu", kv_quant="q8",
+                  k_scales=jnp.ones((*keys.shape[1:4], 2), jnp.float16), v_scales=jnp.ones((*keys.shape[1:4], 2), jnp.float16))
+    with pytest.raises(Exception, match="layer index out of range"):
+        jax.block_until_ready(run(jnp.int32(3), keys, values, None))
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quant_cases import CASES, QTYPES, Case, check, kernel_args, make_weight, make_x
+from quant_cases import CASES, QTYPES, Case, check, kernel_args, make_weight, make_x, q8_activations
 from pallas_kernels.quant_matmul import (XLA_FORMULATIONS, choose_tile, quant_matmul, quant_matmul_pallas,
                                          quant_matmul_reference, quant_matmul_xla)
 
@@ -83,18 +83,40 @@ def _cpu_kernel():
     return native_cpu
 
 
+@pytest.mark.parametrize("quantize_x", [False, True], ids=["float-x", "q8-x"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-def test_cpu_kernel_matches_oracle(case, qtype, dtype):
+def test_cpu_kernel_matches_oracle(case, qtype, dtype, quantize_x):
+    """Both activation modes: float x (weights dequantized in registers) and q8 x (integer dot
+    products per block: AVX-512 VNNI for whole 64-column groups, plain C++ for the edge columns),
+    the latter against x' @ W with x' from the NumPy Q8_0 oracle."""
     kernel = _cpu_kernel()
     qw, w = make_weight(case, qtype)
     x = make_x(case, dtype)
-    y = jax.jit(kernel.quant_matmul_cpu)(jnp.asarray(x, dtype), *kernel_args(qw))
+    y = jax.jit(kernel.quant_matmul_cpu, static_argnames="quantize_x")(jnp.asarray(x, dtype), *kernel_args(qw),
+                                                                     quantize_x=quantize_x)
     assert y.dtype == jnp.dtype(dtype)
     # f32: the kernel sums each 32-block then scales, a different order from the oracle's; at
-    # k = 576 the bound of the shared table still holds (measured ~1e-6).
-    check(y, x, w, dtype)
+    # k = 576 the bound of the shared table still holds (measured ~1e-6). q8: the integer sums are
+    # exact, so only the per-block scaling rounds (measured ~2e-7).
+    check(y, q8_activations(x) if quantize_x else x, w, dtype)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "cpu", "pallas"])
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_q8_activations_in_every_backend(impl, qtype):
+    """activations="q8" means the same x' @ W in every backend (so chunk sizes that take different
+    backends still agree), and differs from the float product by about 8-bit rounding."""
+    case = CPU_CASES[-1]  # 1088 columns in tiles of 544: VNNI groups and scalar edges on the CPU
+    qw, w = make_weight(case, qtype)
+    x = make_x(case, "float32")
+    y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl=impl, activations="q8")
+    check(y, q8_activations(x), w, "float32")
+    float_error = np.abs(np.asarray(y, np.float64) - x.astype(np.float64) @ w).max() / np.abs(x @ w).max()
+    assert 1e-4 < float_error < 2e-2, float_error  # it did round x, by ~1 / 254 of each block's max
+    with pytest.raises(ValueError, match="activations"):
+        quant_matmul(jnp.asarray(x), *kernel_args(qw), activations="int4")
 
 
 def test_cpu_kernel_reads_a_layer_of_a_stack_in_place():
@@ -217,3 +239,32 @@ def test_quantized_embedding_gathers_rows():
         tokens = jnp.array([[0, 31, 32, 159], [77, 5, 5, 100]])
         got = embed({"embed": qembed}, tokens, jnp.float32)
         np.testing.assert_array_equal(np.asarray(got), full[np.asarray(tokens)])
+
+
+def test_q8_activation_model_gives_the_same_numbers_at_every_chunk_size():
+    """With activations="q8" (weights="q4_q8") decode and small chunks run the native CPU kernel's
+    integer products and large chunks the XLA path; both compute x' @ W, so chunked prefill at any
+    chunk size and decode agree with the full forward up to summation order, as in float mode."""
+    from jaxchunk.cache import init_cache
+    from jaxchunk.model import forward
+    from jaxchunk.prefill import decode_step, prefill_chunk
+    from jaxchunk.weights.quantized import quantize_params, with_activations
+    config, params = _tiny()
+    qparams = quantize_params(params, "Q4_1", "Q8_0")
+    q8params = jax.device_put(with_activations(qparams, "q8"))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 22)).astype(np.int32)
+    run_forward = jax.jit(forward, static_argnums=1)
+    expected = np.asarray(run_forward(q8params, config, ids))  # 44 rows: the XLA path
+    tol = 1e-4 * np.abs(expected).max()
+    float_logits = np.asarray(run_forward(jax.device_put(qparams), config, ids))
+    assert np.abs(float_logits - expected).max() > 10 * tol  # the mode is on: x was rounded
+    for chunk in (4, 20):  # 2 x 4 rows: native kernel; 2 x 20 rows: XLA
+        cache = init_cache(config, 2, 32, "f32")
+        got = []
+        for start in range(0, 20, chunk):
+            cache, logits = prefill_chunk(q8params, cache, ids[:, start:start + chunk], config=config, logits="all")
+            got.append(np.asarray(logits))
+        np.testing.assert_allclose(np.concatenate(got, axis=1), expected[:, :20], atol=tol)
+        for i in range(20, 22):
+            cache, last = decode_step(q8params, cache, ids[:, i], config=config)
+            np.testing.assert_allclose(np.asarray(last), expected[:, i], atol=tol)

@@ -44,6 +44,9 @@ class QuantizedWeight:
     qtype: str = struct.field(pytree_node=False)
     # A traced layer index into the leading (stacked) axis: this stands for W[layer] (see at_layer).
     layer: Optional[jax.Array] = None
+    # How x is multiplied (pallas_kernels.quant_matmul): "float" as given, or "q8": rounded to 8 bits
+    # per 32-block first, llama.cpp's arithmetic for these weight types (integer products on CPU).
+    activations: str = struct.field(pytree_node=False, default="float")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -134,7 +137,13 @@ def quantize_params(params: dict, qtype: str = "Q4_1", embed_qtype: str = "Q8_0"
 def quantized_linear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [..., in] @ W [in, out] -> [..., out] in x.dtype (W 2-D, or one layer of a stacked W
     through `at_layer`)."""
-    return quant_matmul(x, w.qs, w.scales, w.mins, layer=w.layer)
+    return quant_matmul(x, w.qs, w.scales, w.mins, layer=w.layer, activations=w.activations)
+
+
+def with_activations(params, activations: str):
+    """params with every QuantizedWeight multiplying its input as `activations` ("float" / "q8")."""
+    return jax.tree.map(lambda w: w.replace(activations=activations) if isinstance(w, QuantizedWeight) else w,
+                        params, is_leaf=lambda w: isinstance(w, QuantizedWeight))
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
