@@ -9,10 +9,12 @@ useful TFLOP/s (4 * d * visible (query, key) pairs per head).
 
 CPU: blockwise XLA (default 768-row tiles, block_k 256/512/1024, and untiled)
 vs the f32 reference vs
-jax.nn.dot_product_attention with an explicit mask. GPU: also the Pallas
+jax.nn.dot_product_attention with an explicit mask, and for q_len <= 8 the native
+CPU decode kernel (pallas_kernels/native_cpu.py). GPU: also the Pallas
 flash / decode kernels (compiled).
 
   .venv/bin/python experiments/bench_attention.py [--quick] [--json out.json]
+  .venv/bin/python experiments/bench_attention.py --q-lens 1 --kvs 512 2048 8192   # decode
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pallas_kernels import BlockSizes  # noqa: E402
+from pallas_kernels import BlockSizes, native_cpu  # noqa: E402
 from pallas_kernels.attention_reference import attention_reference  # noqa: E402
 from pallas_kernels.blockwise_attention import blockwise_attention  # noqa: E402
 from pallas_kernels.decode_attention import decode_attention  # noqa: E402
@@ -45,6 +47,13 @@ def sdpa_masked(q, k, v, q_offset, kv_len):
     mask = (j[None, None, :] <= pos[:, :, None]) & (j < kv_len[:, None])[:, None, :]
     v = jnp.where((j < kv_len[:, None])[:, :, None, None], v, 0)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
+def native_decode(q, k, v, q_offset, kv_len):
+    """The native CPU decode kernel; a bf16 cache is passed as its bits, as the model stores it."""
+    if k.dtype == jnp.bfloat16:
+        k, v = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v))
+    return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=HEAD_DIM ** -0.5)
 
 
 def visible_pairs(q_len, q_offset, kv_len):
@@ -74,6 +83,8 @@ def backends(block_ks, on_gpu):
         *a, block_sizes=BlockSizes(1 << 30, 256))  # one row tile: no causal skipping
     out["reference"] = attention_reference
     out["jax.nn.dpa+mask"] = sdpa_masked
+    if not on_gpu and native_cpu.available():
+        out["native_cpu"] = native_decode
     if on_gpu:
         out["pallas_flash"] = lambda *a: flash_attention(*a, interpret=False)
         out["pallas_decode"] = lambda *a: decode_attention(*a, interpret=False)
@@ -112,7 +123,7 @@ def main():
             for name, fn in backends(args.block_ks, on_gpu).items():
                 if args.only and name not in args.only:
                     continue
-                if name == "pallas_decode" and ql > 8:
+                if name in ("pallas_decode", "native_cpu") and ql > 8:
                     continue
                 t, cpu, peak = time_fn(fn, (q, k, v, q_offset, kv_len), args.repeats)
                 mib = peak / 2**20 if peak is not None else float("nan")

@@ -16,10 +16,15 @@
 //           a sliced operand would be copied into a new buffer first)
 //   y:      f32 [rows, tiles * tile]
 //
+//   attr quantize_x: false: x as given; true: x rounded to 8 bits per 32-block first (quant_matmul's
+//           activations="q8", llama.cpp's Q8_0 / Q8_1 activation format), then integer products
+//
 // Per quant block the 32 products are summed first, then scaled (W = d q + m):
 //   y = sum_b d_b * (sum_i x_i q_i) + m_b * (sum_i x_i)        (the min term only for 4-bit)
-// Columns are processed kColumnBlock (128) at a time, eight AVX-512 vectors of partial sums; the
-// column blocks are shared among XLA's intra-op threads.
+// Float x: the nibbles are converted to f32 in registers, eight AVX-512 vectors of partial sums per
+// 128 columns. q8 x: sum_i xq_i q_i is exact in int32 (vpdpbusd: 64 byte products per instruction,
+// where the conversion path spends ~4 instructions per 16 weights), then y += d_b d_x isum +
+// m_b sum(x'). Items of kColumnBlock (128) columns are shared among XLA's intra-op threads.
 //
 // JaxchunkDecodeAttention: attention of a few query positions (decode) against the KV cache.
 //
@@ -314,7 +319,11 @@ void Participate(Shared& s) {
   }
 }
 
-// Runs run_item(0 .. items - 1) on the caller and up to `helpers` pool threads.
+// Runs run_item(0 .. items - 1) on the caller and up to `helpers` pool threads, at most one fewer
+// than the pool has: the caller is not a pool thread (XLA runs the custom call on its executor's
+// thread) and the pool has one thread per core, so more would oversubscribe the cores; a
+// descheduled helper holding an item then stalls the caller's final wait (q4 decode step on 2
+// cores: 7.2 -> 5.3 ms with the cap).
 void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t helpers,
                  std::function<void(int64_t)> run_item) {
   auto shared = std::make_shared<Shared>();
