@@ -21,8 +21,9 @@ the same token ids (jaxchunk's tokenizer on jaxchunk.corpus.reference_text) thro
 
 Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jaxchunk a full
 prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
-tok/s (greedy, --decode-tokens tokens after the prompt, one step each, after one warm-up step), and
-the decode's process CPU time per token (all threads; steadier than wall time on a shared machine,
+tok/s (greedy, --decode-tokens tokens after the prompt, one model step each, after a warm-up: the
+peers step token by token from Python, jaxchunk runs its generation loop on device as
+model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads; steadier than wall time on a shared machine,
 but it counts spin-waiting threads too).
 The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
 
@@ -87,25 +88,28 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
     import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
-    from jaxchunk.prefill import decode_step, prefill
+    from jaxchunk.generate import decode_ids
+    from jaxchunk.prefill import prefill
     model = common.load_model(spec["model"], spec["dtype"], spec["weights"])
     config, params, impl = model.config, model.params, spec["attention_impl"]
 
+    n_decode = spec["decode_tokens"]
+
     def prefill_fn(ids):
         chunk = min(spec["chunk_size"], len(ids))
-        cache = init_cache(config, 1, len(ids) + spec["decode_tokens"] + 1, model.dtype)
+        # Room for the warm-up decode and the timed one (n_decode steps each).
+        cache = init_cache(config, 1, len(ids) + 2 * n_decode + 1, model.dtype)
         cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk, max_input_len=chunk,
                                 attention_impl=impl)
-        return {"cache": cache, "logits": logits, "length": len(ids)}
+        return {"cache": cache, "logits": logits}
 
     def decode_fn(state, n_tokens):
-        for _ in range(n_tokens):
-            token = np.asarray(jnp.argmax(state["logits"], -1))  # greedy; the host needs it anyway
-            state["cache"], state["logits"] = decode_step(params, state["cache"], token, config=config,
-                                                          attention_impl=impl,
-                                                          lengths=np.array([state["length"]]))
-            state["length"] += 1
-        np.asarray(state["logits"])  # wait for the last step
+        # The library's generation loop (what model.generate runs): greedy, every step on device in
+        # one jitted lax.while_loop. n_decode + 1 tokens = n_decode model steps (the first comes from
+        # the prefill's logits). The warm-up call (n_tokens = 1) runs the full count too, so that
+        # it compiles the loop the timed call uses (one compile per output-buffer size).
+        state["cache"], _ = decode_ids(params, config, state["cache"], state["logits"],
+                                       max_new_tokens=n_decode + 1, stop_ids=(), attention_impl=impl)
 
     weight_mb = sum(int(a.nbytes) for a in jax.tree.leaves(params)) / common.MB
     return measure_lengths(prefill_fn, decode_fn, spec), (f"weights {spec['weights']} ({weight_mb:.0f} MB resident), "

@@ -33,7 +33,7 @@ from jaxchunk.prefill import (DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN,
                               host_lengths, prefill)
 from jaxchunk.sampling import GREEDY, SamplingParams, mark_seen, sample, seen_mask_from_rows
 
-__all__ = ["generate_ids", "stream_ids", "compiled_loop_count", "PAD"]
+__all__ = ["generate_ids", "decode_ids", "stream_ids", "compiled_loop_count", "PAD"]
 
 PAD = -1          # output slot of a row that is already done
 MIN_BUCKET = 16   # smallest output buffer: short generations share one compile
@@ -161,6 +161,38 @@ def generate_ids(params, config: LlamaConfig, kv_cache: KVCache, prompts: Sequen
     kv_cache, logits, seen, key, stop_mask = _start(
         params, config, kv_cache, prompts, max_new_tokens, sampling, seed, chunk_size, stop_ids,
         attention_impl, max_input_len, max_attention_size, progress)
+    return _run_loop(params, config, kv_cache, logits, seen, key, stop_mask, max_new_tokens, sampling,
+                     attention_impl)
+
+
+def decode_ids(params, config: LlamaConfig, kv_cache: KVCache, logits, *, max_new_tokens: int,
+               sampling: SamplingParams = GREEDY, seed: int = 0, stop_ids: Optional[Sequence[int]] = None,
+               attention_impl: str = "auto") -> tuple[KVCache, list[list[int]]]:
+    """`generate_ids`'s on-device decode loop, continuing from a cache and each row's logits at its
+    last cached token (logits [batch, vocab], e.g. from `jaxchunk.prefill.prefill`). The first token
+    is sampled from `logits`; each further one costs one model step, so max_new_tokens tokens take
+    max_new_tokens - 1 steps and that much cache room. Same returns as `generate_ids` (no repetition
+    penalty history from before the call)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if tuple(np.shape(logits)) != (kv_cache.batch, config.vocab_size):
+        raise InputError(f"logits must be [batch, vocab] = [{kv_cache.batch}, {config.vocab_size}], "
+                         f"got {tuple(np.shape(logits))}")
+    room = kv_cache.max_seq_len - host_lengths(kv_cache)
+    if (max_new_tokens - 1 > room).any():
+        raise InputError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} cache positions; "
+                         f"a row has only {int(room.min())} free of max_seq_len={kv_cache.max_seq_len}")
+    if stop_ids is None:
+        stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
+    stop_mask = np.zeros(config.vocab_size, bool)
+    stop_mask[[int(i) for i in stop_ids]] = True
+    seen = jnp.zeros((kv_cache.batch, config.vocab_size if sampling.uses_seen else 0), bool)
+    return _run_loop(params, config, kv_cache, jnp.asarray(logits, jnp.float32), seen, jax.random.key(seed),
+                     stop_mask, max_new_tokens, sampling, attention_impl)
+
+
+def _run_loop(params, config, kv_cache, logits, seen, key, stop_mask, max_new_tokens, sampling, attention_impl):
     kv_cache, out, _ = _decode_loop(params, kv_cache, logits, seen, key, jnp.asarray(stop_mask),
                                     jnp.int32(max_new_tokens), config=config, attention_impl=attention_impl,
                                     sampling=sampling, bucket=_bucket(max_new_tokens))
