@@ -79,22 +79,56 @@ def test_quantized_logits_match_dequantized_f32_model(smollm2_q4, smollm2_f32):
 
 @pytest.mark.slow
 def test_quantized_perplexity_within_0_1_percent(smollm2_gguf):
-    """Perplexity of 2,048 tokens of jaxchunk.corpus text: weights="q4" vs weights="f32"."""
+    """Perplexity of 2,048 tokens of jaxchunk.corpus text: weights="q4" vs weights="f32" within 0.1%
+    (the issue's bound). weights="q4_q8" also rounds every matrix input to 8 bits per 32-block
+    (llama.cpp's arithmetic): ~1/254 of a block's largest value per element, measured +0.14%; held to
+    0.5% here."""
     from jaxchunk.api import load
     from jaxchunk.corpus import reference_text
     text = reference_text(12_000)
     results = {}
-    for weights in ("q4", "f32"):
+    for weights in ("q4", "q4_q8", "f32"):
         model = load(smollm2_gguf, weights=weights, attention_impl="xla", max_seq_len=2048)
         assert model.weights == weights
         results[weights] = model.perplexity(text, max_tokens=2048)
         n_tokens = min(len(model.encode(text)), 2048)
         del model
     assert n_tokens == 2048
-    print(f"perplexity q4 {results['q4']:.6f} f32 {results['f32']:.6f} "
-          f"relative difference {results['q4'] / results['f32'] - 1:.2e}")
+    print(f"perplexity q4 {results['q4']:.6f} q4_q8 {results['q4_q8']:.6f} f32 {results['f32']:.6f}; relative "
+          f"difference q4 {results['q4'] / results['f32'] - 1:.2e}, q4_q8 {results['q4_q8'] / results['f32'] - 1:.2e}")
     assert 3 < results["f32"] < 100
     assert abs(results["q4"] / results["f32"] - 1) <= 1e-3
+    assert abs(results["q4_q8"] / results["f32"] - 1) <= 5e-3
+    assert results["q4_q8"] != results["q4"]  # the rounding is really on
+
+
+@pytest.mark.slow
+def test_q4_q8_decode_agrees_with_the_f32_model(smollm2_q4, smollm2_f32):
+    """weights="q4_q8" decode (the native kernel's integer products where it builds) after a real
+    prompt: the same model up to 8-bit input rounding; greedy choices agree with the f32 model."""
+    from experiments.common import prompt_ids
+    from jaxchunk.cache import init_cache
+    from jaxchunk.prefill import decode_step, prefill_chunk
+    from jaxchunk.weights.quantized import with_activations
+    ids = prompt_ids("smollm2-135m", 160)
+    outputs = []
+    for config, params in ((smollm2_q4[0], with_activations(smollm2_q4[1], "q8")), smollm2_f32):
+        params = jax.device_put(params)
+        cache = init_cache(config, 1, 256, "f32")
+        cache, _ = prefill_chunk(params, cache, ids[None, :128], config=config)
+        steps = []
+        for token in ids[128:160]:
+            cache, last = decode_step(params, cache, np.array([token]), config=config)
+            steps.append(np.asarray(last[0]))
+        outputs.append(np.stack(steps))
+    q8, f32 = outputs
+    diff = np.abs(q8 - f32).max()
+    print(f"q4_q8 decode: max |logit diff| vs f32 {diff:.3f} (max |logit| {np.abs(f32).max():.1f}), "
+          f"top-1 agreement {(q8.argmax(-1) == f32.argmax(-1)).mean():.3f}")
+    # Rounded (not the float path's ~1e-4), but the same model: 8-bit inputs through 30 layers moved
+    # the logits (|logit| <= 36) by at most 0.80 when measured; 2.0 leaves room for other CPUs' order.
+    assert 1e-3 < diff < 2.0
+    assert (q8.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
 
 
 def test_load_weight_modes(smollm2_gguf, smollm2_f32):
