@@ -29,7 +29,8 @@ Attention: every differentiated chunk uses the "reference" impl (full masked f32
 cache, O(chunk_len x cache_len) per chunk): the blockwise "xla" impl loops over key blocks with a
 fori_loop whose bounds are traced, which reverse-mode AD rejects. Forward-only sweeps (the truncated
 prefix, the recompute strategy's forward) use `forward_attention_impl` ("auto": blockwise XLA on
-CPU, Pallas on GPU); the backward recomputes with "reference".
+CPU, or the native decode kernel for chunks <= 8 tokens; Pallas on GPU); the backward recomputes
+with "reference".
 
 `full_loss` is the reference: `jaxchunk.model.forward` (plain full causal attention, no cache).
 """
