@@ -679,6 +679,61 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+
+// ----------------------------------------------------------------------------- dequantize
+// W [k, n] in f32 (row-major, column j = column j % tile of tile j / tile) from one layer of the
+// packed weights: what prefill feeds to XLA's dot. XLA's own dequantization fusion (nibble
+// interleave, convert, scale) writes ~8 GB/s; here one item is one quant block of one tile.
+ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<ffi::F16> scales,
+                          ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> w) {
+  auto q_dims = qs.dimensions();
+  if (q_dims.size() != 4) return ffi::Error::InvalidArgument("dequantize: qs must be [layers, tiles, rows_q, tile]");
+  const bool four_bit = qs.element_type() == ffi::U8;
+  if (!four_bit && qs.element_type() != ffi::S8) {
+    return ffi::Error::InvalidArgument("dequantize: qs must be u8 (4-bit) or s8 (8-bit)");
+  }
+  if (four_bit && mins.element_type() != ffi::F16) return ffi::Error::InvalidArgument("dequantize: 4-bit weights need f16 mins");
+  const int64_t layers = q_dims[0], tiles = q_dims[1], tile = q_dims[3];
+  const int64_t k = four_bit ? 2 * q_dims[2] : q_dims[2];
+  const int64_t nb = k / kQuantBlock, n = tiles * tile;
+  if (k % kQuantBlock != 0 || w->dimensions().size() != 2 || w->dimensions()[0] != k || w->dimensions()[1] != n) {
+    return ffi::Error::InvalidArgument("dequantize: output must be [k, tiles * tile]");
+  }
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument("dequantize: layer index out of range");
+  const uint8_t* q = static_cast<const uint8_t*>(qs.untyped_data()) + layer * tiles * q_dims[2] * tile;
+  const _Float16* d = reinterpret_cast<const _Float16*>(scales.typed_data()) + layer * tiles * nb * tile;
+  const _Float16* m = four_bit ? static_cast<const _Float16*>(mins.untyped_data()) + layer * tiles * nb * tile : nullptr;
+  float* out = w->typed_data();
+  ParallelFor(pool, tiles * nb, (k * n) / (1 << 16), [=](int64_t item) {
+    const int64_t t = item / nb, b = item % nb;
+    const _Float16* d_b = d + (t * nb + b) * tile;
+    const _Float16* m_b = four_bit ? m + (t * nb + b) * tile : nullptr;
+    float* out_b = out + b * kQuantBlock * n + t * tile;  // row b * 32, column t * tile
+    if (four_bit) {
+      const uint8_t* q_b = q + (t * q_dims[2] + b * kQuantBlock / 2) * tile;
+      for (int64_t i = 0; i < kQuantBlock / 2; ++i) {
+        const uint8_t* row = q_b + i * tile;
+        float* lo = out_b + i * n;
+        float* hi = out_b + (i + kQuantBlock / 2) * n;
+        for (int64_t j = 0; j < tile; ++j) {
+          const float scale = static_cast<float>(d_b[j]), min = static_cast<float>(m_b[j]);
+          lo[j] = scale * static_cast<float>(row[j] & 15) + min;
+          hi[j] = scale * static_cast<float>(row[j] >> 4) + min;
+        }
+      }
+    } else {
+      const int8_t* q_b = reinterpret_cast<const int8_t*>(q) + (t * q_dims[2] + b * kQuantBlock) * tile;
+      for (int64_t i = 0; i < kQuantBlock; ++i) {
+        const int8_t* row = q_b + i * tile;
+        float* o = out_b + i * n;
+        for (int64_t j = 0; j < tile; ++j) o[j] = static_cast<float>(d_b[j]) * static_cast<float>(row[j]);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkQuantGemv, QuantGemvImpl,
@@ -706,3 +761,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, DecodeAttentionImpl,
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")
                                   .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDequantize, DequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

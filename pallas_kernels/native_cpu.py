@@ -41,6 +41,7 @@ import numpy as np
 
 QUANT_GEMV = "jaxchunk_quant_gemv"
 DECODE_ATTENTION = "jaxchunk_decode_attention"
+DEQUANTIZE = "jaxchunk_dequantize"
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # decode_attention_cpu's compiled head sizes
 SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -103,6 +104,7 @@ def _register() -> str:
     jax.ffi.register_ffi_target(QUANT_GEMV, jax.ffi.pycapsule(library.JaxchunkQuantGemv), platform="cpu")
     jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(library.JaxchunkDecodeAttention),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(DEQUANTIZE, jax.ffi.pycapsule(library.JaxchunkDequantize), platform="cpu")
     return ""
 
 
@@ -167,3 +169,19 @@ def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax
              jnp.asarray(layer, jnp.int32), sm_scale=np.float32(sm_scale),
              soft_cap=np.float32(soft_cap or 0.0), window=np.int64(sliding_window or 0))
     return o.astype(q.dtype)
+
+
+def dequantize_cpu(qs: jax.Array, scales: jax.Array, mins: jax.Array | None = None, *, layer=None) -> jax.Array:
+    """The float32 W [k, n] of packed weights (layout of pallas_kernels/quant_matmul.py, float16
+    scales / mins), or of layer `layer` of stacked ones (read in place). What the prefill path feeds
+    to XLA's dot: written at memory speed, where XLA's own dequantization fusion is ~3x slower."""
+    _require()
+    if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
+        raise ValueError(f"dequantize_cpu needs float16 scales / mins, got {scales.dtype}")
+    if layer is None:
+        qs, scales, mins = (None if a is None else a[None] for a in (qs, scales, mins))
+        layer = 0
+    _, tiles, rows, tile = qs.shape
+    k = rows * (2 if qs.dtype == jnp.uint8 else 1)
+    call = jax.ffi.ffi_call(DEQUANTIZE, jax.ShapeDtypeStruct((k, tiles * tile), jnp.float32))
+    return call(qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32))

@@ -141,14 +141,42 @@ def test_cpu_kernel_reads_a_layer_of_a_stack_in_place():
                                                       stacked.mins, layer=3))
 
 
-def test_auto_dispatch_uses_the_cpu_kernel_for_decode_only():
+def test_auto_dispatch_uses_the_native_kernels_on_cpu():
     from pallas_kernels.quant_matmul import DECODE_ROWS, _cpu_impl
     _cpu_kernel()
     qw, _ = make_weight(CASES[1], "Q4_1")
     scales = jnp.asarray(qw.scales)
     assert _cpu_impl(jnp.ones((DECODE_ROWS, CASES[1].k)), scales) == "cpu"
-    assert _cpu_impl(jnp.ones((DECODE_ROWS + 1, CASES[1].k)), scales) == "xla"
-    assert _cpu_impl(jnp.ones((1, CASES[1].k)), scales.astype(jnp.float32)) == "xla"  # kernel takes f16 only
+    assert _cpu_impl(jnp.ones((DECODE_ROWS + 1, CASES[1].k)), scales) == "cpu"  # native dequantize + dot
+    assert _cpu_impl(jnp.ones((1, CASES[1].k)), scales.astype(jnp.float32)) == "xla"  # kernels take f16 only
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+def test_cpu_dequantize_is_bit_exact(case, qtype):
+    """The native dequantization (prefill's path) gives exactly the gguf package's float32 weights,
+    also for one layer of a stack read in place."""
+    kernel = _cpu_kernel()
+    qw, w = make_weight(case, qtype)
+    np.testing.assert_array_equal(np.asarray(kernel.dequantize_cpu(*kernel_args(qw))), w.astype(np.float32))
+    stacked = [jnp.stack([a, a * 0 if a.dtype != jnp.float16 else a]) if a is not None else None
+               for a in kernel_args(qw)]  # layer 1: all-zero codes
+    w1 = np.asarray(jax.jit(kernel.dequantize_cpu)(*stacked, layer=jnp.int32(1)))
+    np.testing.assert_array_equal(w1, np.asarray(kernel.dequantize_cpu(stacked[0][1], *[None if a is None else a[1] for a in stacked[1:]])))
+    assert not np.array_equal(w1, w.astype(np.float32))
+
+
+@pytest.mark.parametrize("activations", ["float", "q8"])
+def test_cpu_prefill_rows_match_oracle(activations):
+    """More than DECODE_ROWS rows through impl="cpu": native dequantization then XLA's dot, for a
+    one-tile weight and a multi-tile one (dequantized one tile at a time)."""
+    _cpu_kernel()
+    for case in (Case(40, 576, 1536, None, 16, 32), Case(37, 128, 1096, 548, 16, 32)):
+        for qtype in QTYPES:
+            qw, w = make_weight(case, qtype)
+            x = make_x(case, "float32")
+            y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl="cpu", activations=activations)
+            check(y, q8_activations(x) if activations == "q8" else x, w, "float32")
 
 
 def test_leading_axes_and_dispatch():
