@@ -159,11 +159,12 @@ def test_cpu_dequantize_is_bit_exact(case, qtype):
     kernel = _cpu_kernel()
     qw, w = make_weight(case, qtype)
     np.testing.assert_array_equal(np.asarray(kernel.dequantize_cpu(*kernel_args(qw))), w.astype(np.float32))
-    stacked = [jnp.stack([a, a * 0 if a.dtype != jnp.float16 else a]) if a is not None else None
-               for a in kernel_args(qw)]  # layer 1: all-zero codes
-    w1 = np.asarray(jax.jit(kernel.dequantize_cpu)(*stacked, layer=jnp.int32(1)))
-    np.testing.assert_array_equal(w1, np.asarray(kernel.dequantize_cpu(stacked[0][1], *[None if a is None else a[1] for a in stacked[1:]])))
-    assert not np.array_equal(w1, w.astype(np.float32))
+    qw2, w2 = make_weight(case, qtype, seed=7)
+    qs, scales, mins = [None if a is None else jnp.stack([a, b]) for a, b in zip(kernel_args(qw), kernel_args(qw2))]
+    w_layer1 = jax.jit(kernel.dequantize_cpu)(qs, scales, mins, layer=jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(w_layer1), w2.astype(np.float32))
+    with pytest.raises(Exception, match="layer index out of range"):
+        jax.block_until_ready(kernel.dequantize_cpu(qs, scales, mins, layer=2))
 
 
 @pytest.mark.parametrize("activations", ["float", "q8"])
