@@ -43,6 +43,21 @@ def test_choose_tile():
 
 
 # ----------------------------------------------------------------------------- matmul backends
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_pallas_kernel_lowers_to_triton(qtype):
+    """Compiled (interpret=False) lowering for CUDA via cross-platform export, without a GPU: catches
+    tiles and primitives Triton rejects (PTX compilation itself needs a GPU: test_quant_matmul_gpu.py)."""
+    from attention_cases import lower_for_cuda
+    case = CASES[3]
+    qw, _ = make_weight(case, qtype)
+    qs, scales, mins = kernel_args(qw)
+
+    def fn(x, qs, scales, *mins):
+        return quant_matmul_pallas(x, qs, scales, *mins, block_m=16, block_n=64, interpret=False)
+    module = lower_for_cuda(fn, jnp.asarray(make_x(case, "float32")), qs, scales, *([] if mins is None else [mins]))
+    assert "triton" in str(module).lower()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
