@@ -105,6 +105,18 @@ def compiled_loop_count() -> int:
 
 
 # ----------------------------------------------------------------------------- shared setup
+def _stop_mask(config: LlamaConfig, stop_ids) -> np.ndarray:
+    """[vocab] bool of the ids that end a row (default: the model's EOS), checked."""
+    if stop_ids is None:
+        stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
+    stop_ids = [int(i) for i in stop_ids]
+    if any(not 0 <= i < config.vocab_size for i in stop_ids):
+        raise InputError(f"stop_ids {stop_ids} must lie in [0, vocab_size={config.vocab_size})")
+    stop_mask = np.zeros(config.vocab_size, bool)
+    stop_mask[stop_ids] = True
+    return stop_mask
+
+
 def _start(params, config, kv_cache, prompts, max_new_tokens, sampling, seed, chunk_size, stop_ids,
            attention_impl, max_input_len, max_attention_size, progress):
     """Host checks, then prefill. Returns (kv_cache, first logits [b, v], seen, key, stop_mask [v] np)."""
@@ -125,14 +137,7 @@ def _start(params, config, kv_cache, prompts, max_new_tokens, sampling, seed, ch
             raise InputError(f"prompt {b} ({len(row)} tokens) + max_new_tokens ({max_new_tokens}) does not "
                              f"fit the cache: {room[b]} free of max_seq_len={kv_cache.max_seq_len}")
 
-    if stop_ids is None:
-        stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
-    stop_ids = [int(i) for i in stop_ids]
-    if any(not 0 <= i < config.vocab_size for i in stop_ids):
-        raise InputError(f"stop_ids {stop_ids} must lie in [0, vocab_size={config.vocab_size})")
-    stop_mask = np.zeros(config.vocab_size, bool)
-    stop_mask[stop_ids] = True
-
+    stop_mask = _stop_mask(config, stop_ids)
     kv_cache, logits = prefill(params, config, kv_cache, rows, chunk_size=chunk_size,
                                max_input_len=max_input_len, max_attention_size=max_attention_size,
                                attention_impl=attention_impl, progress=progress)
@@ -183,10 +188,7 @@ def decode_ids(params, config: LlamaConfig, kv_cache: KVCache, logits, *, max_ne
     if (max_new_tokens - 1 > room).any():
         raise InputError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens - 1} cache positions; "
                          f"a row has only {int(room.min())} free of max_seq_len={kv_cache.max_seq_len}")
-    if stop_ids is None:
-        stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
-    stop_mask = np.zeros(config.vocab_size, bool)
-    stop_mask[[int(i) for i in stop_ids]] = True
+    stop_mask = _stop_mask(config, stop_ids)
     seen = jnp.zeros((kv_cache.batch, config.vocab_size if sampling.uses_seen else 0), bool)
     return _run_loop(params, config, kv_cache, jnp.asarray(logits, jnp.float32), seen, jax.random.key(seed),
                      stop_mask, max_new_tokens, sampling, attention_impl)

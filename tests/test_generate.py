@@ -7,7 +7,7 @@ import pytest
 from jaxchunk.cache import init_cache
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
-from jaxchunk.generate import compiled_loop_count, generate_ids, stream_ids
+from jaxchunk.generate import compiled_loop_count, decode_ids, generate_ids, stream_ids
 from jaxchunk.model import init_params
 from jaxchunk.prefill import decode_step, host_lengths, prefill
 from jaxchunk.sampling import SamplingParams
@@ -149,6 +149,26 @@ def test_host_guards(params):
     with pytest.raises(InputError, match="prompts"):
         generate_ids(params, CONFIG, cache(2), [ids], max_new_tokens=4)
     generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=15, chunk_size=CHUNK)  # exactly fits
+
+
+def test_decode_ids_continues_a_prefill_like_generate_ids(params):
+    """decode_ids (the on-device loop from a cache + logits) gives generate_ids' tokens, and checks
+    its input on the host."""
+    ids = prompt(21, seed=1)
+    _, (expected,) = generate_ids(params, CONFIG, cache(), [ids], max_new_tokens=16, chunk_size=CHUNK)
+    kv, logits = prefill(params, CONFIG, cache(), [ids], chunk_size=CHUNK)
+    kv, (out,) = decode_ids(params, CONFIG, kv, logits, max_new_tokens=16)
+    assert out == expected
+    assert host_lengths(kv).tolist() == [21 + 16 - 1]
+    kv, logits = prefill(params, CONFIG, cache(), [prompt(113, seed=2)], chunk_size=CHUNK)
+    with pytest.raises(InputError, match="cache positions"):
+        decode_ids(params, CONFIG, kv, logits, max_new_tokens=17)  # 16 steps, 15 free
+    with pytest.raises(InputError, match="logits must be"):
+        decode_ids(params, CONFIG, kv, logits[:, :10], max_new_tokens=4)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        decode_ids(params, CONFIG, kv, logits, max_new_tokens=0)
+    with pytest.raises(InputError, match="stop_ids"):
+        decode_ids(params, CONFIG, kv, logits, max_new_tokens=4, stop_ids=[-1])
 
 
 # ----------------------------------------------------------------------------- real SmolLM2
