@@ -85,7 +85,6 @@ def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
 
 def jaxchunk_worker(spec) -> tuple[list[dict], str]:
     import jax
-    import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
     from jaxchunk.generate import decode_ids

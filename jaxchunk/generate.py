@@ -105,6 +105,16 @@ def compiled_loop_count() -> int:
 
 
 # ----------------------------------------------------------------------------- shared setup
+def _check_generation_args(max_new_tokens, sampling, seed) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        raise InputError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if not isinstance(sampling, SamplingParams):
+        raise InputError(f"sampling must be a jaxchunk.sampling.SamplingParams, got {type(sampling).__name__}")
+
+
 def _stop_mask(config: LlamaConfig, stop_ids) -> np.ndarray:
     """[vocab] bool of the ids that end a row (default: the model's EOS), checked."""
     if stop_ids is None:
@@ -120,13 +130,7 @@ def _stop_mask(config: LlamaConfig, stop_ids) -> np.ndarray:
 def _start(params, config, kv_cache, prompts, max_new_tokens, sampling, seed, chunk_size, stop_ids,
            attention_impl, max_input_len, max_attention_size, progress):
     """Host checks, then prefill. Returns (kv_cache, first logits [b, v], seen, key, stop_mask [v] np)."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
-            or max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
-        raise InputError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    if not isinstance(sampling, SamplingParams):
-        raise InputError(f"sampling must be a jaxchunk.sampling.SamplingParams, got {type(sampling).__name__}")
+    _check_generation_args(max_new_tokens, sampling, seed)
     rows = [np.asarray(p) for p in prompts]
     if len(rows) != kv_cache.batch:
         raise InputError(f"got {len(rows)} prompts for a cache of batch {kv_cache.batch}")
@@ -178,9 +182,7 @@ def decode_ids(params, config: LlamaConfig, kv_cache: KVCache, logits, *, max_ne
     is sampled from `logits`; each further one costs one model step, so max_new_tokens tokens take
     max_new_tokens - 1 steps and that much cache room. Same returns as `generate_ids` (no repetition
     penalty history from before the call)."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
-            or max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _check_generation_args(max_new_tokens, sampling, seed)
     if tuple(np.shape(logits)) != (kv_cache.batch, config.vocab_size):
         raise InputError(f"logits must be [batch, vocab] = [{kv_cache.batch}, {config.vocab_size}], "
                          f"got {tuple(np.shape(logits))}")

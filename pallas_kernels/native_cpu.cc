@@ -55,6 +55,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -345,33 +346,53 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t helpers,
   }
 }
 
+// One layer of packed weights qs [layers, tiles, rows_q, tile] with f16 scales (and mins, 4-bit),
+// checked; pointers already at that layer (the index is read in place, see above).
+struct PackedLayer {
+  const uint8_t* qs;       // 4-bit: u8 nibbles; 8-bit: s8 bytes
+  const _Float16* scales;
+  const _Float16* mins;    // nullptr for 8-bit
+  int64_t k, tiles, rows_q, tile;
+  bool four_bit;
+};
+
+ffi::Error ReadPackedLayer(const std::string& op, ffi::AnyBuffer qs, ffi::Buffer<ffi::F16> scales,
+                           ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, PackedLayer& w) {
+  auto q_dims = qs.dimensions();
+  if (q_dims.size() != 4) return ffi::Error::InvalidArgument(op + ": qs must be [layers, tiles, rows_q, tile]");
+  w.four_bit = qs.element_type() == ffi::U8;
+  if (!w.four_bit && qs.element_type() != ffi::S8) {
+    return ffi::Error::InvalidArgument(op + ": qs must be u8 (4-bit) or s8 (8-bit)");
+  }
+  if (w.four_bit && mins.element_type() != ffi::F16) {
+    return ffi::Error::InvalidArgument(op + ": 4-bit weights need f16 mins");
+  }
+  const int64_t layers = q_dims[0];
+  w.tiles = q_dims[1];
+  w.rows_q = q_dims[2];
+  w.tile = q_dims[3];
+  w.k = w.four_bit ? 2 * w.rows_q : w.rows_q;
+  if (w.k % kQuantBlock != 0) return ffi::Error::InvalidArgument(op + ": k must be a multiple of 32");
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument(op + ": layer index out of range");
+  const int64_t s_layer = w.tiles * (w.k / kQuantBlock) * w.tile;  // scales per layer
+  w.qs = static_cast<const uint8_t*>(qs.untyped_data()) + layer * w.tiles * w.rows_q * w.tile;
+  w.scales = reinterpret_cast<const _Float16*>(scales.typed_data()) + layer * s_layer;
+  w.mins = w.four_bit ? static_cast<const _Float16*>(mins.untyped_data()) + layer * s_layer : nullptr;
+  return ffi::Error::Success();
+}
+
 ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qs,
                          ffi::Buffer<ffi::F16> scales, ffi::AnyBuffer mins,
                          ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> y, bool quantize_x) {
   auto x_dims = x.dimensions();
-  auto q_dims = qs.dimensions();
-  if (x_dims.size() != 2 || q_dims.size() != 4) {
-    return ffi::Error::InvalidArgument(
-        "quant_gemv: x must be [rows, k] and qs [layers, tiles, rows_q, tile]");
+  if (x_dims.size() != 2) return ffi::Error::InvalidArgument("quant_gemv: x must be [rows, k]");
+  PackedLayer w;
+  if (ffi::Error error = ReadPackedLayer("quant_gemv", qs, scales, mins, layer_buf, w); error.failure()) {
+    return error;
   }
-  const bool four_bit = qs.element_type() == ffi::U8;
-  if (!four_bit && qs.element_type() != ffi::S8) {
-    return ffi::Error::InvalidArgument("quant_gemv: qs must be u8 (4-bit) or s8 (8-bit)");
-  }
-  const int64_t rows = x_dims[0], k = x_dims[1];
-  const int64_t layers = q_dims[0], tiles = q_dims[1], tile = q_dims[3];
-  if (q_dims[2] != (four_bit ? k / 2 : k) || k % kQuantBlock != 0) {
-    return ffi::Error::InvalidArgument("quant_gemv: qs does not match x's k");
-  }
-  if (four_bit && mins.element_type() != ffi::F16) {
-    return ffi::Error::InvalidArgument("quant_gemv: 4-bit weights need f16 mins");
-  }
-  const int64_t layer = layer_buf.typed_data()[0];
-  if (layer < 0 || layer >= layers) {
-    return ffi::Error::InvalidArgument("quant_gemv: layer index out of range");
-  }
-  const int64_t q_layer = tiles * q_dims[2] * tile;        // elements (bytes) per layer
-  const int64_t s_layer = tiles * (k / kQuantBlock) * tile;
+  const int64_t rows = x_dims[0], k = x_dims[1], tiles = w.tiles, tile = w.tile;
+  if (k != w.k) return ffi::Error::InvalidArgument("quant_gemv: qs does not match x's k");
   const int64_t nb = k / kQuantBlock;
   std::vector<int8_t> xq(quantize_x ? rows * k : 0);
   std::vector<float> x_scale(quantize_x ? rows * nb : 0), x_sum(quantize_x ? rows * nb : 0);
@@ -381,10 +402,7 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
   }
   const Problem problem{
       x.typed_data(), quantize_x ? xq.data() : nullptr, x_scale.data(), x_sum.data(), xq_sum.data(),
-      static_cast<const uint8_t*>(qs.untyped_data()) + layer * q_layer,
-      reinterpret_cast<const _Float16*>(scales.typed_data()) + layer * s_layer,
-      four_bit ? static_cast<const _Float16*>(mins.untyped_data()) + layer * s_layer : nullptr,
-      y->typed_data(), rows, k, tiles, tile, four_bit};
+      w.qs, w.scales, w.mins, y->typed_data(), rows, k, tiles, tile, w.four_bit};
   const int64_t items = tiles * ((tile + kColumnBlock - 1) / kColumnBlock);
   // Small products (< ~64k weights per helper) are not worth waking another thread for.
   ParallelFor(pool, items, (k * tiles * tile) / (1 << 16),
@@ -569,16 +587,18 @@ void AttendSplit(const AttnProblem& p, int64_t item) {
   }
 }
 
+// The head sizes AttendSplit is compiled for (native_cpu.py's ATTENTION_HEAD_DIMS mirrors this).
+bool SupportedHeadDim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128; }
+
 template <typename T>
-bool AttendSplitFor(const AttnProblem& p, int64_t item) {
+void AttendSplitFor(const AttnProblem& p, int64_t item) {  // p.d is a SupportedHeadDim
   switch (p.d) {
-    case 16: AttendSplit<T, 1>(p, item); return true;
-    case 32: AttendSplit<T, 2>(p, item); return true;
-    case 64: AttendSplit<T, 4>(p, item); return true;
-    case 80: AttendSplit<T, 5>(p, item); return true;
-    case 96: AttendSplit<T, 6>(p, item); return true;
-    case 128: AttendSplit<T, 8>(p, item); return true;
-    default: return false;
+    case 16: AttendSplit<T, 1>(p, item); break;
+    case 32: AttendSplit<T, 2>(p, item); break;
+    case 64: AttendSplit<T, 4>(p, item); break;
+    case 80: AttendSplit<T, 5>(p, item); break;
+    case 96: AttendSplit<T, 6>(p, item); break;
+    case 128: AttendSplit<T, 8>(p, item); break;
   }
 }
 
@@ -638,7 +658,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   if (k_dims[1] != p.batch || k_dims[4] != p.d || p.heads % p.kv_heads != 0) {
     return ffi::Error::InvalidArgument("decode_attention: q and k shapes do not match");
   }
-  if (p.d != 16 && p.d != 32 && p.d != 64 && p.d != 80 && p.d != 96 && p.d != 128) {
+  if (!SupportedHeadDim(p.d)) {
     return ffi::Error::InvalidArgument("decode_attention: head_dim must be 16, 32, 64, 80, 96 or 128");
   }
   p.layer = layer_buf.typed_data()[0];
@@ -686,33 +706,28 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 // interleave, convert, scale) is ~3x slower (SmolLM2's 30 layers: 75 vs 24 ms); here one item is
 // one quant block of one tile.
 ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<ffi::F16> scales,
-                          ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> w) {
-  auto q_dims = qs.dimensions();
-  if (q_dims.size() != 4) return ffi::Error::InvalidArgument("dequantize: qs must be [layers, tiles, rows_q, tile]");
-  const bool four_bit = qs.element_type() == ffi::U8;
-  if (!four_bit && qs.element_type() != ffi::S8) {
-    return ffi::Error::InvalidArgument("dequantize: qs must be u8 (4-bit) or s8 (8-bit)");
+                          ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> w_out) {
+  PackedLayer w;
+  if (ffi::Error error = ReadPackedLayer("dequantize", qs, scales, mins, layer_buf, w); error.failure()) {
+    return error;
   }
-  if (four_bit && mins.element_type() != ffi::F16) return ffi::Error::InvalidArgument("dequantize: 4-bit weights need f16 mins");
-  const int64_t layers = q_dims[0], tiles = q_dims[1], tile = q_dims[3];
-  const int64_t k = four_bit ? 2 * q_dims[2] : q_dims[2];
+  const bool four_bit = w.four_bit;
+  const int64_t k = w.k, tiles = w.tiles, tile = w.tile, rows_q = w.rows_q;
   const int64_t nb = k / kQuantBlock, n = tiles * tile;
-  if (k % kQuantBlock != 0 || w->dimensions().size() != 2 || w->dimensions()[0] != k || w->dimensions()[1] != n) {
+  if (w_out->dimensions().size() != 2 || w_out->dimensions()[0] != k || w_out->dimensions()[1] != n) {
     return ffi::Error::InvalidArgument("dequantize: output must be [k, tiles * tile]");
   }
-  const int64_t layer = layer_buf.typed_data()[0];
-  if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument("dequantize: layer index out of range");
-  const uint8_t* q = static_cast<const uint8_t*>(qs.untyped_data()) + layer * tiles * q_dims[2] * tile;
-  const _Float16* d = reinterpret_cast<const _Float16*>(scales.typed_data()) + layer * tiles * nb * tile;
-  const _Float16* m = four_bit ? static_cast<const _Float16*>(mins.untyped_data()) + layer * tiles * nb * tile : nullptr;
-  float* out = w->typed_data();
+  const uint8_t* q = w.qs;
+  const _Float16* d = w.scales;
+  const _Float16* m = w.mins;
+  float* out = w_out->typed_data();
   ParallelFor(pool, tiles * nb, (k * n) / (1 << 16), [=](int64_t item) {
     const int64_t t = item / nb, b = item % nb;
     const _Float16* d_b = d + (t * nb + b) * tile;
     const _Float16* m_b = four_bit ? m + (t * nb + b) * tile : nullptr;
     float* out_b = out + b * kQuantBlock * n + t * tile;  // row b * 32, column t * tile
     if (four_bit) {
-      const uint8_t* q_b = q + (t * q_dims[2] + b * kQuantBlock / 2) * tile;
+      const uint8_t* q_b = q + (t * rows_q + b * kQuantBlock / 2) * tile;
       for (int64_t i = 0; i < kQuantBlock / 2; ++i) {
         const uint8_t* row = q_b + i * tile;
         float* lo = out_b + i * n;
@@ -724,7 +739,7 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<f
         }
       }
     } else {
-      const int8_t* q_b = reinterpret_cast<const int8_t*>(q) + (t * q_dims[2] + b * kQuantBlock) * tile;
+      const int8_t* q_b = reinterpret_cast<const int8_t*>(q) + (t * rows_q + b * kQuantBlock) * tile;
       for (int64_t i = 0; i < kQuantBlock; ++i) {
         const int8_t* row = q_b + i * tile;
         float* o = out_b + i * n;

@@ -126,6 +126,17 @@ def _require() -> None:
         raise RuntimeError(f"the native CPU kernels are unavailable: {why}")
 
 
+def _packed_operands(op: str, qs, scales, mins, layer):
+    """The kernels' weight operands (qs, scales, mins, layer) for packed weights: a 2-D W becomes a
+    stack of one, and 8-bit weights' missing mins are stood in for by the scales (never read)."""
+    _require()
+    if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
+        raise ValueError(f"{op} needs float16 scales / mins, got {scales.dtype}")
+    if layer is None:
+        qs, scales, mins, layer = qs[None], scales[None], None if mins is None else mins[None], 0
+    return qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32)
+
+
 def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.Array | None = None,
                      *, layer=None, quantize_x: bool = False) -> jax.Array:
     """x [..., k] @ W -> [..., n] in x.dtype, W in the layout of pallas_kernels/quant_matmul.py
@@ -134,21 +145,13 @@ def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.A
     of range is an error raised by the kernel). quantize_x: first round x to 8 bits per 32-block
     (quant_matmul's activations="q8"; the products then run in integers). Raises RuntimeError if
     the kernel is unavailable."""
-    _require()
-    if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
-        raise ValueError(f"quant_matmul_cpu needs float16 scales / mins, got {scales.dtype}")
-    if layer is None:  # a 2-D W is a stack of one
-        qs, scales, mins = (None if a is None else a[None] for a in (qs, scales, mins))
-        layer = 0
+    operands = _packed_operands("quant_matmul_cpu", qs, scales, mins, layer)
     lead, k = x.shape[:-1], x.shape[-1]
-    _, tiles, _, tile = qs.shape
+    _, tiles, _, tile = operands[0].shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
     call = jax.ffi.ffi_call(QUANT_GEMV, jax.ShapeDtypeStruct((x2.shape[0], tiles * tile), jnp.float32))
-    # 8-bit weights have no mins: the scales stand in for the unused argument (never read).
-    y = call(x2, qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32),
-             quantize_x=bool(quantize_x))
+    y = call(x2, *operands, quantize_x=bool(quantize_x))
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
-
 
 
 def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,
@@ -179,13 +182,8 @@ def dequantize_cpu(qs: jax.Array, scales: jax.Array, mins: jax.Array | None = No
     scales / mins), or of layer `layer` of stacked ones (read in place). What the prefill path feeds
     to XLA's dot (XLA's own dequantization fusion is ~3x slower). Bit-exact: d * q + m is one f32
     rounding, as in the gguf package's dequantization."""
-    _require()
-    if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
-        raise ValueError(f"dequantize_cpu needs float16 scales / mins, got {scales.dtype}")
-    if layer is None:
-        qs, scales, mins = (None if a is None else a[None] for a in (qs, scales, mins))
-        layer = 0
-    _, tiles, rows, tile = qs.shape
+    operands = _packed_operands("dequantize_cpu", qs, scales, mins, layer)
+    _, tiles, rows, tile = operands[0].shape
     k = rows * (2 if qs.dtype == jnp.uint8 else 1)
     call = jax.ffi.ffi_call(DEQUANTIZE, jax.ShapeDtypeStruct((k, tiles * tile), jnp.float32))
-    return call(qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32))
+    return call(*operands)

@@ -198,18 +198,31 @@ def quant_matmul_xla(x: jax.Array, qs, scales, mins=None, *, formulation: str | 
     formulation: a key of XLA_FORMULATIONS; default by row count (DECODE_ROWS).
     """
     check_quant_inputs(x, qs, scales, mins)
+    if formulation is None:
+        formulation = DECODE_FORMULATION if math.prod(x.shape[:-1]) <= DECODE_ROWS else "dequant_dot"
+    return _per_tile(x, qs, scales, mins, XLA_FORMULATIONS[formulation])
+
+
+def _per_tile(x, qs, scales, mins, tile_product):
+    """x [..., k] @ W -> [..., n] in x.dtype, as tile_product(x2 [rows, k], q, d, m) -> [rows, tile]
+    over W's column tiles (a lax.map, so one tile's floats exist at a time)."""
     lead, k = x.shape[:-1], x.shape[-1]
     tiles, _, tile = qs.shape
     x2 = x.reshape(-1, k)
-    if formulation is None:
-        formulation = DECODE_FORMULATION if x2.shape[0] <= DECODE_ROWS else "dequant_dot"
-    tile_product = XLA_FORMULATIONS[formulation]
     if tiles == 1:
         y = tile_product(x2, qs[0], scales[0], None if mins is None else mins[0])
     else:
         y = lax.map(lambda a: tile_product(x2, *a), (qs, scales, mins))  # [tiles, rows, tile]
         y = jnp.moveaxis(y, 0, 1).reshape(-1, tiles * tile)
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
+
+
+def _layer_of(qs, scales, mins, layer):
+    """W's leaves at `layer` of stacked ones (None: already 2-D)."""
+    if layer is None:
+        return qs, scales, mins
+    return tuple(None if a is None else lax.dynamic_index_in_dim(a, layer, keepdims=False)
+                 for a in (qs, scales, mins))
 
 
 # ----------------------------------------------------------------------------- Pallas kernel
@@ -321,9 +334,7 @@ def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", lay
         x = quantize_activations(x)
     if impl == "cpu":  # more rows: native dequantization (of one layer, in place), XLA's dot
         return _dequantize_cpu_dot(x, qs, scales, mins, layer)
-    if layer is not None:
-        qs, scales, mins = (None if a is None else lax.dynamic_index_in_dim(a, layer, keepdims=False)
-                            for a in (qs, scales, mins))
+    qs, scales, mins = _layer_of(qs, scales, mins, layer)
     if impl == "pallas":
         return quant_matmul_pallas(x, qs, scales, mins, block_m=16 if rows <= DECODE_ROWS else 64)
     if impl == "reference":
@@ -341,19 +352,12 @@ def _cpu_impl(x, scales) -> str:
 
 def _dequantize_cpu_dot(x, qs, scales, mins, layer):
     """x [..., k] @ W for many rows: W dequantized by the native kernel (~3x faster than XLA's own
-    dequantization fusion), then XLA's dot. Multi-tile weights (the LM head) go one tile at a time,
-    so the float copy stays a few MB."""
+    dequantization fusion), then XLA's dot. A one-tile weight is read in place at its layer;
+    multi-tile ones (the LM head) go one tile at a time, so the float copy stays a few MB."""
     from pallas_kernels.native_cpu import dequantize_cpu
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    tiles, tile = qs.shape[-3], qs.shape[-1]
-    if tiles == 1:
-        y = _dot(x2, dequantize_cpu(qs, scales, mins, layer=layer).astype(x.dtype))
-    else:
-        if layer is not None:
-            qs, scales, mins = (None if a is None else lax.dynamic_index_in_dim(a, layer, keepdims=False)
-                                for a in (qs, scales, mins))
-        y = lax.map(lambda a: _dot(x2, dequantize_cpu(a[0][None], a[1][None], None if a[2] is None else a[2][None])
-                                   .astype(x.dtype)), (qs, scales, mins))  # [tiles, rows, tile]
-        y = jnp.moveaxis(y, 0, 1).reshape(-1, tiles * tile)
-    return y.reshape(*lead, tiles * tile).astype(x.dtype)
+    if qs.shape[-3] == 1:
+        w = dequantize_cpu(qs, scales, mins, layer=layer).astype(x.dtype)
+        return _dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1).astype(x.dtype)
+    return _per_tile(x, *_layer_of(qs, scales, mins, layer),
+                     lambda x2, q, d, m: _dot(x2, dequantize_cpu(q[None], d[None], None if m is None else m[None])
+                                              .astype(x.dtype)))  # a tile as a one-tile W
