@@ -114,7 +114,7 @@ def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLo
         for key in PARAM_LAYER_KEYS:
             tensor = get(key, layer)
             if layer == 0:
-                layers[key] = _tree_map(lambda a: np.empty((config.num_layers, *a.shape), a.dtype), tensor)
+                layers[key] = _tree_map(lambda a: aligned_empty((config.num_layers, *a.shape), a.dtype), tensor)
             try:
                 _tree_map(lambda dst, src: dst.__setitem__(layer, src), layers[key], tensor)
             except (ValueError, TypeError) as e:  # a layer stored in another quant type than layer 0
@@ -122,6 +122,16 @@ def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLo
                                      f"from layer 0's ({e}); layers must share one type per tensor") from None
     params["layers"] = layers
     return params
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32, alignment: int = 64) -> np.ndarray:
+    """np.empty, but starting on an `alignment`-byte boundary: JAX's CPU backend adopts such an
+    array in `jax.device_put` instead of copying it (NumPy's own large arrays start 16 bytes past
+    a page boundary)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buffer = np.empty(nbytes + alignment, np.uint8)
+    start = -buffer.ctypes.data % alignment
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _tree_map(fn, *trees):

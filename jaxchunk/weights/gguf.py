@@ -1,7 +1,8 @@
 """GGUF (llama.cpp) loader: metadata -> LlamaConfig, tensors -> the params pytree.
 
-Parsing and dequantization are the `gguf` package's (`GGUFReader`, `gguf.quants.dequantize`);
-this module adds what llama.cpp's format leaves to the reader:
+The container is parsed by `gguf_file.read_gguf` (memory-mapped; the `gguf` package's
+`GGUFReader` takes seconds on a tokenizer's metadata), dequantization is `gguf.quants`'s; this
+module adds what llama.cpp's format leaves to the reader:
 
 * the config, read entirely from `{arch}.*` / `tokenizer.ggml.*` metadata;
 * layout: GGUF stores a linear weight as ne=[in, out], i.e. NumPy [out, in]; params want
@@ -10,7 +11,9 @@ this module adds what llama.cpp's format leaves to the reader:
   rotate-half order to interleaved pairs); `unpermute_qk` undoes it;
 * every failure as a jaxchunk error naming the file, the tensor or key, and the problem.
 
-`load_gguf_raw` exposes the still-quantized blocks, for a quantized-matmul path.
+`load_gguf_raw` exposes the still-quantized blocks, for a quantized-matmul path;
+`open_gguf` + `gguf_field` / `config_from_gguf` / `raw_tensors` read a file without loading it
+(shared with the tokenizer and `jaxchunk.weights.inspect`).
 """
 from __future__ import annotations
 
@@ -18,15 +21,16 @@ import collections
 import os
 import struct
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from jaxchunk.config import LlamaConfig, RopeScaling
 from jaxchunk.errors import ModelFileError, UnsupportedError
-from jaxchunk.weights.convert import LINEAR_KEYS, assemble_params, check_tensors, expected_keys
+from jaxchunk.weights.convert import LINEAR_KEYS, aligned_empty, assemble_params, check_tensors, expected_keys
+from jaxchunk.weights.gguf_file import GGUFFile, RawTensor, read_gguf
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,22 +55,10 @@ def gguf_tensor_name(key: str, layer: Optional[int]) -> str:
     return GGUF_NAMES[key] if layer is None else f"blk.{layer}.{GGUF_NAMES[key]}"
 
 
-class RawTensor(NamedTuple):
-    """One tensor as stored: still quantized, a read-only view into the memory-mapped file.
-
-    Blocks run along rows, so whole rows can be reordered without dequantizing: Q/K rows are
-    in llama.cpp's permuted order here, and `unpermute_qk(blocks, n_head)` fixes that.
-    """
-
-    name: str
-    qtype: str                 # GGML type name: "Q4_1", "Q8_0", "F32", ...
-    shape: tuple[int, ...]     # logical shape in NumPy order: [out, in] for a linear weight
-    blocks: np.ndarray         # uint8 [*shape[:-1], bytes per row]
-
-
-def open_gguf(path: PathLike) -> GGUFReader:
-    """A `GGUFReader` for `path`, with every way the file can be bad turned into
-    ModelFileError (not a GGUF, truncated, corrupt) or UnsupportedError (version, byte order)."""
+def open_gguf(path: PathLike) -> GGUFFile:
+    """The parsed, memory-mapped GGUF at `path` (see `gguf_file`), with every way the file can be
+    bad turned into ModelFileError (not a GGUF, truncated, corrupt) or UnsupportedError (version,
+    byte order). Nothing is read beyond the metadata and tensor table until a tensor is used."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such GGUF file")
@@ -83,52 +75,59 @@ def open_gguf(path: PathLike) -> GGUFReader:
         raise UnsupportedError(f"{path}: GGUF version {version} is not supported "
                                f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader signals bad input with assorted built-in errors
+        return read_gguf(path)
+    except Exception as e:  # struct.error, ValueError (bad enum values, overruns), UnicodeDecodeError
         size = path.stat().st_size
         raise ModelFileError(f"{path}: corrupt or truncated GGUF ({size} bytes), or one the gguf "
                              f"package cannot read: {type(e).__name__}: {e}") from e
 
 
-def _field(reader: GGUFReader, path, key: str, kind: type, default: Any = ...) -> Any:
-    """Metadata value `key` as `kind` (int, float, str or bool); `default` if absent and given."""
+_INT_TYPES = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                        GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
+# What `gguf_field` accepts as each kind: the value types a field may have ([ARRAY, item] for lists).
+_KIND_TYPES = {
+    int: lambda types: len(types) == 1 and types[0] in _INT_TYPES,
+    float: lambda types: tuple(types) in ((GGUFValueType.FLOAT32,), (GGUFValueType.FLOAT64,)),
+    str: lambda types: tuple(types) == (GGUFValueType.STRING,),
+    bool: lambda types: tuple(types) == (GGUFValueType.BOOL,),
+    list[str]: lambda types: tuple(types) == (GGUFValueType.ARRAY, GGUFValueType.STRING),
+    list[int]: lambda types: len(types) == 2 and types[0] == GGUFValueType.ARRAY and types[1] in _INT_TYPES,
+}
+
+
+def gguf_field(reader, path: PathLike, key: str, kind: type, default: Any = ...) -> Any:
+    """Metadata value `key` of `reader` (a `GGUFFile`, or anything with `GGUFReader.get_field`'s
+    answers) as `kind`: int, float, str, bool, list[str] or list[int]. `default` if the key is
+    absent and a default is given; ModelFileError naming `path` and the key if it is absent
+    otherwise, or stored as another type."""
     field = reader.get_field(key)
     if field is None:
         if default is ...:
             raise ModelFileError(f"{path}: missing metadata key {key!r}")
         return default
-    vtype = field.types[0] if field.types else None
-    ok = {
-        int: vtype in (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16,
-                       GGUFValueType.INT16, GGUFValueType.UINT32, GGUFValueType.INT32,
-                       GGUFValueType.UINT64, GGUFValueType.INT64),
-        float: vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64),
-        str: vtype == GGUFValueType.STRING,
-        bool: vtype == GGUFValueType.BOOL,
-    }[kind]
-    if not ok:
-        raise ModelFileError(f"{path}: metadata key {key!r} has type "
-                             f"{getattr(vtype, 'name', vtype)}, expected {kind.__name__}")
+    types = list(field.types)
+    if not _KIND_TYPES[kind](types):
+        stored = "[".join(getattr(t, "name", str(t)) for t in types) + "]" * (len(types) - 1)
+        if kind in (list[str], list[int]):
+            raise ModelFileError(f"{path}: metadata key {key!r} is not a {kind} (it has type {stored})")
+        raise ModelFileError(f"{path}: metadata key {key!r} has type {stored}, expected {kind.__name__}")
     value = field.contents()
-    if vtype == GGUFValueType.FLOAT32:
+    if kind in (list[str], list[int]):
+        return list(value)
+    if types == [GGUFValueType.FLOAT32]:
         # Shortest decimal that rounds to the stored float32: 1e-05, not 9.999999747378752e-06.
         value = float(str(np.float32(value)))
     return kind(value)
 
 
-def _raw_tensor(t) -> RawTensor:
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne[0] (columns) first
-    blocks = t.data.view(np.uint8)  # F32/F16 come back typed; quantized ones already as bytes
-    return RawTensor(t.name, t.tensor_type.name, shape, blocks.reshape(*shape[:-1], -1))
-
-
-def _raw_tensors(reader: GGUFReader) -> dict[str, RawTensor]:
-    return {t.name: _raw_tensor(t) for t in reader.tensors}
+def raw_tensors(gguf: GGUFFile) -> dict[str, RawTensor]:
+    """Every tensor of an open GGUF, still quantized: name -> RawTensor (views, no copies)."""
+    return dict(gguf.tensors)
 
 
 def load_gguf_raw(path: PathLike) -> dict[str, RawTensor]:
     """Every tensor of the GGUF at `path`, still quantized: name -> RawTensor (no copies)."""
-    return _raw_tensors(open_gguf(path))
+    return raw_tensors(open_gguf(path))
 
 
 def _check_qtype(raw: RawTensor, path) -> None:
@@ -137,11 +136,63 @@ def _check_qtype(raw: RawTensor, path) -> None:
                                f"{', '.join(sorted(q.name for q in SUPPORTED_QTYPES))}")
 
 
-def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>") -> np.ndarray:
-    """float32 array of `raw.shape` (file layout: [out, in]), dequantized by gguf.quants."""
+# Bytes of one 32-weight block of the types dequantized here rather than by gguf.quants.
+_BLOCK_BYTES = {"Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16, "Q8_0": 2 + 32}
+
+
+def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>", transpose: bool = False) -> np.ndarray:
+    """float32 array of `raw.shape` (file layout: [out, in]), or with `transpose` of the reversed
+    shape ([in, out], C-contiguous: params orientation, built directly rather than by a copy).
+
+    Q4_0 / Q4_1 / Q8_0 / F32 / F16 are dequantized here, vectorised over the whole tensor with
+    the same float32 arithmetic as gguf.quants (so bit-identical: d * q (+ m)); the other types
+    by gguf.quants.
+    """
     _check_qtype(raw, path)
-    qtype = GGMLQuantizationType[raw.qtype]
-    return np.asarray(_gguf_dequantize(raw.blocks, qtype), dtype=np.float32).reshape(raw.shape)
+    if raw.qtype in _BLOCK_BYTES and len(raw.shape) == 2:
+        return _dequantize_blocks(raw, transpose)
+    if raw.qtype in ("F32", "F16"):
+        w = raw.blocks.view(np.float32 if raw.qtype == "F32" else np.float16).reshape(raw.shape)
+    else:
+        w = np.asarray(_gguf_dequantize(raw.blocks, GGMLQuantizationType[raw.qtype]),
+                       dtype=np.float32).reshape(raw.shape)
+    w = w.T if transpose else w
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _dequantize_blocks(raw: RawTensor, transpose: bool) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q8_0 [rows, in] -> float32 [rows, in], or [in, rows] with `transpose`.
+
+    Works in block layout [rows, nb, 32] (or [nb, 32, rows]): the quants are cast into the output,
+    then scaled (and shifted) in place, so the only full-size array is the output. Transposing
+    happens on the packed bytes (1/8 or 1/4 of the output's size), never on floats.
+    """
+    rows, cols = raw.shape
+    nb = cols // 32
+    blocks = raw.blocks.reshape(rows, nb, _BLOCK_BYTES[raw.qtype])
+    scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # d [rows, nb]
+    shift = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if raw.qtype == "Q4_1" else None
+    quants = blocks[:, :, 4:] if raw.qtype == "Q4_1" else blocks[:, :, 2:]     # [rows, nb, 16 or 32]
+    if transpose:  # block axes first, rows last: [nb, bytes, rows]
+        quants = np.ascontiguousarray(quants.transpose(1, 2, 0))
+        scale, shift = scale.T[:, None, :], None if shift is None else shift.T[:, None, :]
+        out = aligned_empty((nb, 32, rows))
+        lo, hi = (slice(None), slice(0, 16)), (slice(None), slice(16, 32))
+    else:
+        scale, shift = scale[..., None], None if shift is None else shift[..., None]
+        out = aligned_empty((rows, nb, 32))
+        lo, hi = (slice(None), slice(None), slice(0, 16)), (slice(None), slice(None), slice(16, 32))
+    if raw.qtype == "Q8_0":
+        out[...] = quants.view(np.int8)
+    else:  # weight j of a block is the low nibble of byte j, weight 16 + j its high nibble
+        out[lo] = quants & np.uint8(0x0F)
+        out[hi] = quants >> np.uint8(4)
+        if raw.qtype == "Q4_0":
+            out -= np.float32(8)  # d * (q - 8): q - 8 is exact in float32
+    out *= scale
+    if shift is not None:
+        out += shift
+    return out.reshape((cols, rows) if transpose else (rows, cols))
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -169,14 +220,14 @@ def llama3_rope_factors(theta: float, head_dim: int, s: RopeScaling) -> np.ndarr
                     np.where(wavelen > orig / s.low_freq_factor, s.factor, blend))
 
 
-def _rope_scaling(reader: GGUFReader, path, arch: str, raw: dict[str, RawTensor],
+def _rope_scaling(reader: GGUFFile, path, arch: str, raw: dict[str, RawTensor],
                   theta: float, head_dim: int) -> Optional[RopeScaling]:
     if "rope_freqs.weight" in raw:
         # llama.cpp stores Llama-3 scaling as precomputed factors, not parameters. Take the
         # largest factor as `factor`, the other parameters as in every Llama 3.x release, and
         # accept that only if it reproduces every stored factor.
         factors = dequantize_raw(raw["rope_freqs.weight"], path).ravel()
-        orig = _field(reader, path, f"{arch}.rope.scaling.original_context_length", int, 8192)
+        orig = gguf_field(reader, path, f"{arch}.rope.scaling.original_context_length", int, 8192)
         guess = RopeScaling(kind="llama3", factor=float(factors.max()),
                             original_max_position_embeddings=orig)
         if factors.shape == (head_dim // 2,) and np.allclose(
@@ -185,24 +236,27 @@ def _rope_scaling(reader: GGUFReader, path, arch: str, raw: dict[str, RawTensor]
         raise UnsupportedError(f"{path}: tensor 'rope_freqs.weight' holds RoPE frequency factors "
                                f"that are not Llama-3 scaling with factor={guess.factor}, "
                                f"low/high_freq_factor=1/4, original context {orig}")
-    kind = _field(reader, path, f"{arch}.rope.scaling.type", str, "none")
+    kind = gguf_field(reader, path, f"{arch}.rope.scaling.type", str, "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return RopeScaling(kind="linear", factor=_field(reader, path, f"{arch}.rope.scaling.factor", float))
+        return RopeScaling(kind="linear", factor=gguf_field(reader, path, f"{arch}.rope.scaling.factor", float))
     raise UnsupportedError(f"{path}: RoPE scaling type {kind!r} is not supported "
                            f"(supported: none, linear, Llama-3 rope_freqs)")
 
 
-def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
-    arch = _field(reader, path, "general.architecture", str)
+def config_from_gguf(reader: GGUFFile) -> LlamaConfig:
+    """The LlamaConfig described by an open GGUF's `{arch}.*` metadata (and its tensor table:
+    vocabulary size, tied embeddings, Llama-3 RoPE factors), every inconsistency as an error."""
+    path, raw = reader.path, reader.tensors
+    arch = gguf_field(reader, path, "general.architecture", str)
     if arch != "llama":
         raise UnsupportedError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    if _field(reader, path, f"{arch}.expert_count", int, 0) > 0:
+    if gguf_field(reader, path, f"{arch}.expert_count", int, 0) > 0:
         raise UnsupportedError(f"{path}: mixture-of-experts llama models are not supported")
 
     def get(key, kind, default=...):
-        return _field(reader, path, f"{arch}.{key}", kind, default)
+        return gguf_field(reader, path, f"{arch}.{key}", kind, default)
 
     hidden, n_heads = get("embedding_length", int), get("attention.head_count", int)
     head_dim = get("attention.key_length", int, None) or (hidden // n_heads if n_heads else 0)
@@ -222,8 +276,8 @@ def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
         raise ModelFileError(f"{path}: {arch}.vocab_size is {get('vocab_size', int)} but "
                              f"{GGUF_NAMES['embed']!r} has {vocab} rows")
     tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens.data) > vocab:
-        raise ModelFileError(f"{path}: tokenizer has {len(tokens.data)} tokens but the "
+    if tokens is not None and len(tokens.contents()) > vocab:
+        raise ModelFileError(f"{path}: tokenizer has {len(tokens.contents())} tokens but the "
                              f"embedding has only {vocab} rows")
     theta = get("rope.freq_base", float, 10000.0)
     try:
@@ -240,8 +294,8 @@ def _config(reader: GGUFReader, path, raw: dict[str, RawTensor]) -> LlamaConfig:
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", float),
             tie_word_embeddings=GGUF_NAMES["lm_head"] not in raw,
             rope_scaling=_rope_scaling(reader, path, arch, raw, theta, head_dim),
-            bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
-            eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
+            bos_token_id=gguf_field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
+            eos_token_id=gguf_field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
         )
     except ValueError as e:  # LlamaConfig's own validation (zero sizes, bad GQA ratio)
         raise ModelFileError(f"{path}: inconsistent metadata: {e}") from None
@@ -258,15 +312,18 @@ def _quantized_keys(config: LlamaConfig, raw: dict[str, RawTensor]) -> set[str]:
     return {key for key, found in types.items() if len(found) == 1 and found <= set(QTYPES)}
 
 
-def _file_type_name(file_type: Optional[int]) -> str:
+def file_type_name(file_type: Optional[int]) -> str:
+    """llama.cpp's name of a `general.file_type` id ("MOSTLY_Q4_1"), or the id itself if unknown."""
     try:
         return LlamaFileType(file_type).name
     except ValueError:
         return str(file_type)
 
 
-def load_gguf(path: PathLike, dtype=np.float32, quantized: bool = False) -> tuple[LlamaConfig, dict, dict]:
-    """Load a llama GGUF into `(config, params, metadata)`.
+def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
+              quantized: bool = False) -> tuple[LlamaConfig, dict, dict]:
+    """Load a llama GGUF (a path, or a file `open_gguf` already opened, e.g. to read its tokenizer
+    too) into `(config, params, metadata)`.
 
     params is the pytree documented in `jaxchunk.weights` (NumPy arrays of `dtype`, linear
     weights [in, out], Q/K rows in Hugging Face order); metadata is a small dict of strings:
@@ -278,9 +335,9 @@ def load_gguf(path: PathLike, dtype=np.float32, quantized: bool = False) -> tupl
     dequantizing; a matrix kind whose layers are not all one of those types, and the norms, are
     dequantized to `dtype` as usual.
     """
-    reader = open_gguf(path)
-    raw = _raw_tensors(reader)
-    config = _config(reader, path, raw)
+    reader = path if isinstance(path, GGUFFile) else open_gguf(path)
+    path, raw = reader.path, reader.tensors
+    config = config_from_gguf(reader)
     check_tensors(path, config, gguf_tensor_name, {name: t.shape for name, t in raw.items()})
     for key, layer in expected_keys(config):  # fail before dequantizing anything
         _check_qtype(raw[gguf_tensor_name(key, layer)], path)
@@ -288,14 +345,16 @@ def load_gguf(path: PathLike, dtype=np.float32, quantized: bool = False) -> tupl
 
     def load(key: str, layer: Optional[int]):
         t = raw[gguf_tensor_name(key, layer)]
-        # A kept tensor moves as whole rows of quant blocks; only its Q/K row order is fixed.
-        w = t if key in keep else dequantize_raw(t, path)
-        rows = w.blocks if key in keep else w
+        # Q/K rows move as whole rows of quant blocks, before anything is dequantized.
         if key == "wq":
-            rows = unpermute_qk(rows, config.num_heads)
+            t = t._replace(blocks=unpermute_qk(t.blocks, config.num_heads))
         elif key == "wk":
-            rows = unpermute_qk(rows, config.num_kv_heads)
-        return t._replace(blocks=rows) if key in keep else rows
+            t = t._replace(blocks=unpermute_qk(t.blocks, config.num_kv_heads))
+        if key in keep:
+            return t
+        if key in LINEAR_KEYS:  # dequantized straight into [in, out]; the .T hands back file orientation
+            return dequantize_raw(t, path, transpose=True).T
+        return dequantize_raw(t, path)
 
     def pack(key: str, t):
         if key not in keep:
@@ -306,14 +365,14 @@ def load_gguf(path: PathLike, dtype=np.float32, quantized: bool = False) -> tupl
         return pack_gguf_rows(t.blocks, t.qtype, t.shape)
 
     params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path, pack=pack)
-    file_type = _field(reader, path, "general.file_type", int, None)
+    file_type = gguf_field(reader, path, "general.file_type", int, None)
     metadata = {
         "format": "gguf",
         "path": str(path),
         "architecture": "llama",
-        "name": _field(reader, path, "general.name", str, ""),
-        "file_type": _file_type_name(file_type),
-        "gguf_version": str(_field(reader, path, "GGUF.version", int)),
+        "name": gguf_field(reader, path, "general.name", str, ""),
+        "file_type": file_type_name(file_type),
+        "gguf_version": str(reader.version),
         "tensor_types": ",".join(f"{k}:{v}" for k, v in
                                  collections.Counter(t.qtype for t in raw.values()).most_common()),
     }
