@@ -226,9 +226,9 @@ def write_gguf(path: Path, skip: tuple[str, ...] = (), **overrides) -> Path:
     ("€" instead of its byte spelling "âĤ¬"). `skip` leaves fields out; `overrides` replaces them."""
     import gguf
 
-    from jaxchunk.tokenizer import _byte_spelling
+    from jaxchunk.tokenizer import byte_spelling
 
-    spell = _byte_spelling()
+    spell = byte_spelling()
     euro = [spell[b] for b in "€".encode()]  # 3 bytes
     merges = ["Ġ t", "h e", "Ġt he", "Ġ Â", "Â ½", "Ġ a", "i n", "Ġa n",
               f"{euro[0]} {euro[1]}", f"{euro[0]}{euro[1]} {euro[2]}"]
@@ -335,8 +335,8 @@ def test_tiny_gguf_matches_transformers(tmp_path):
     assert ours.encode("€") == [269]  # stored raw, re-spelled so that BPE reaches it
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from jaxchunk.tokenizer import _byte_spelling
-    assert _byte_spelling() == bytes_to_unicode()
+    from jaxchunk.tokenizer import byte_spelling
+    assert byte_spelling() == bytes_to_unicode()
 
 
 def test_tiny_gguf_pre_tokenizers(tmp_path):

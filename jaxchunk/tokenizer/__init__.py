@@ -1,0 +1,25 @@
+"""Text <-> token ids: one interface (`Tokenizer`) over three kinds of tokenizer file.
+
+* GGUF (llama.cpp): the vocabulary, merges and special tokens live in the file's metadata
+  (`tokenizer.ggml.*`); `Tokenizer.from_gguf` rebuilds them as a Hugging Face `tokenizers`
+  byte-level BPE (gguf.py, which also says how its pre-tokenization follows llama.cpp).
+* Hugging Face `tokenizer.json` (+ `tokenizer_config.json` beside it for the chat template and
+  BOS/EOS): `Tokenizer.from_hf_json` (hf.py).
+* SentencePiece `.model`: `Tokenizer.from_sentencepiece` (sentencepiece.py).
+
+`load_tokenizer(path)` picks the right one from a file or a model directory (load.py);
+`gguf_add_bos` / `hf_add_bos` say whether a model file asks for a BOS token before a prompt.
+The interface and the streaming decoder are base.py's, chat templating chat_template.py's.
+"""
+from jaxchunk.tokenizer.base import IncrementalDecoder, Tokenizer
+from jaxchunk.tokenizer.chat_template import compile_chat_template, render_chat_template
+from jaxchunk.tokenizer.gguf import byte_spelling, gguf_add_bos, tokenizer_from_gguf
+from jaxchunk.tokenizer.hf import HFTokenizer, hf_add_bos, tokenizer_from_hf_json
+from jaxchunk.tokenizer.load import load_tokenizer
+from jaxchunk.tokenizer.sentencepiece import SentencePieceTokenizer, tokenizer_from_sentencepiece
+
+__all__ = [
+    "Tokenizer", "HFTokenizer", "SentencePieceTokenizer", "IncrementalDecoder", "load_tokenizer",
+    "tokenizer_from_gguf", "tokenizer_from_hf_json", "tokenizer_from_sentencepiece",
+    "gguf_add_bos", "hf_add_bos", "byte_spelling", "compile_chat_template", "render_chat_template",
+]
