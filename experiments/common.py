@@ -36,11 +36,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from jaxchunk.fetch import DEFAULT_MODEL  # the model registry's default; imports no JAX
+from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
 MODELS = (DEFAULT_MODEL, TINY_MODEL)
-DTYPES = ("f32", "bf16")
 MB = 1024 ** 2
 
 
@@ -234,21 +235,19 @@ def model_path(name: str = DEFAULT_MODEL) -> Path:
     return fetch_model(name)
 
 
-@functools.lru_cache(maxsize=2)
-def _host_weights(name: str):
-    """(config, float32 NumPy params, source), loaded once per process: dequantizing the GGUF
-    takes ~10 s, and the f32 and bf16 runs share it."""
-    if name == TINY_MODEL:
-        import jax
-        from jaxchunk.model import init_params
-        config = tiny_config()
-        # scale 0.2 (not the default 0.02) gives peaked attention, so a wrong mask shows up clearly.
-        params = jax.tree.map(np.asarray, init_params(config, seed=0, scale=0.2))
-        return config, params, "random init (jaxchunk.model.init_params, seed 0, scale 0.2)"
-    from jaxchunk.weights.gguf import load_gguf
-    path = model_path(name)
-    config, params, _ = load_gguf(path, np.float32)
-    return config, params, str(path)
+def _tiny_host_weights(quantized: bool):
+    """(config, float32 NumPy params, source) of the random model; quantized: Q4_1 layers and a
+    Q8_0 embedding (jaxchunk.weights.quantized.quantize_params)."""
+    import jax
+    from jaxchunk.model import init_params
+    config = tiny_config()
+    # scale 0.2 (not the default 0.02) gives peaked attention, so a wrong mask shows up clearly.
+    params = jax.tree.map(np.asarray, init_params(config, seed=0, scale=0.2))
+    source = "random init (jaxchunk.model.init_params, seed 0, scale 0.2)"
+    if not quantized:
+        return config, params, source
+    from jaxchunk.weights.quantized import quantize_params
+    return config, quantize_params(params, "Q4_1", "Q8_0"), source + ", quantized Q4_1 / Q8_0"
 
 
 @functools.lru_cache(maxsize=2)
@@ -260,50 +259,36 @@ def _tokenizer(name: str):
     return Tokenizer.from_gguf(model_path(name))
 
 
-WEIGHTS = ("dequantized", "q4", "q4_q8")  # load_model's weight modes
+WEIGHTS = ("dequantized", *QUANTIZED_MODES)  # load_model's weight modes (its dtype says the float one)
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "f32", weights: str = "dequantized") -> LoadedModel:
-    """SmolLM2-135M (GGUF dequantized by jaxchunk) or the tiny random model, cast to `dtype`
-    (bf16: packed as `jaxchunk.load` packs it, for inference; not differentiable).
+    """SmolLM2-135M (its GGUF, through jaxchunk.weights.load_weights as jaxchunk.load reads it) or
+    the tiny random model, in `dtype` (bf16: packed as `jaxchunk.load` packs it, for inference;
+    not differentiable).
 
     weights="q4": the weight matrices stay quantized (jaxchunk.weights.quantized; the GGUF's own
     Q4_1 / Q8_0 blocks, or for the random model Q4_1 layers and a Q8_0 embedding); norms in `dtype`.
     "q4_q8": the same, each matrix's input rounded to 8 bits per 32-block (as jaxchunk.load).
     """
     import jax
-    import jax.numpy as jnp
+
+    from jaxchunk.weights import load_weights, prepare_params
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    jnp_dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
-    if weights in ("q4", "q4_q8"):
-        from jaxchunk.weights.quantized import with_activations
-        config, host_params, source = _quantized_host_weights(name)
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype if a.dtype == np.float32 else a.dtype),
-                              host_params)
-        params = with_activations(params, "q8" if weights == "q4_q8" else "float")
-        note = " (weights kept quantized" + (", inputs rounded to 8 bits)" if weights == "q4_q8" else ")")
-        return LoadedModel(name, dtype, config, params, _tokenizer(name), source + note)
-    config, host_params, source = _host_weights(name)
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp_dtype), host_params)
-    if dtype == "bf16":  # as jaxchunk.load does: bf16 matrices held as bits (jaxchunk/weights/bf16.py)
-        from jaxchunk.weights.bf16 import pack_bf16
-        params = pack_bf16(params)
-    return LoadedModel(name, dtype, config, params, _tokenizer(name), source)
-
-
-def _quantized_host_weights(name: str):
-    """(config, params with QuantizedWeight matrices, source)."""
+    quantized = weights in QUANTIZED_MODES
     if name == TINY_MODEL:
-        from jaxchunk.weights.quantized import quantize_params
-        config, params, source = _host_weights(name)
-        return config, quantize_params(params, "Q4_1", "Q8_0"), source + ", quantized Q4_1 / Q8_0"
-    from jaxchunk.weights.gguf import load_gguf
-    path = model_path(name)
-    config, params, _ = load_gguf(path, np.float32, quantized=True)
-    return config, params, str(path)
+        config, host_params, source = _tiny_host_weights(quantized)
+        params = prepare_params(host_params, dtype, weights)
+    else:
+        path = model_path(name)
+        config, params, _ = load_weights(path, dtype=dtype, weights=weights)
+        source = str(path)
+    if quantized:
+        source += " (weights kept quantized" + (", inputs rounded to 8 bits)" if weights == "q4_q8" else ")")
+    return LoadedModel(name, dtype, config, jax.device_put(params), _tokenizer(name), source)
 
 
 def prompt_ids(name: str, n: int) -> np.ndarray:

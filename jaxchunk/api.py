@@ -20,7 +20,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -29,7 +28,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Un
 import numpy as np
 
 from jaxchunk.config import LlamaConfig
-from jaxchunk.errors import InputError, ModelFileError, UnsupportedError
+from jaxchunk.errors import InputError
+from jaxchunk.fetch import DEFAULT_MODEL
+from jaxchunk.weights.modes import QUANTIZED_MODES
 
 if TYPE_CHECKING:
     from jaxchunk.cache import KVCache
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["load", "Model", "StopStrings"]
 
-DTYPES = ("f32", "bf16")
-WEIGHT_MODES = ("dequantized", "f32", "bf16", "q4", "q4_q8")
-QUANTIZED_MODES = ("q4", "q4_q8")
 DEFAULT_MAX_SEQ_LEN = 8192
 PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
 PERPLEXITY_MAX_CHUNK = 512    # auto chunk cap for perplexity: "all" logits are [chunk, vocab] f32
@@ -48,7 +46,7 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- loading
-def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str] = None,
+def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str] = None,
          weights: str = "dequantized", attention_impl: str = "auto", cache_dtype: Optional[str] = None,
          max_seq_len: Optional[int] = None) -> "Model":
     """Load a Llama model and its tokenizer.
@@ -79,33 +77,19 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str
     max_seq_len: KV-cache capacity (prompt + generated tokens); default min(model context, 8192).
     """
     from jaxchunk.fetch import resolve_model
+    from jaxchunk.weights.load import resolve_dtype
 
-    _check_weights_mode(weights)
-    if dtype is None:
-        dtype = "bf16" if weights == "bf16" else "f32"
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if weights in DTYPES and dtype != weights:
-        raise InputError(f"weights={weights!r} dequantizes to {weights} and computes in it; dtype={dtype!r} "
-                         f"contradicts that (leave dtype out, or use weights='dequantized')")
+    dtype = resolve_dtype(dtype, weights)
     path = resolve_model(model)  # before importing JAX: a wrong path fails fast
 
     import jax
-    import jax.numpy as jnp
 
     from jaxchunk.cache import resolve_cache_dtype
 
     _check_attention_impl(attention_impl)
     cache_dtype = dtype if cache_dtype is None else cache_dtype
     resolve_cache_dtype(cache_dtype)  # InputError for an unknown name, before the slow part
-    np_dtype = {"f32": np.float32, "bf16": jnp.bfloat16}[dtype]
-    config, params, metadata, tokenizer, add_bos = _load_files(path, np_dtype, quantized=weights in QUANTIZED_MODES)
-    if weights == "q4_q8":
-        from jaxchunk.weights.quantized import with_activations
-        params = with_activations(params, "q8")
-    if dtype == "bf16" and weights not in QUANTIZED_MODES:
-        from jaxchunk.weights.bf16 import pack_bf16
-        params = pack_bf16(params)  # bf16 matrices held as bits: see jaxchunk/weights/bf16.py
+    config, params, metadata, tokenizer, add_bos = _load_files(path, dtype, weights)
 
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -118,11 +102,6 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str
                  add_bos=add_bos, weights=weights if weights in QUANTIZED_MODES else dtype)
 
 
-def _check_weights_mode(weights: str) -> None:
-    if weights not in WEIGHT_MODES:
-        raise InputError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
-
-
 def _check_attention_impl(impl: str) -> None:
     try:
         from pallas_kernels.attention import IMPLS
@@ -132,41 +111,20 @@ def _check_attention_impl(impl: str) -> None:
         raise InputError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _load_files(path: Path, np_dtype, quantized: bool = False):
-    """(config, params, metadata, tokenizer, add_bos) from a .gguf file or a model directory;
-    quantized: keep a GGUF's Q4_0 / Q4_1 / Q8_0 matrices quantized (weights="q4")."""
-    from jaxchunk.tokenizer import load_tokenizer
+def _load_files(path: Path, dtype: str, weights: str):
+    """(config, params, metadata, tokenizer, add_bos) from a .gguf file or a model directory.
+    A GGUF is parsed once, for the weights and the tokenizer alike."""
+    from jaxchunk.tokenizer import Tokenizer, gguf_add_bos, hf_add_bos, load_tokenizer
+    from jaxchunk.weights.gguf import open_gguf
+    from jaxchunk.weights.load import checkpoint_path, load_weights
 
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            if quantized:
-                raise UnsupportedError(f"{path}: weights='q4' keeps a GGUF file's quantized blocks; this is a "
-                                       f"Hugging Face checkpoint with float weights (use weights='f32' or 'bf16')")
-            from jaxchunk.weights.safetensors import load_safetensors
-            config, params, metadata = load_safetensors(path, dtype=np_dtype)
-            return config, params, metadata, load_tokenizer(path), _hf_add_bos(path)
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelFileError(f"{path}: not a model directory (no config.json, and "
-                                 f"{len(ggufs)} .gguf files instead of one)")
-        path = ggufs[0]
-    from jaxchunk.tokenizer import Tokenizer
-    from jaxchunk.weights.gguf import load_gguf, open_gguf
-
-    config, params, metadata = load_gguf(path, dtype=np_dtype, quantized=quantized)  # ModelFileError if not a GGUF
-    reader = open_gguf(path)
-    field = reader.get_field("tokenizer.ggml.add_bos_token")
-    add_bos = bool(field.contents()) if field is not None else False
-    return config, params, metadata, Tokenizer.from_gguf(path, reader=reader), add_bos
-
-
-def _hf_add_bos(model_dir: Path) -> bool:
-    """`add_bos_token` from tokenizer_config.json (False when absent or unreadable)."""
-    try:
-        value = json.loads((model_dir / "tokenizer_config.json").read_text()).get("add_bos_token")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return bool(value)
+    path = checkpoint_path(path)
+    if path.is_dir():  # a Hugging Face checkpoint
+        config, params, metadata = load_weights(path, dtype=dtype, weights=weights)
+        return config, params, metadata, load_tokenizer(path), hf_add_bos(path)
+    gguf = open_gguf(path)  # ModelFileError if not a GGUF
+    config, params, metadata = load_weights(gguf, dtype=dtype, weights=weights)
+    return config, params, metadata, Tokenizer.from_gguf(path, reader=gguf), gguf_add_bos(gguf, path)
 
 
 # ----------------------------------------------------------------------------- stop strings

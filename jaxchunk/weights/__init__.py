@@ -22,8 +22,26 @@ With `load_gguf(..., quantized=True)` (weights="q4") a matrix may instead be a
 layers the same way); a quantized "embed" stands for the LM head's [hidden, vocab], i.e. the
 embedding transposed.
 
+Entry points: `load_weights(path, dtype=, weights=)` (the one way to get params ready for the
+device: read, dequantize or keep quantized, `prepare_params`), `inspect(path)` (what a checkpoint
+holds, without loading it), and the mode names DTYPES / WEIGHT_MODES / QUANTIZED_MODES. Modules:
+gguf_file (the GGUF container), gguf / safetensors (the two formats), convert (shared assembly),
+quantized / bf16 (in-memory weight forms), load, inspect, modes.
+
 `jaxchunk.load(..., dtype="bf16")` holds the bf16 matrices and embedding as `bf16.BF16Weight` (the
 same values as uint16 bits, same shapes; see bf16.py for why); `bf16.unpack_bf16` undoes it.
 """
 
 PARAM_LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+# After PARAM_LAYER_KEYS: the modules below import it from here.
+from jaxchunk.weights.inspect import CheckpointInfo, TensorGroup, TokenizerSummary, inspect  # noqa: E402
+from jaxchunk.weights.load import (  # noqa: E402
+    checkpoint_path, load_weights, numpy_dtype, prepare_params, resolve_dtype)
+from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES, WEIGHT_MODES  # noqa: E402
+
+__all__ = [
+    "PARAM_LAYER_KEYS", "DTYPES", "WEIGHT_MODES", "QUANTIZED_MODES", "load_weights", "prepare_params",
+    "resolve_dtype", "numpy_dtype", "checkpoint_path", "inspect", "CheckpointInfo", "TensorGroup",
+    "TokenizerSummary",
+]
