@@ -26,6 +26,7 @@ from jaxchunk.weights import PARAM_LAYER_KEYS
 TensorName = Callable[[str, Optional[int]], str]
 TensorLoad = Callable[[str, Optional[int]], np.ndarray]
 TensorPack = Callable[[str, Any], Any]
+TensorFill = Callable[[str, int, np.ndarray], bool]
 
 # Keys stored as linear weights: [out, in] in files, [in, out] in params.
 LINEAR_KEYS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
@@ -77,7 +78,8 @@ def check_tensors(path, config: LlamaConfig, tensor_name: TensorName,
 
 
 def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLoad,
-                    dtype=np.float32, path=None, pack: Optional[TensorPack] = None) -> dict:
+                    dtype=np.float32, path=None, pack: Optional[TensorPack] = None,
+                    fill: Optional[TensorFill] = None) -> dict:
     """Build the params pytree from `load`, which returns tensors in file orientation.
 
     Linear weights are transposed to [in, out]; layer tensors are written straight into
@@ -89,6 +91,10 @@ def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLo
     orientation, e.g. a GGUF RawTensor that is to stay quantized); `pack(key, tensor)` then turns
     it into the params leaf or pytree of NumPy arrays in params orientation (e.g. a
     QuantizedWeight), and returns None for tensors the default float path should take.
+
+    `fill(key, layer, out)`, if given, may write a layer tensor itself, in params orientation and
+    `dtype`, straight into its slot `out` of the stacked array (saving a full-size temporary and
+    a copy) and return True; False leaves that tensor to `load`.
     """
     expected = file_shapes(config)
 
@@ -112,6 +118,14 @@ def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLo
     layers: dict = {}
     for layer in range(config.num_layers):
         for key in PARAM_LAYER_KEYS:
+            if fill is not None and layer == 0:
+                shape = expected[key][::-1] if key in LINEAR_KEYS else expected[key]
+                stack = aligned_empty((config.num_layers, *shape), dtype)  # untouched until filled
+                if fill(key, 0, stack[0]):
+                    layers[key] = stack
+                    continue
+            elif fill is not None and isinstance(layers[key], np.ndarray) and fill(key, layer, layers[key][layer]):
+                continue
             tensor = get(key, layer)
             if layer == 0:
                 layers[key] = _tree_map(lambda a: aligned_empty((config.num_layers, *a.shape), a.dtype), tensor)

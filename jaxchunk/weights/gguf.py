@@ -150,7 +150,8 @@ def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>", transpose: bool = 
     """
     _check_qtype(raw, path)
     if raw.qtype in _BLOCK_BYTES and len(raw.shape) == 2:
-        return _dequantize_blocks(raw, transpose)
+        shape = raw.shape[::-1] if transpose else raw.shape
+        return dequantize_blocks_into(raw, aligned_empty(shape), transpose)
     if raw.qtype in ("F32", "F16"):
         w = raw.blocks.view(np.float32 if raw.qtype == "F32" else np.float16).reshape(raw.shape)
     else:
@@ -160,15 +161,19 @@ def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>", transpose: bool = 
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def _dequantize_blocks(raw: RawTensor, transpose: bool) -> np.ndarray:
-    """Q4_0 / Q4_1 / Q8_0 [rows, in] -> float32 [rows, in], or [in, rows] with `transpose`.
+def dequantize_blocks_into(raw: RawTensor, out: np.ndarray, transpose: bool) -> np.ndarray:
+    """Dequantize a Q4_0 / Q4_1 / Q8_0 tensor [rows, in] into `out`: float32 [rows, in], or
+    [in, rows] with `transpose` (C-contiguous, e.g. one layer of a stacked params array).
 
-    Works in block layout [rows, nb, 32] (or [nb, 32, rows]): the quants are cast into the output,
-    then scaled (and shifted) in place, so the only full-size array is the output. Transposing
-    happens on the packed bytes (1/8 or 1/4 of the output's size), never on floats.
+    Works in block layout [rows, nb, 32] (or [nb, 32, rows]): each quant is cast and scaled in one
+    pass straight into `out` (then shifted, for Q4_1), so no other full-size array exists.
+    Transposing happens on the packed bytes (1/8 or 1/4 of the output's size), never on floats.
     """
     rows, cols = raw.shape
     nb = cols // 32
+    if raw.qtype not in _BLOCK_BYTES or out.dtype != np.float32 or not out.flags.c_contiguous or \
+            out.shape != ((cols, rows) if transpose else (rows, cols)):
+        raise ValueError(f"cannot dequantize {raw.qtype} {raw.shape} into {out.dtype} {out.shape}")
     blocks = raw.blocks.reshape(rows, nb, _BLOCK_BYTES[raw.qtype])
     scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # d [rows, nb]
     shift = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if raw.qtype == "Q4_1" else None
@@ -176,23 +181,25 @@ def _dequantize_blocks(raw: RawTensor, transpose: bool) -> np.ndarray:
     if transpose:  # block axes first, rows last: [nb, bytes, rows]
         quants = np.ascontiguousarray(quants.transpose(1, 2, 0))
         scale, shift = scale.T[:, None, :], None if shift is None else shift.T[:, None, :]
-        out = aligned_empty((nb, 32, rows))
-        lo, hi = (slice(None), slice(0, 16)), (slice(None), slice(16, 32))
+        blocked = out.reshape(nb, 32, rows)
+        lo, hi = blocked[:, :16], blocked[:, 16:]
     else:
         scale, shift = scale[..., None], None if shift is None else shift[..., None]
-        out = aligned_empty((rows, nb, 32))
-        lo, hi = (slice(None), slice(None), slice(0, 16)), (slice(None), slice(None), slice(16, 32))
+        blocked = out.reshape(rows, nb, 32)
+        lo, hi = blocked[..., :16], blocked[..., 16:]
+    # gguf.quants computes d * float32(q) (+ m); q -> float32 is exact, so casting inside the
+    # multiply gives the same bits.
     if raw.qtype == "Q8_0":
-        out[...] = quants.view(np.int8)
+        np.multiply(quants.view(np.int8), scale, out=blocked)
     else:  # weight j of a block is the low nibble of byte j, weight 16 + j its high nibble
-        out[lo] = quants & np.uint8(0x0F)
-        out[hi] = quants >> np.uint8(4)
-        if raw.qtype == "Q4_0":
-            out -= np.float32(8)  # d * (q - 8): q - 8 is exact in float32
-    out *= scale
+        low, high = quants & np.uint8(0x0F), quants >> np.uint8(4)
+        if raw.qtype == "Q4_0":  # d * (q - 8), q - 8 as int8 (exact)
+            low, high = low.view(np.int8) - np.int8(8), high.view(np.int8) - np.int8(8)
+        np.multiply(low, scale, out=lo)
+        np.multiply(high, scale, out=hi)
     if shift is not None:
-        out += shift
-    return out.reshape((cols, rows) if transpose else (rows, cols))
+        np.add(blocked, shift, out=blocked)
+    return out
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -343,18 +350,32 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
         _check_qtype(raw[gguf_tensor_name(key, layer)], path)
     keep = _quantized_keys(config, raw) if quantized else set()
 
-    def load(key: str, layer: Optional[int]):
+    def stored(key: str, layer: Optional[int]) -> RawTensor:
+        """The tensor's blocks, Q/K rows already in Hugging Face order (whole rows of quant blocks
+        move, before anything is dequantized)."""
         t = raw[gguf_tensor_name(key, layer)]
-        # Q/K rows move as whole rows of quant blocks, before anything is dequantized.
-        if key == "wq":
-            t = t._replace(blocks=unpermute_qk(t.blocks, config.num_heads))
-        elif key == "wk":
-            t = t._replace(blocks=unpermute_qk(t.blocks, config.num_kv_heads))
+        if key in ("wq", "wk"):
+            heads = config.num_heads if key == "wq" else config.num_kv_heads
+            t = t._replace(blocks=unpermute_qk(t.blocks, heads))
+        return t
+
+    def load(key: str, layer: Optional[int]):
+        t = stored(key, layer)
         if key in keep:
             return t
         if key in LINEAR_KEYS:  # dequantized straight into [in, out]; the .T hands back file orientation
             return dequantize_raw(t, path, transpose=True).T
         return dequantize_raw(t, path)
+
+    def fill(key: str, layer: int, out: np.ndarray) -> bool:
+        """Dequantize a Q4_0 / Q4_1 / Q8_0 layer matrix straight into its slot [in, out] of the stack."""
+        if key in keep or key not in LINEAR_KEYS or raw[gguf_tensor_name(key, layer)].qtype not in _BLOCK_BYTES:
+            return False
+        if out.dtype == np.float32:
+            dequantize_blocks_into(stored(key, layer), out, transpose=True)
+        else:  # e.g. bf16: one rounding pass from float32, as np.asarray(w, dtype) does
+            out[...] = dequantize_blocks_into(stored(key, layer), aligned_empty(out.shape), transpose=True)
+        return True
 
     def pack(key: str, t):
         if key not in keep:
@@ -364,7 +385,7 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
         # W [hidden, vocab], whose columns are the token rows.
         return pack_gguf_rows(t.blocks, t.qtype, t.shape)
 
-    params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path, pack=pack)
+    params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path, pack=pack, fill=fill)
     file_type = gguf_field(reader, path, "general.file_type", int, None)
     metadata = {
         "format": "gguf",
