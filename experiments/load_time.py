@@ -134,6 +134,10 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
     """Two panels (load_s, import_s): bars per weight mode and system, min-max whiskers, log scale;
     the load panel marks 1x, 2x and 10x llama.cpp's median load time."""
     plt = common.pyplot()
+    import matplotlib.ticker
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, not 5x10^-1
+    # Minor ticks labelled at 2, 3 and 5 x 10^k only (every one of them crowds the axis).
+    sparse = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else "")
     systems = [s for s in (BASELINE, JAXCHUNK) if any(r["system"] == s for r in summary)]
     modes = [m for m in MODES if any(r["weights"] == m and r["system"] != LLAMA_CPP for r in summary)]
     colors = {BASELINE: "C7", JAXCHUNK: "C0", LLAMA_CPP: "C2"}
@@ -162,9 +166,11 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
         if column == "load_s" and llama is not None:
             for factor, style in ((1, ":"), (2, "--"), (10, "-.")):
                 ax.axhline(llama["load_s_median"] * factor, color="C2", linestyle=style, linewidth=1, alpha=0.7)
-                ax.text(len(modes) + 0.45, llama["load_s_median"] * factor, f"{factor}x", fontsize=7,
-                        va="center", color="C2")
+                ax.text(-0.45, llama["load_s_median"] * factor, f"{factor}x llama.cpp", fontsize=7,
+                        va="bottom", color="C2")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
         ax.set_xticks(range(len(modes) + (llama is not None)),
                       [f"weights={m}" for m in modes] + (["llama.cpp\n(Q4_1 as stored)"] if llama else []))
         ax.set_ylabel(f"{column.removesuffix('_s')} time (s, log scale)")
@@ -172,7 +178,7 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
                      + (" (lines: 1x, 2x, 10x llama.cpp)" if column == "load_s" and llama else ""), fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.margins(y=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(title, fontsize=10)
     return common.save_figure(fig, path)
 

@@ -124,7 +124,8 @@ def test_gguf_field_kinds_and_errors(tiny_gguf):
             gguf_field(reader, tiny_gguf, "no.such.key", int)
         with pytest.raises(ModelFileError, match=r"'general\.name' has type STRING, expected int"):
             gguf_field(reader, tiny_gguf, "general.name", int)
-        with pytest.raises(ModelFileError, match=r"'test\.floats' is not a list\[str\] \(it has type ARRAY\[FLOAT32\]\)"):
+        not_strings = r"'test\.floats' is not a list\[str\] \(it has type ARRAY\[FLOAT32\]\)"
+        with pytest.raises(ModelFileError, match=not_strings):
             gguf_field(reader, tiny_gguf, "test.floats", list[str])
 
 
