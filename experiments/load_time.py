@@ -222,13 +222,13 @@ def main(argv=None):
 
     plan = []  # (system, weights, worker, spec, root)
     spec = {"model": str(model), "modules": list(LIBRARY_MODULES)}
-    for repeat in range(args.repeats):  # interleaved, so a change in machine load hits every system alike
+    for _ in range(args.repeats):  # interleaved, so a change in machine load hits every system alike
         if with_llama:
             plan.append((LLAMA_CPP, "q4", LLAMA_CPP_WORKER, {"model": str(model), "n_ctx": args.n_ctx}, root))
         for mode in args.weights:
             plan.append((JAXCHUNK, mode, JAXCHUNK_WORKER, dict(spec, weights=mode), root))
     if args.baseline_root is not None:
-        for repeat in range(args.baseline_repeats or args.repeats):
+        for _ in range(args.baseline_repeats or args.repeats):
             for mode in args.weights:
                 plan.append((BASELINE, mode, JAXCHUNK_WORKER, dict(spec, weights=mode), args.baseline_root.resolve()))
 
