@@ -42,7 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from experiments import common  # noqa: E402
 from jaxchunk.cache import init_cache  # noqa: E402
-from jaxchunk.prefill import chunk_schedule, compiled_step_counts, prefill  # noqa: E402
+from jaxchunk.prefill import chunk_schedule, prefill  # noqa: E402
+from jaxchunk.steps import compiled_step_counts, step_memory  # noqa: E402
 
 WHOLE = "whole"
 FULL = dict(prompt_lens=[512, 2048, 8192], chunk_sizes=[64, 128, 256, 512, 1024, 2048, WHOLE],
@@ -164,7 +165,7 @@ def measure(model: common.LoadedModel, ids, run: Run, repeats: int, reference, r
     n_compiles = compiled_step_counts()["prefill_chunk"] - compiles_before
 
     cache_shape = jax.eval_shape(lambda: init_cache(config, 1, n, model.dtype))
-    memory = common.step_memory(model.params, config, cache_shape, c, run.attention_impl)
+    memory = step_memory(model.params, cache_shape, c, config=config, attention_impl=run.attention_impl).as_mb()
     errors = common.chunked_eval(model, ids, c, run.attention_impl, reference)
     return {
         "model": model.name, **dataclasses.asdict(run), "whole_prompt": c == n,

@@ -4,8 +4,8 @@ they measure.
 - Machine:  `machine_info()` - CPU, cores, load, library versions, git commit (saved with results).
 - Model:    `load_model("smollm2-135m" | "tiny-random", dtype)` and `prompt_ids(name, n)`.
 - Timing:   `timeit(fn, repeats, setup)` - first call (compile) and median of warm calls.
-- Memory:   `reset_peak_rss()` / `peak_rss_bytes()` (per-run process peak, Linux) and
-            `step_memory(...)` (XLA's compiled memory analysis of one prefill step).
+- Memory:   `reset_peak_rss()` / `peak_rss_bytes()` (per-run process peak, Linux); XLA's compiled
+            memory of a prefill step is `jaxchunk.steps.step_memory`.
 - Accuracy: `reference_logits` (full attention, no cache) and `chunked_eval` (chunked prefill
             compared with it, plus perplexity, one chunk at a time).
 - Output:   `write_results` (CSV + JSON with machine info and settings), `line_plot` (PNG),
@@ -173,39 +173,6 @@ def peak_rss_bytes() -> int:
     return kb * 1024
 
 
-def shape_of(tree):
-    """The pytree as ShapeDtypeStructs: lowering needs shapes only, and does not touch (or donate)
-    the real buffers."""
-    import jax
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def step_memory(params, config, cache, chunk_len: int, attention_impl: str,
-                logits: str = "last") -> dict[str, float]:
-    """XLA's memory analysis of the compiled prefill step for one chunk length, in MB.
-
-    peak_mb = arguments + outputs - aliased (the donated cache is updated in place) + temporaries:
-    what the step needs while it runs. temp_mb is the part the chunk length drives. (Lowering and
-    compiling here reuse the executable a previous call of the same shapes built, so this is cheap
-    after a run - and its duration says nothing about compile time: use `Timing.compile_s`.)
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxchunk.prefill import _prefill_chunk
-
-    tokens = jax.ShapeDtypeStruct((cache.batch, chunk_len), jnp.int32)
-    n_valid = jax.ShapeDtypeStruct((cache.batch,), jnp.int32)
-    stats = _prefill_chunk.lower(shape_of(params), shape_of(cache), tokens, n_valid, config=config,
-                                 attention_impl=attention_impl, logits=logits).compile().memory_analysis()
-    if stats is None:  # some backends do not report
-        return {}
-    arg, res = stats.argument_size_in_bytes, stats.output_size_in_bytes
-    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
-    return {"arg_mb": arg / MB, "out_mb": res / MB, "alias_mb": alias / MB, "temp_mb": temp / MB,
-            "peak_mb": (arg + res - alias + temp) / MB}
-
-
 # ----------------------------------------------------------------------------- models and prompts
 @dataclasses.dataclass
 class LoadedModel:
@@ -220,10 +187,8 @@ class LoadedModel:
 def tiny_config():
     """A 2-layer Llama with GQA (4 query heads, 2 KV heads): compiles and runs in well under a
     second, for tests and smoke runs of the scripts."""
-    from jaxchunk.config import LlamaConfig
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=16, max_position_embeddings=8192, bos_token_id=1,
-                       eos_token_id=2)
+    from jaxchunk import testing
+    return testing.tiny_config(vocab_size=512, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
 
 
 def model_path(name: str = DEFAULT_MODEL) -> Path:
@@ -363,24 +328,21 @@ def chunked_eval(model: LoadedModel, ids: np.ndarray, chunk_size: int, attention
     the text under the chunked logits and under the reference. cache_dtype: the KV cache format
     (jaxchunk.cache.CACHE_DTYPES); default the model's dtype."""
     from jaxchunk.cache import init_cache
-    from jaxchunk.prefill import chunk_schedule, prefill_chunk
+    from jaxchunk.prefill import iter_prefill
 
     n = len(ids)
     cache = init_cache(model.config, 1, cache_len or n, cache_dtype or model.dtype)
-    max_diff, agree, nll, nll_ref, start = 0.0, 0, 0.0, 0.0, 0
-    for chunk_len, n_valid in chunk_schedule(n, chunk_size=chunk_size, max_input_len=chunk_size):
-        tokens = np.zeros((1, chunk_len), np.int32)
-        tokens[0, :n_valid] = ids[start:start + n_valid]
-        cache, logits = prefill_chunk(model.params, cache, tokens, [n_valid], config=model.config,
-                                      attention_impl=attention_impl, logits="all")
-        ours, ref = np.asarray(logits[0, :n_valid]), reference[start:start + n_valid]
+    max_diff, agree, nll, nll_ref = 0.0, 0, 0.0, 0.0
+    for chunk in iter_prefill(model.params, model.config, cache, [ids], chunk_size=chunk_size,
+                              max_input_len=chunk_size, attention_impl=attention_impl, logits="all"):
+        start, n_valid = int(chunk.start[0]), int(chunk.n_valid[0])
+        ours, ref = chunk.valid_logits(0), reference[start:start + n_valid]
         max_diff = max(max_diff, float(np.abs(ours - ref).max()))
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         # Position i predicts token i + 1; the prompt's last position has nothing to predict.
         targets = ids[start + 1:start + n_valid + 1]
         nll += token_nll(ours[:len(targets)], targets).sum()
         nll_ref += token_nll(ref[:len(targets)], targets).sum()
-        start += n_valid
     return {"max_abs_logit_diff": max_diff, "top1_agreement": agree / n,
             "perplexity": math.exp(nll / (n - 1)), "perplexity_reference": math.exp(nll_ref / (n - 1))}
 

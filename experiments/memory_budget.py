@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 from jaxchunk.cache import init_cache  # noqa: E402
 from jaxchunk.errors import InputError  # noqa: E402
-from jaxchunk.memory_budget import candidate_chunk_lens, pick_chunk_len, step_memory  # noqa: E402
+from jaxchunk.memory_budget import candidate_chunk_lens, pick_chunk_len  # noqa: E402
+from jaxchunk.steps import step_memory  # noqa: E402
 from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN, prefill  # noqa: E402
 
 FULL = dict(prompt_len=4096, n_budgets=14, repeats=3)

@@ -308,23 +308,20 @@ class Model:
         """Sum of -log p(ids[i+1] | ids[:i+1]) over one window that fits the cache."""
         import jax.numpy as jnp
 
-        from jaxchunk.prefill import chunk_schedule, prefill_chunk
+        from jaxchunk.prefill import iter_prefill
         from jaxchunk.sampling import token_logprobs
 
-        schedule = chunk_schedule(len(ids), chunk_size=chunk_size,
-                                  max_input_len=chunk_size or PERPLEXITY_MAX_CHUNK)
-        cache, done, nll = self.new_cache(1), 0, 0.0
-        for chunk_len, n_valid in schedule:
-            tokens = np.zeros((1, chunk_len), np.int32)
-            tokens[0, :n_valid] = ids[done:done + n_valid]
-            targets = np.zeros((1, chunk_len), np.int32)
-            scored = len(ids[done + 1:done + n_valid + 1])  # the window's last token predicts nothing
-            targets[0, :scored] = ids[done + 1:done + 1 + scored]
-            cache, logits = prefill_chunk(self.params, cache, tokens, [n_valid], config=self.config,
-                                          attention_impl=self.attention_impl, logits="all")
-            logprobs = np.asarray(token_logprobs(logits, jnp.asarray(targets)))
+        chunks = iter_prefill(self.params, self.config, self.new_cache(1), [ids], chunk_size=chunk_size,
+                              max_input_len=chunk_size or PERPLEXITY_MAX_CHUNK,
+                              attention_impl=self.attention_impl, logits="all")
+        nll = 0.0
+        for chunk in chunks:
+            start, n_valid = int(chunk.start[0]), int(chunk.n_valid[0])
+            targets = np.zeros((1, chunk.chunk_len), np.int32)
+            scored = len(ids[start + 1:start + n_valid + 1])  # the window's last token predicts nothing
+            targets[0, :scored] = ids[start + 1:start + 1 + scored]
+            logprobs = np.asarray(token_logprobs(chunk.logits, jnp.asarray(targets)))
             nll -= float(logprobs[0, :scored].astype(np.float64).sum())
-            done += n_valid
             if bar is not None:
                 bar.update(n_valid)
         return nll

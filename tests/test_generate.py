@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 
 from jaxchunk.cache import init_cache
-from jaxchunk.config import LlamaConfig
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
 from jaxchunk.generate import compiled_loop_count, decode_ids, generate_ids, stream_ids
 from jaxchunk.model import init_params
-from jaxchunk.prefill import decode_step, host_lengths, prefill
+from jaxchunk.prefill import decode_step, prefill
+from jaxchunk.steps import host_lengths
 from jaxchunk.sampling import SamplingParams
 
-CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
-                     eos_token_id=None)
+CONFIG = tiny_config(tie_word_embeddings=False, eos_token_id=None)
 MAX_SEQ = 128
 CHUNK = 8   # one prefill chunk shape, max_new_tokens <= 16 (one loop bucket) and batch 1 or 2
             # wherever possible: each new static shape is a compile, the bulk of this file's runtime
@@ -306,9 +305,8 @@ def tiny_dir(tmp_path_factory):
         "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
         "chat_template": "{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<|bot|>{% endif %}"}))
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    config = tiny_config(vocab_size=tok.get_vocab_size(), max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=1)
     save_safetensors(out, config, init_params(config, seed=3, scale=0.2))
     return out
 

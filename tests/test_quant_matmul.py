@@ -226,11 +226,10 @@ def test_bad_inputs_raise_clear_errors():
 
 # ----------------------------------------------------------------------------- in the model
 def _tiny():
-    from jaxchunk.config import LlamaConfig
+    from jaxchunk.testing import tiny_config
     from jaxchunk.model import init_params
     # hidden / head sizes multiples of 32 (quant blocks run along every matrix's input dim).
-    config = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    config = tiny_config(vocab_size=160, intermediate_size=96, max_position_embeddings=128)
     return config, init_params(config, seed=0, scale=0.2)
 
 
