@@ -282,18 +282,8 @@ def prompt_ids(name: str, n: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _text_ids(name: str, n: int) -> np.ndarray:
-    from jaxchunk.corpus import reference_text
-    tokenizer = _tokenizer(name)
-    chars = 6 * n  # ~4 characters per token in this text; tokenize only what is needed
-    while True:
-        text = reference_text(chars)
-        ids = [tokenizer.bos_id] + tokenizer.encode(text)
-        if len(ids) >= n or len(text) < chars:
-            break
-        chars *= 2
-    if len(ids) < n:
-        raise ValueError(f"the reference text has only {len(ids)} tokens, fewer than {n}")
-    return np.asarray(ids[:n], np.int32)
+    from jaxchunk.corpus import reference_ids
+    return np.asarray(reference_ids(_tokenizer(name), n), np.int32)
 
 
 # ----------------------------------------------------------------------------- accuracy

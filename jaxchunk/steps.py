@@ -10,7 +10,9 @@ their compiled memory, and a guard against compiles after warm-up.
 - `compiled_step_counts`: how many executables each step holds (tests count compiles with it).
 - `step_memory`: XLA's memory analysis of the compiled prefill step for a chunk length.
 - `compile_guard`: a context manager inside which any XLA compile raises `CompileAfterWarmupError`
-  naming the step and shapes being called (use it after `jaxchunk.Model.warmup`).
+  naming the step and shapes being called (use it after `jaxchunk.Model.warmup`); `count_compiles`
+  counts them instead. Both listen to JAX's backend-compile event, which a load from the
+  persistent compilation cache also fires.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import CompileAfterWarmupError, InputError
 from jaxchunk.model import LogitsMode, model_step
 
-__all__ = ["jitted_prefill_chunk", "jitted_decode_step", "compiled_step_counts", "run_prefill_chunk", "run_decode_step", "check_tokens", "check_room",
-           "host_lengths", "StepMemory", "step_memory", "compile_guard", "describing_call", "shape_of"]
+__all__ = ["jitted_prefill_chunk", "jitted_decode_step", "compiled_step_counts", "run_prefill_chunk",
+           "run_decode_step", "check_tokens", "check_room", "host_lengths", "StepMemory", "step_memory", "shape_of",
+           "compile_guard", "count_compiles", "CompileCount", "describing_call", "describe_arrays"]
 
 MB = 1024 ** 2
 
@@ -196,6 +199,31 @@ def describe_arrays(**arrays) -> str:
         leaf = jax.tree.leaves(value)[0] if not hasattr(value, "shape") else value
         parts.append(f"{name} {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}")
     return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class CompileCount:
+    """What `count_compiles` saw: `count` XLA compiles (disk-cache loads included) taking `seconds`."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[CompileCount]:
+    """Count the XLA compiles (any function, jaxchunk's or not) inside this block."""
+    counted = CompileCount()
+
+    def on_event(event: str, duration: float, **kwargs) -> None:
+        if event == _COMPILE_EVENT:
+            counted.count += 1
+            counted.seconds += duration
+
+    monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield counted
+    finally:
+        monitoring.unregister_event_duration_listener(on_event)
 
 
 @contextlib.contextmanager
