@@ -6,7 +6,7 @@ deliberately not re-exported here so `import pallas_kernels.flash_attention`
 still names the module. (`attention` and `attention_reference` do shadow their
 modules; use `from pallas_kernels.attention import IMPLS` style imports.)
 """
-from pallas_kernels._common import BlockSizes
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.attention import attention
 from pallas_kernels.attention_reference import attention_reference
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import native_cpu
-from pallas_kernels._common import BlockSizes, check_inputs, default_sm_scale
+from pallas_kernels.common import BlockSizes, check_inputs, default_sm_scale
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockSizes, cdiv, check_inputs, check_triton_blocks,
+from pallas_kernels.common import (BlockSizes, cdiv, check_inputs, check_triton_blocks,
                                     default_sm_scale, from_rows, next_pow2, to_rows)
-from pallas_kernels._compat import default_interpret, triton_compiler_params
-from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.compat import default_interpret, triton_compiler_params
 from pallas_kernels.flash_attention import (cache_specs, load_kv_tile, online_softmax_step,
                                             pad_cache, split_scale_refs)
 from pallas_kernels.kv_quant import rotate
@@ -150,7 +149,3 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     o = merge_splits(acc, m, l)
     return rotate(from_rows(o[..., :d], ql, nh), kv_quant).astype(q.dtype)
 
-
-# The pure-JAX reference for this kernel is the shared one (design card: each
-# kernel with its reference beside it).
-decode_attention_reference = attention_reference

@@ -42,8 +42,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import check_triton_blocks, next_pow2
-from pallas_kernels._compat import default_interpret, triton_compiler_params
+from pallas_kernels.common import check_triton_blocks, next_pow2
+from pallas_kernels.compat import default_interpret, triton_compiler_params
 
 QUANT_BLOCK = 32          # weights per quant block (GGUF Q4_0 / Q4_1 / Q8_0)
 TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
