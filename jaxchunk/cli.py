@@ -91,9 +91,11 @@ def _add_model_flags(parser: argparse.ArgumentParser,
                         help="KV-cache format: f32, bf16, fp8_e4m3, fp8_e5m2, q8, q6, q4 (integer formats: "
                              "blocks of 32 with f16 scales, Hadamard-rotated; see experiments/cache_quant.py "
                              "for what each costs in perplexity) (default: --dtype)")
+    # No `choices`: the names live in the kernels' table (pallas_kernels.attention.IMPLS), and
+    # importing it imports JAX, which --help and fetch avoid; loading the model checks the name.
     parser.add_argument("--attention-impl", default="auto",
-                        help="attention backend: auto, xla, pallas or reference "
-                             "(see pallas_kernels/attention.py; default: %(default)s)")
+                        help="attention backend: auto or a name in pallas_kernels.attention.BACKENDS "
+                             "(an unknown name is an error that lists them; default: %(default)s)")
     parser.add_argument("--max-seq-len", type=positive_int, default=None,
                         help=f"KV-cache capacity in tokens: a prompt plus its generated tokens must fit; "
                              f"perplexity scores longer texts in windows of this size "

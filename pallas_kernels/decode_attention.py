@@ -30,6 +30,17 @@ from pallas_kernels.kv_quant import rotate
 MAX_DECODE_Q_LEN = 8  # beyond this the flash prefill kernel has enough rows
 
 
+def decode_attention_supports(q, *args, **kwargs) -> str | None:
+    """None if a decode kernel (this one, the native CPU one) takes q [b, q_len, heads, d], else
+    why not: they are built for a few query positions (q_len <= MAX_DECODE_Q_LEN). Takes the
+    attention op's arguments; only q's shape matters."""
+    del args, kwargs
+    q_len = q.shape[1]
+    if q_len > MAX_DECODE_Q_LEN:
+        return f"q_len {q_len} is a prefill chunk: decode kernels take q_len <= {MAX_DECODE_Q_LEN}"
+    return None
+
+
 def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale,
                    sliding_window, soft_cap, block_k, split_len, group, num_rows, kv_quant):
     ks_ref, vs_ref, (acc_ref, m_ref, l_ref) = split_scale_refs(refs, kv_quant)
@@ -96,8 +107,8 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
                                     kv_quant, k_scales, v_scales)
     b, ql, nh, d = q.shape
-    if ql > MAX_DECODE_Q_LEN:
-        raise ValueError(f"decode_attention takes q_len <= {MAX_DECODE_Q_LEN}, got {ql}")
+    if (why := decode_attention_supports(q)) is not None:
+        raise ValueError(f"decode_attention: {why}")
     kvh = k.shape[2]
     g = nh // kvh
     bs = block_sizes or BlockSizes.decode_default(d)
