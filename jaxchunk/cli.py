@@ -9,7 +9,8 @@
 Every subcommand has --help. A jaxchunk error (missing model, prompt longer than the cache, ...)
 or a bad flag value prints one line, `error: ...`, on stderr and exits with status 2. Progress bars
 and prompts go to stderr, generated text to stdout. JAX is imported only by subcommands that run
-the model, so `--help` and `fetch` are quick.
+the model or look up the cache folder (fetch, info by model name: the rule is in pallas_kernels.cache_dir;
+importing pallas_kernels imports JAX, ~0.7 s), so `--help` is quick.
 """
 from __future__ import annotations
 
