@@ -72,8 +72,8 @@ def load(model: Union[str, os.PathLike] = "smollm2-135m", *, dtype: Optional[str
             bf16 matrices are held as their uint16 bits (jaxchunk/weights/bf16.py: keeps XLA:CPU from
             converting the whole model to f32 every step); inference only, not differentiable.
         "dequantized": dequantized to `dtype` (the default; same as weights=dtype).
-    attention_impl: passed to every step ("auto", "xla", "pallas", "reference"; see
-        pallas_kernels/attention.py).
+    attention_impl: passed to every step: "auto" or a backend name of
+        pallas_kernels.attention.BACKENDS ("pallas", "native_cpu", "xla", "reference").
     cache_dtype: KV-cache format: "f32", "bf16", "fp8_e4m3", "fp8_e5m2", "q8", "q6", "q4" (blocks
         of 32, Hadamard-rotated, float16 absmax scales; "*_norot" without the rotation); default:
         `dtype`. See jaxchunk.cache and experiments/cache_quant.py for what each costs.

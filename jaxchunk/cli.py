@@ -9,7 +9,8 @@
 Every subcommand has --help. A jaxchunk error (missing model, prompt longer than the cache, ...)
 or a bad flag value prints one line, `error: ...`, on stderr and exits with status 2. Progress bars
 and prompts go to stderr, generated text to stdout. JAX is imported only by subcommands that run
-the model, so `--help` and `fetch` are quick.
+the model or look up the cache folder (fetch, info by model name: the rule is in pallas_kernels.cache_dir;
+importing pallas_kernels imports JAX, ~0.7 s), so `--help` is quick.
 """
 from __future__ import annotations
 
@@ -91,9 +92,11 @@ def _add_model_flags(parser: argparse.ArgumentParser,
                         help="KV-cache format: f32, bf16, fp8_e4m3, fp8_e5m2, q8, q6, q4 (integer formats: "
                              "blocks of 32 with f16 scales, Hadamard-rotated; see experiments/cache_quant.py "
                              "for what each costs in perplexity) (default: --dtype)")
+    # No `choices`: the names live in the kernels' table (pallas_kernels.attention.IMPLS), and
+    # importing it imports JAX, which --help and fetch avoid; loading the model checks the name.
     parser.add_argument("--attention-impl", default="auto",
-                        help="attention backend: auto, xla, pallas or reference "
-                             "(see pallas_kernels/attention.py; default: %(default)s)")
+                        help="attention backend: auto or a name in pallas_kernels.attention.BACKENDS "
+                             "(an unknown name is an error that lists them; default: %(default)s)")
     parser.add_argument("--max-seq-len", type=positive_int, default=None,
                         help=f"KV-cache capacity in tokens: a prompt plus its generated tokens must fit; "
                              f"perplexity scores longer texts in windows of this size "
