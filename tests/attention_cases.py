@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, attention_reference
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.attention import BACKENDS
 from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.decode_attention import decode_attention, decode_attention_supports

@@ -12,7 +12,9 @@ import pytest
 
 from attention_cases import (CASES, TEST_BLOCKS, backend_params, check_against_oracle,
                               lower_for_cuda, make_inputs, require_native_cpu, run_backend)
-from pallas_kernels import BlockSizes, attention, attention_reference
+from pallas_kernels.attention import attention
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.blockwise_attention import blockwise_attention, key_block_range
 from pallas_kernels.attention import BACKENDS, IMPLS
 from pallas_kernels.backends import choose_backend

@@ -29,7 +29,7 @@ from jaxchunk.model import (compute_dtype, embed, forward, full_causal_attention
                             lm_head, mlp, qkv, rms_norm, rope_inv_freq)
 from jaxchunk.prefill import decode_step, prefill, prefill_chunk
 from jaxchunk.steps import jitted_prefill_chunk
-from pallas_kernels import attention
+from pallas_kernels.attention import attention
 from pallas_kernels.kv_quant import (KV_QUANTS, QUANT_BLOCK, dequantize, fake_quantize, hadamard_matrix,
                                      quantize, rotate)
 
