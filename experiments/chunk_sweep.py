@@ -18,9 +18,9 @@ the prompt's length, as `jaxchunk.prefill.prefill` does it. Per run:
 "whole" in --chunk-sizes means one chunk holding the whole prompt; a chunk size >= the prompt
 length is that same run and is measured once.
 
-  .venv/bin/python experiments/chunk_sweep.py --quick                    # a few minutes
-  .venv/bin/python experiments/chunk_sweep.py --out results/chunk_sweep  # the full sweep (long)
-  .venv/bin/python experiments/chunk_sweep.py --model tiny-random --prompt-lens 64,256 --chunk-sizes 16,whole
+  .venv/bin/python -m experiments.chunk_sweep --quick                    # a few minutes
+  .venv/bin/python -m experiments.chunk_sweep --out results/chunk_sweep  # the full sweep (long)
+  .venv/bin/python -m experiments.chunk_sweep --model tiny-random --prompt-lens 64,256 --chunk-sizes 16,whole
 
 Writes results.csv, results.json (machine, versions, settings, rows) and throughput.png,
 memory.png, error.png into --out, and prints the table.
@@ -35,14 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from experiments import common  # noqa: E402
-from jaxchunk.cache import init_cache  # noqa: E402
-from jaxchunk.prefill import chunk_schedule, compiled_step_counts, prefill  # noqa: E402
+from experiments import common
+from jaxchunk.cache import init_cache
+from jaxchunk.prefill import chunk_schedule, compiled_step_counts, prefill
 
 WHOLE = "whole"
 FULL = dict(prompt_lens=[512, 2048, 8192], chunk_sizes=[64, 128, 256, 512, 1024, 2048, WHOLE],
@@ -170,6 +168,7 @@ def measure(model: common.LoadedModel, ids, run: Run, repeats: int, reference, r
         "model": model.name, **dataclasses.asdict(run), "whole_prompt": c == n,
         "n_chunks": len(chunk_schedule(n, chunk_size=c, max_input_len=c)), "cache_len": n,
         "repeats": repeats, "tok_per_s": n / timing.median_s, "median_s": timing.median_s,
+        "min_s": timing.min_s, "max_s": timing.max_s,
         "first_call_s": timing.first_s, "compile_s": timing.compile_s, "n_compiles": n_compiles,
         **{f"step_{k}": v for k, v in memory.items()},
         "rss_peak_mb": rss_peak / common.MB, "rss_added_mb": (rss_peak - rss_start) / common.MB,
