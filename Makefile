@@ -19,7 +19,7 @@ fetch: venv
 	$(PY) -m jaxchunk.cli fetch smollm2-135m
 
 run: fetch
-	$(PY) experiments/chunk_sweep.py --quick --out results/chunk_sweep
+	$(PY) -m experiments.chunk_sweep --quick --out results/chunk_sweep
 
 test: fetch
 	$(PY) -m pytest -q tests

@@ -3,7 +3,8 @@ they measure.
 
 - Machine:  `machine_info()` - CPU, cores, load, library versions, git commit (saved with results).
 - Model:    `load_model("smollm2-135m" | "tiny-random", dtype)` and `prompt_ids(name, n)`.
-- Timing:   `timeit(fn, repeats, setup)` - first call (compile) and median of warm calls.
+- Timing:   `timeit(fn, repeats, setup)` -> `Timing` (jaxchunk.timing): the first call (compile)
+            and min / median / max of the warm calls.
 - Memory:   `reset_peak_rss()` / `peak_rss_bytes()` (per-run process peak, Linux); XLA's compiled
             memory of a prefill step is `jaxchunk.steps.step_memory`.
 - Accuracy: `reference_logits` (full attention, no cache) and `chunked_eval` (chunked prefill
@@ -11,10 +12,11 @@ they measure.
 - Output:   `write_results` (CSV + JSON with machine info and settings), `line_plot` (PNG),
             `print_table`, `progress` (tqdm over runs).
 
-Scripts put the repository root on sys.path and `from experiments.common import ...`, so they run
-as `.venv/bin/python experiments/<script>.py` from anywhere. JAX is imported only inside the
-functions that need it: compare_peers' torch / llama.cpp workers use the timing and memory helpers,
-and importing JAX there would add to the peak RSS they report.
+experiments/ is a package: run each script from the repository root as a module,
+`.venv/bin/python -m experiments.<script>`, and import from it with `from experiments import
+common`. JAX is imported only inside the functions that need it: compare_peers' torch / llama.cpp
+workers use the timing and memory helpers, and importing JAX there would add to the peak RSS they
+report.
 """
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+# The one timing helper, shared with `jaxchunk bench`; re-exported for the scripts.
+from jaxchunk.timing import Timing, timeit  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
@@ -93,47 +96,6 @@ def machine_info() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
-
-
-# ----------------------------------------------------------------------------- timing
-@dataclasses.dataclass
-class Timing:
-    first_s: float        # the first call: tracing + compilation + one run
-    times_s: list[float]  # the warm calls
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.times_s)
-
-    @property
-    def compile_s(self) -> float:
-        """First-call overhead: what the first call cost beyond a warm call (mostly compilation).
-        Floored at 0: on a busy machine a warm call can take longer than the first."""
-        return max(0.0, self.first_s - self.median_s)
-
-
-def _wait(value):
-    """JAX dispatch is asynchronous: wait for JAX results (anything else is already done)."""
-    if "jax" in sys.modules:
-        sys.modules["jax"].block_until_ready(value)
-    return value
-
-
-def timeit(fn: Callable, repeats: int, setup: Callable[[], tuple] | None = None) -> Timing:
-    """Call `fn(*setup())` once (warm-up, timed separately) then `repeats` times; every call is
-    waited for with `jax.block_until_ready` when JAX is in use. `setup` runs untimed before each
-    call: prefill donates its cache, so each call needs a fresh one."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-
-    def once() -> float:
-        args = _wait(setup() if setup else ())
-        start = time.perf_counter()
-        _wait(fn(*args))
-        return time.perf_counter() - start
-
-    first = once()
-    return Timing(first, [once() for _ in range(repeats)])
 
 
 # ----------------------------------------------------------------------------- memory

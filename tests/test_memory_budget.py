@@ -152,7 +152,7 @@ def test_experiment_script(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "experiments" / "memory_budget.py"), "--model", "tiny-random",
+    proc = subprocess.run([sys.executable, "-m", "experiments.memory_budget", "--model", "tiny-random",
                            "--prompt-len", "40", "--n-budgets", "4", "--repeats", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

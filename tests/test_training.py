@@ -194,7 +194,7 @@ def test_experiment_script(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "experiments" / "chunked_training.py"), "--model",
+    proc = subprocess.run([sys.executable, "-m", "experiments.chunked_training", "--model",
                            "tiny-random", "--lengths", "40,64", "--chunk-lens", "16", "--train-len", "16",
                            "--methods", "full,exact,truncated",
                            "--run-max-len", "40", "--repeats", "1", "--out", str(tmp_path)],
