@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS := test,experiments,peers
 
-.PHONY: venv fetch run test test-fast clean
+.PHONY: venv fetch run test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ run: fetch
 
 test: fetch
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check .
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -15,7 +15,8 @@ Formulations (XLA_FORMULATIONS in pallas_kernels/quant_matmul.py, plus baselines
 - pallas_interpret: only with --pallas (slow: interpret mode; a correctness smoke, not a speed).
 
 Reports the median wall time of --repeats warm calls per matrix, weights/s (k * n / time),
-multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv, results.json, quant_matmul.png into --out.
+multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv,
+results.json, quant_matmul.png into --out.
 
   .venv/bin/python -m experiments.bench_quant_matmul --quick
 """

@@ -23,7 +23,8 @@ Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jax
 prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
 tok/s (greedy, --decode-tokens tokens after the prompt, one model step each, after a warm-up: the
 peers step token by token from Python, jaxchunk runs its generation loop on device as
-model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads; steadier than wall time on a shared machine,
+model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads;
+steadier than wall time on a shared machine,
 but it counts spin-waiting threads too).
 The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
 
@@ -309,7 +310,8 @@ def main(argv=None):
     df = add_ratios(pd.DataFrame(rows))
     df = common.write_results(args.out, df.to_dict("records"), settings, machine)
     kw = dict(x="prompt_len", line="label", xlabel="prompt length (tokens, log2)", logy=True)
-    pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s", ylabel="prefill throughput (tokens/s, log)",
+    pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s",
+                             ylabel="prefill throughput (tokens/s, log)",
                              title=f"Prefill throughput, {machine['usable_cores']} cores", **kw),
             common.line_plot(df, args.out / "decode.png", y="decode_tok_s", ylabel="decode throughput (tokens/s, log)",
                              title=f"Greedy decode after the prompt ({args.decode_tokens} tokens)", **kw),

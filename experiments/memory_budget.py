@@ -143,7 +143,8 @@ def main(argv=None):
                      "headroom_mb": (budget - memory.peak_bytes) / common.MB, **timings[chunk_len]})
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(model_source=model.source, cache_bytes=int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache_shape))),
+    cache_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache_shape)))
+    settings.update(model_source=model.source, cache_bytes=cache_bytes,
                     smallest_working_budget_bytes=min(c["peak_bytes"] for c in candidates),
                     wall_s=round(time.perf_counter() - started, 1))
     cand_df = common.write_results(args.out, candidates, settings, machine, name="candidates")

@@ -445,8 +445,8 @@ class Model:
                     for new_tokens in max_new_tokens:
                         self.generate(prompts, max_new_tokens=new_tokens, chunk_size=chunk, stop=(), **sampling)
                     if stream:
-                        for piece in self.generate(prompts[0], max_new_tokens=2, chunk_size=chunk, stream=True,
-                                                   **sampling):
+                        for _ in self.generate(prompts[0], max_new_tokens=2, chunk_size=chunk, stream=True,
+                                               **sampling):
                             pass
         return {"compiles": compiles.count, "seconds": time.perf_counter() - start}
 

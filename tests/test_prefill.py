@@ -4,7 +4,6 @@ Tolerance (float32): chunking changes only the order of the softmax/PV summation
 differences are rounding noise: we require max |diff| <= 1e-4 * (logit range), the issue's target,
 and identical argmax at every position.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
