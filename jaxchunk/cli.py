@@ -353,7 +353,8 @@ def cmd_bench(args) -> int:
         print(f"{r['prompt_tokens']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s_on_device']:>20.1f} "
               f"{r['decode_tok_s_streaming']:>22.1f}")
     report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights,
-              "cache_dtype": model.cache_dtype, "attention_impl": model.attention_impl, "chunk_size": args.chunk_size, "decode_tokens": args.decode_tokens, "results": results}
+              "cache_dtype": model.cache_dtype, "attention_impl": model.attention_impl, "chunk_size": args.chunk_size,
+              "decode_tokens": args.decode_tokens, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
