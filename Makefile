@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS := test,experiments,peers
 
-.PHONY: venv fetch run test test-fast clean
+.PHONY: venv fetch run test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,13 @@ fetch: venv
 	$(PY) -m jaxchunk.cli fetch smollm2-135m
 
 run: fetch
-	$(PY) experiments/chunk_sweep.py --quick --out results/chunk_sweep
+	$(PY) -m experiments.chunk_sweep --quick --out results/chunk_sweep
 
 test: fetch
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check .
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -3,7 +3,7 @@ head_dim 64) against a fixed-capacity cache (max_seq 8192).
 
 For each (q_len, kv) the chunk is the last one of a kv-token prompt:
 q_offset = max(kv - q_len, 0), kv_len = kv (kv < q_len: a padded last chunk).
-Reports the median wall time (and process CPU time: steadier on a shared box)
+Reports the median wall time (the JSON also min / max; and process CPU time: steadier on a shared box)
 of --repeats calls after a warm-up call, the compiled peak scratch memory (memory_analysis().temp_size_in_bytes) and the
 useful TFLOP/s (4 * d * visible (query, key) pairs per head).
 
@@ -13,15 +13,14 @@ jax.nn.dot_product_attention with an explicit mask, and for q_len <= 8 the nativ
 CPU decode kernel (pallas_kernels/native_cpu.py). GPU: also the Pallas
 flash / decode kernels (compiled).
 
-  .venv/bin/python experiments/bench_attention.py [--quick] [--json out.json]
-  .venv/bin/python experiments/bench_attention.py --q-lens 1 --kvs 512 2048 8192   # decode
+  .venv/bin/python -m experiments.bench_attention [--quick] [--json out.json]
+  .venv/bin/python -m experiments.bench_attention --q-lens 1 --kvs 512 2048 8192   # decode
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -29,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pallas_kernels import BlockSizes, native_cpu  # noqa: E402
-from pallas_kernels.attention_reference import attention_reference  # noqa: E402
-from pallas_kernels.blockwise_attention import blockwise_attention  # noqa: E402
-from pallas_kernels.decode_attention import decode_attention  # noqa: E402
-from pallas_kernels.flash_attention import flash_attention  # noqa: E402
+from jaxchunk.timing import Timing, timeit
+from pallas_kernels import BlockSizes, native_cpu
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.blockwise_attention import blockwise_attention
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
 
 HEADS, KV_HEADS, HEAD_DIM, MAX_SEQ = 9, 3, 64, 8192
 
@@ -61,18 +60,21 @@ def visible_pairs(q_len, q_offset, kv_len):
     return int(np.minimum(pos + 1, kv_len).clip(min=0).sum())
 
 
-def time_fn(fn, args, repeats):
+def time_fn(fn, args, repeats) -> tuple[Timing, float, int | None]:
+    """(wall-time Timing, median process CPU seconds per call, compiled scratch bytes)."""
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     peak = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-    jax.block_until_ready(compiled(*args))  # warm-up
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(compiled(*args))
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu), peak
+    cpu = []  # process CPU time of every call (all threads), the warm-up's first
+
+    def call():
+        start = time.process_time()
+        out = jax.block_until_ready(compiled(*args))
+        cpu.append(time.process_time() - start)
+        return out
+
+    wall = timeit(call, repeats)
+    return wall, statistics.median(cpu[1:]), peak
 
 
 def backends(block_ks, on_gpu):
@@ -91,7 +93,7 @@ def backends(block_ks, on_gpu):
     return out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--q-lens", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--kvs", type=int, nargs="+", default=[512, 2048, 8192])
@@ -101,7 +103,7 @@ def main():
     ap.add_argument("--only", nargs="*", help="backend names to run")
     ap.add_argument("--quick", action="store_true", help="q_len 512, 3 repeats")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.q_lens, args.repeats = [512], 3
     on_gpu = jax.default_backend() == "gpu"
@@ -125,11 +127,13 @@ def main():
                     continue
                 if name in ("pallas_decode", "native_cpu") and ql > 8:
                     continue
-                t, cpu, peak = time_fn(fn, (q, k, v, q_offset, kv_len), args.repeats)
+                wall, cpu, peak = time_fn(fn, (q, k, v, q_offset, kv_len), args.repeats)
+                t = wall.median_s
                 mib = peak / 2**20 if peak is not None else float("nan")
                 print(f"{ql:>5} {kv:>5} {name:>22} {t * 1e3:>9.2f} {cpu * 1e3:>9.2f} "
                       f"{flops / t / 1e12:>8.4f} {mib:>11.1f}", flush=True)
                 rows.append(dict(q_len=ql, kv=kv, backend=name, wall_ms=t * 1e3,
+                                 wall_min_ms=wall.min_s * 1e3, wall_max_ms=wall.max_s * 1e3,
                                  cpu_ms=cpu * 1e3, tflops=flops / t / 1e12,
                                  scratch_bytes=peak))
     if args.json:

@@ -15,21 +15,19 @@ Formulations (XLA_FORMULATIONS in pallas_kernels/quant_matmul.py, plus baselines
 - pallas_interpret: only with --pallas (slow: interpret mode; a correctness smoke, not a speed).
 
 Reports the median wall time of --repeats warm calls per matrix, weights/s (k * n / time),
-multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv, results.json, quant_matmul.png into --out.
+multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv,
+results.json, quant_matmul.png into --out.
 
-  .venv/bin/python experiments/bench_quant_matmul.py --quick
+  .venv/bin/python -m experiments.bench_quant_matmul --quick
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
+from experiments import common
 
 # (name, k, n, qtype, stacked copies): SmolLM2-135M's matrices (q/o, k/v, gate/up, down, LM head).
 SHAPES = [("wq", 576, 576, "Q4_1", None), ("wk", 576, 192, "Q4_1", None), ("w_up", 576, 1536, "Q4_1", None),
@@ -107,6 +105,8 @@ def main(argv=None):
                 per_matrix = timing.median_s / copies
                 rows_out.append(dict(matrix=name, k=k, n=n, qtype=qtype, rows=rows, formulation=formulation,
                                      ms_per_matrix=per_matrix * 1e3,
+                                     ms_per_matrix_min=timing.min_s / copies * 1e3,
+                                     ms_per_matrix_max=timing.max_s / copies * 1e3,
                                      gweights_per_s=k * n / per_matrix / 1e9,
                                      gmacs_per_s=rows * k * n / per_matrix / 1e9,
                                      quant_gb_per_s=qbytes / per_matrix / 1e9,

@@ -20,8 +20,8 @@ from. jaxchunk.model.forward (full attention, no cache) with K and V quantized s
 (quantize -> dequantize, the same functions the cache uses): e.g. q4 keys with exact values, and
 q8 keys with q4 values. Perplexity change vs the same forward with exact K/V.
 
-  .venv/bin/python experiments/cache_quant.py --quick      # 2048 tokens, chunks 128 and 512
-  .venv/bin/python experiments/cache_quant.py              # every format, 4096 tokens (long)
+  .venv/bin/python -m experiments.cache_quant --quick      # 2048 tokens, chunks 128 and 512
+  .venv/bin/python -m experiments.cache_quant              # every format, 4096 tokens (long)
 
 Writes results.csv, results.json (machine, versions, settings, rows), accuracy.png (perplexity change
 vs cache bytes per token) and speed.png into --out, and prints the table.
@@ -35,13 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from jaxchunk.cache import CACHE_DTYPES, init_cache  # noqa: E402
-from jaxchunk.prefill import decode_step, prefill  # noqa: E402
+from experiments import common
+from jaxchunk.cache import CACHE_DTYPES, init_cache
+from jaxchunk.prefill import decode_step, prefill
 
 BASELINE = "f32"
 FULL = dict(cache_dtypes=list(CACHE_DTYPES), chunk_sizes=[128, 512, 2048], prompt_len=4096,
@@ -140,6 +138,7 @@ def measure(model, ids, run: Run, args, reference: np.ndarray, decode: common.Ti
         "cache_mb": cache.nbytes / common.MB,
         **errors, "ppl_delta_pct": 100.0 * (ppl / ppl_ref - 1.0),
         "prefill_tok_per_s": n / timing.median_s, "prefill_s": timing.median_s,
+        "prefill_min_s": timing.min_s, "prefill_max_s": timing.max_s,
         "prefill_first_call_s": timing.first_s,
         "decode_tok_per_s": args.decode_tokens / decode.median_s if decode else math.nan,
         "decode_ms_per_token": 1e3 * decode.median_s / args.decode_tokens if decode else math.nan,

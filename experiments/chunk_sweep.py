@@ -9,7 +9,8 @@ the prompt's length, as `jaxchunk.prefill.prefill` does it. Per run:
   executables the run added (`compiled_step_counts` delta);
 - memory: XLA's compiled memory analysis of the step (arguments, outputs, aliased, temporaries)
   and the process's peak RSS during the timed calls (reset before each run; `rss_added_mb` is the
-  peak minus the RSS at the start of the run);
+  peak minus the RSS at the start of the run: ~0 or negative when the run reuses memory freed
+  before it, so memory.png plots the peak itself);
 - accuracy: the same chunks again with all-position logits, compared with a reference computed
   once per (dtype, prompt length): max |logit difference|, top-1 agreement, and the text's
   perplexity under both. The `reference` column names it: "forward" (jaxchunk.model.forward, plain
@@ -18,9 +19,9 @@ the prompt's length, as `jaxchunk.prefill.prefill` does it. Per run:
 "whole" in --chunk-sizes means one chunk holding the whole prompt; a chunk size >= the prompt
 length is that same run and is measured once.
 
-  .venv/bin/python experiments/chunk_sweep.py --quick                    # a few minutes
-  .venv/bin/python experiments/chunk_sweep.py --out results/chunk_sweep  # the full sweep (long)
-  .venv/bin/python experiments/chunk_sweep.py --model tiny-random --prompt-lens 64,256 --chunk-sizes 16,whole
+  .venv/bin/python -m experiments.chunk_sweep --quick                    # a few minutes
+  .venv/bin/python -m experiments.chunk_sweep --out results/chunk_sweep  # the full sweep (long)
+  .venv/bin/python -m experiments.chunk_sweep --model tiny-random --prompt-lens 64,256 --chunk-sizes 16,whole
 
 Writes results.csv, results.json (machine, versions, settings, rows) and throughput.png,
 memory.png, error.png into --out, and prints the table.
@@ -34,15 +35,16 @@ import inspect
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from experiments import common  # noqa: E402
-from jaxchunk.cache import init_cache  # noqa: E402
-from jaxchunk.prefill import chunk_schedule, compiled_step_counts, prefill  # noqa: E402
+from experiments import common
+from jaxchunk.cache import init_cache
+from jaxchunk.prefill import chunk_schedule, prefill
+from jaxchunk.steps import compiled_step_counts, step_memory
 
 WHOLE = "whole"
 FULL = dict(prompt_lens=[512, 2048, 8192], chunk_sizes=[64, 128, 256, 512, 1024, 2048, WHOLE],
@@ -164,12 +166,13 @@ def measure(model: common.LoadedModel, ids, run: Run, repeats: int, reference, r
     n_compiles = compiled_step_counts()["prefill_chunk"] - compiles_before
 
     cache_shape = jax.eval_shape(lambda: init_cache(config, 1, n, model.dtype))
-    memory = common.step_memory(model.params, config, cache_shape, c, run.attention_impl)
+    memory = step_memory(model.params, cache_shape, c, config=config, attention_impl=run.attention_impl).as_mb()
     errors = common.chunked_eval(model, ids, c, run.attention_impl, reference)
     return {
         "model": model.name, **dataclasses.asdict(run), "whole_prompt": c == n,
         "n_chunks": len(chunk_schedule(n, chunk_size=c, max_input_len=c)), "cache_len": n,
         "repeats": repeats, "tok_per_s": n / timing.median_s, "median_s": timing.median_s,
+        "min_s": timing.min_s, "max_s": timing.max_s,
         "first_call_s": timing.first_s, "compile_s": timing.compile_s, "n_compiles": n_compiles,
         **{f"step_{k}": v for k, v in memory.items()},
         "rss_peak_mb": rss_peak / common.MB, "rss_added_mb": (rss_peak - rss_start) / common.MB,
@@ -178,20 +181,100 @@ def measure(model: common.LoadedModel, ids, run: Run, repeats: int, reference, r
 
 
 # ----------------------------------------------------------------------------- plots
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    title: str
+    ylabel: str
+    column: str                          # the results column drawn, one line per prompt length
+    span: tuple[str, str] | None = None  # (low, high) columns drawn as a bar through each point
+    log_y: bool = False                  # only positive values are drawn; exact zeros are listed
+
+
+THROUGHPUT = Panel("Prefill throughput", "prefill throughput (tokens/s)", "tok_per_s",
+                   span=("tok_per_s_slowest", "tok_per_s_fastest"))
+# What is measured, each on its own linear axis from 0: what XLA says the compiled step needs (the
+# peak, and the temporaries: the part the chunk size drives) and what the process really held.
+# Not `rss_added_mb` (peak minus the RSS at the start of the run): it depends on what earlier runs
+# left allocated (the allocator reuses it) and can come out negative, so it measures no run.
+MEMORY = (
+    Panel("Compiled step peak (XLA memory analysis)\narguments + outputs - aliased + temporaries",
+          "memory (MiB = 2^20 bytes)", "step_peak_mb"),
+    Panel("Compiled step temporaries (XLA memory analysis)\nscratch of one step: what the chunk size drives",
+          "memory (MiB = 2^20 bytes)", "step_temp_mb"),
+    Panel("Process peak RSS during the timed prefills (VmHWM)\nwhole process: weights, cache, reference, runtime",
+          "memory (MiB = 2^20 bytes)", "rss_peak_mb"),
+)
+ERROR = Panel("Max |logit difference| over positions and vocabulary", "max |logit difference| (log scale)",
+              "max_abs_logit_diff", log_y=True)
+MARKERS = ("o", "s", "^", "D", "v", "P")  # hollow and shrinking: runs with equal values stay visible
+WHOLE_NOTE = "Each line's last point: the whole\nprompt as one chunk."
+
+
+def panel_plot(df, path: Path, panels: Sequence[Panel], *, title: str, note: str = WHOLE_NOTE) -> Path:
+    """One row of panels per variant (dtype, attention impl), one column per Panel, chunk size on a
+    log2 x axis, one color and marker per prompt length. Linear axes start at 0; log axes span
+    whole decades around the data. The legend (and `note`) get a column of their own, so they never
+    cover a point."""
+    plt = common.pyplot()
+    import matplotlib.lines
+    variants = list(dict.fromkeys(df["variant"]))
+    prompt_lens = sorted(df["prompt_len"].unique())
+    look = {n: dict(color=f"C{i}", marker=MARKERS[i % len(MARKERS)], markersize=10 - 2.5 * (i % 3),
+                    linewidth=2.8 - 0.8 * (i % 3), markerfacecolor="none", markeredgewidth=1.6)
+            for i, n in enumerate(prompt_lens)}
+    fig, axes = plt.subplots(len(variants), len(panels) + 1, squeeze=False,
+                             figsize=(4.8 * len(panels) + 2.6, 4.2 * len(variants)),
+                             gridspec_kw={"width_ratios": [1] * len(panels) + [0.5]})
+    for row, variant in zip(axes, variants):
+        part = df[df["variant"] == variant]
+        for ax, panel in zip(row, panels):
+            zeros = []
+            for n, runs in part.groupby("prompt_len"):
+                runs = runs.sort_values("chunk_size")
+                values = runs[panel.column].astype(float)
+                drawn = (values > 0) if panel.log_y else np.isfinite(values)
+                zeros += [f"n={n} chunk {c}" for c in runs["chunk_size"][values == 0]]
+                ax.plot(runs["chunk_size"][drawn], values[drawn], "-", **look[n])
+                if panel.span:
+                    low, high = (runs[c].astype(float)[drawn] for c in panel.span)
+                    ax.vlines(runs["chunk_size"][drawn], low, high, color=look[n]["color"], lw=2.5, alpha=0.5)
+            common.log2_axis(ax, part["chunk_size"], "x")
+            panel_values = part[[panel.column, *(panel.span or ())]].to_numpy(float)
+            if panel.log_y:
+                ax.set_yscale("log")
+                positive = panel_values[panel_values > 0]
+                if positive.size:
+                    ax.set_ylim(10.0 ** (np.floor(np.log10(positive.min())) - 1),
+                                10.0 ** (np.ceil(np.log10(positive.max())) + 1))
+                if zeros:
+                    ax.text(0.02, 0.03, "exactly 0, not drawable on a log axis:\n" + ", ".join(zeros),
+                            transform=ax.transAxes, fontsize=7.5, va="bottom")
+            else:
+                ax.set_ylim(0, 1.1 * max(np.nanmax(panel_values), 1e-12))
+            ax.set_title(f"{panel.title}\n{variant}", fontsize=9)
+            ax.set(xlabel="chunk size (tokens, log2 scale)", ylabel=panel.ylabel)
+            ax.grid(True, which="major", alpha=0.3)
+        row[-1].axis("off")
+    handles = [matplotlib.lines.Line2D([], [], linestyle="-", label=f"{n}-token prompt", **look[n])
+               for n in prompt_lens]
+    axes[0][-1].legend(handles=handles, loc="upper left", fontsize=8.5, frameon=False, title="prompt length",
+                       title_fontsize=8.5)
+    axes[0][-1].text(0.05, 0.0, note, transform=axes[0][-1].transAxes, fontsize=8, va="bottom")
+    fig.suptitle(title)
+    return common.save_figure(fig, path)
+
+
 def plot(df, out: Path) -> list[Path]:
-    df = df.assign(variant=df["dtype"] + ", " + df["attention_impl"])
-    xlabel = "chunk size (tokens, log2; each line's last point = whole prompt)"
-    common_kw = dict(x="chunk_size", line="prompt_len", facet="variant", xlabel=xlabel)
+    df = df.assign(variant=df["dtype"] + ", " + df["attention_impl"],
+                   tok_per_s_slowest=df["prompt_len"] / df["max_s"],
+                   tok_per_s_fastest=df["prompt_len"] / df["min_s"])
     return [
-        common.line_plot(df, out / "throughput.png", y="tok_per_s", title="Prefill throughput vs chunk size",
-                         ylabel="prefill throughput (tokens/s)", **common_kw),
-        common.line_plot(df, out / "memory.png", y=["step_temp_mb", "rss_added_mb"],
-                         y_labels=["compiled temp", "RSS added"], logy=True,
-                         title="Memory vs chunk size: XLA step temporaries, RSS added by the run",
-                         ylabel="memory (MB, log)", **common_kw),
-        common.line_plot(df, out / "error.png", y="max_abs_logit_diff", logy=True, floor=1e-9,
-                         title=f"Max |logit difference| vs reference ({df['reference'].iloc[0]})",
-                         ylabel="max |logit diff| (log; 0 shown as 1e-9)", **common_kw),
+        panel_plot(df, out / "throughput.png", [THROUGHPUT], title="Prefill throughput vs chunk size",
+                   note=f"Points: prompt tokens / median time\nof the timed prefills ({df['repeats'].max()} per run,\n"
+                        f"after a warm-up call); bars: the\nslowest to the fastest of them.\n\n{WHOLE_NOTE}"),
+        panel_plot(df, out / "memory.png", MEMORY, title="Memory vs chunk size"),
+        panel_plot(df, out / "error.png", [ERROR],
+                   title=f"Chunked prefill vs the reference ({df['reference'].iloc[0]})"),
     ]
 
 

@@ -26,8 +26,8 @@ Columns:
   would give). pass=forward rows exist for full and exact only (the other chunked methods run the
   same chunked forward).
 
-  .venv/bin/python experiments/chunked_training.py --quick          # tiny random model, ~5 min
-  .venv/bin/python experiments/chunked_training.py --model smollm2-135m --lengths 512,1024 --chunk-lens 256
+  .venv/bin/python -m experiments.chunked_training --quick          # tiny random model, ~5 min
+  .venv/bin/python -m experiments.chunked_training --model smollm2-135m --lengths 512,1024 --chunk-lens 256
 
 Writes results.csv, results.json, memory.png, time.png, grad_error.png into --out.
 """
@@ -35,17 +35,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from jaxchunk.training import loss_and_grad, lower_step  # noqa: E402
+from experiments import common
+from jaxchunk.training import loss_and_grad, lower_step
 
 FULL = dict(lengths=[512, 1024, 2048, 4096, 8192], chunk_lens=[128, 512, 2048], run_max_len=4096, repeats=3)
 QUICK = dict(lengths=[512, 1024, 2048, 4096, 8192], chunk_lens=[128, 512], run_max_len=2048, repeats=1)
@@ -151,7 +148,8 @@ def main(argv=None):
             timing = common.timeit(step, args.repeats)
             loss, grads = last.pop()
             grads = jax.tree.map(np.asarray, grads)
-            row.update(step_s=timing.median_s, tok_per_s=n / timing.median_s, compile_s=timing.compile_s,
+            row.update(step_s=timing.median_s, step_min_s=timing.min_s, step_max_s=timing.max_s,
+                       tok_per_s=n / timing.median_s, compile_s=timing.compile_s,
                        loss=float(loss))
             train_len = run["kwargs"].get("train_len")
             if run["method"] == "full":

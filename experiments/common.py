@@ -3,18 +3,20 @@ they measure.
 
 - Machine:  `machine_info()` - CPU, cores, load, library versions, git commit (saved with results).
 - Model:    `load_model("smollm2-135m" | "tiny-random", dtype)` and `prompt_ids(name, n)`.
-- Timing:   `timeit(fn, repeats, setup)` - first call (compile) and median of warm calls.
-- Memory:   `reset_peak_rss()` / `peak_rss_bytes()` (per-run process peak, Linux) and
-            `step_memory(...)` (XLA's compiled memory analysis of one prefill step).
+- Timing:   `timeit(fn, repeats, setup)` -> `Timing` (jaxchunk.timing): the first call (compile)
+            and min / median / max of the warm calls.
+- Memory:   `reset_peak_rss()` / `peak_rss_bytes()` (per-run process peak, Linux); XLA's compiled
+            memory of a prefill step is `jaxchunk.steps.step_memory`.
 - Accuracy: `reference_logits` (full attention, no cache) and `chunked_eval` (chunked prefill
             compared with it, plus perplexity, one chunk at a time).
 - Output:   `write_results` (CSV + JSON with machine info and settings), `line_plot` (PNG),
             `print_table`, `progress` (tqdm over runs).
 
-Scripts put the repository root on sys.path and `from experiments.common import ...`, so they run
-as `.venv/bin/python experiments/<script>.py` from anywhere. JAX is imported only inside the
-functions that need it: compare_peers' torch / llama.cpp workers use the timing and memory helpers,
-and importing JAX there would add to the peak RSS they report.
+experiments/ is a package: run each script from the repository root as a module,
+`.venv/bin/python -m experiments.<script>`, and import from it with `from experiments import
+common`. JAX is imported only inside the functions that need it: compare_peers' torch / llama.cpp
+workers use the timing and memory helpers, and importing JAX there would add to the peak RSS they
+report.
 """
 from __future__ import annotations
 
@@ -27,16 +29,17 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from jaxchunk.fetch import DEFAULT_MODEL  # the model registry's default; imports no JAX
+
+# The one timing helper, shared with `jaxchunk bench`; re-exported for the scripts.
+from jaxchunk.timing import Timing, timeit  # noqa: F401
 from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,47 +99,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- timing
-@dataclasses.dataclass
-class Timing:
-    first_s: float        # the first call: tracing + compilation + one run
-    times_s: list[float]  # the warm calls
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.times_s)
-
-    @property
-    def compile_s(self) -> float:
-        """First-call overhead: what the first call cost beyond a warm call (mostly compilation).
-        Floored at 0: on a busy machine a warm call can take longer than the first."""
-        return max(0.0, self.first_s - self.median_s)
-
-
-def _wait(value):
-    """JAX dispatch is asynchronous: wait for JAX results (anything else is already done)."""
-    if "jax" in sys.modules:
-        sys.modules["jax"].block_until_ready(value)
-    return value
-
-
-def timeit(fn: Callable, repeats: int, setup: Callable[[], tuple] | None = None) -> Timing:
-    """Call `fn(*setup())` once (warm-up, timed separately) then `repeats` times; every call is
-    waited for with `jax.block_until_ready` when JAX is in use. `setup` runs untimed before each
-    call: prefill donates its cache, so each call needs a fresh one."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-
-    def once() -> float:
-        args = _wait(setup() if setup else ())
-        start = time.perf_counter()
-        _wait(fn(*args))
-        return time.perf_counter() - start
-
-    first = once()
-    return Timing(first, [once() for _ in range(repeats)])
-
-
 # ----------------------------------------------------------------------------- memory
 def reset_peak_rss() -> bool:
     """Reset the process's peak-RSS mark (Linux: writing 5 to /proc/self/clear_refs), so the next
@@ -174,39 +136,6 @@ def peak_rss_bytes() -> int:
     return kb * 1024
 
 
-def shape_of(tree):
-    """The pytree as ShapeDtypeStructs: lowering needs shapes only, and does not touch (or donate)
-    the real buffers."""
-    import jax
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def step_memory(params, config, cache, chunk_len: int, attention_impl: str,
-                logits: str = "last") -> dict[str, float]:
-    """XLA's memory analysis of the compiled prefill step for one chunk length, in MB.
-
-    peak_mb = arguments + outputs - aliased (the donated cache is updated in place) + temporaries:
-    what the step needs while it runs. temp_mb is the part the chunk length drives. (Lowering and
-    compiling here reuse the executable a previous call of the same shapes built, so this is cheap
-    after a run - and its duration says nothing about compile time: use `Timing.compile_s`.)
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxchunk.prefill import _prefill_chunk
-
-    tokens = jax.ShapeDtypeStruct((cache.batch, chunk_len), jnp.int32)
-    n_valid = jax.ShapeDtypeStruct((cache.batch,), jnp.int32)
-    stats = _prefill_chunk.lower(shape_of(params), shape_of(cache), tokens, n_valid, config=config,
-                                 attention_impl=attention_impl, logits=logits).compile().memory_analysis()
-    if stats is None:  # some backends do not report
-        return {}
-    arg, res = stats.argument_size_in_bytes, stats.output_size_in_bytes
-    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
-    return {"arg_mb": arg / MB, "out_mb": res / MB, "alias_mb": alias / MB, "temp_mb": temp / MB,
-            "peak_mb": (arg + res - alias + temp) / MB}
-
-
 # ----------------------------------------------------------------------------- models and prompts
 @dataclasses.dataclass
 class LoadedModel:
@@ -221,10 +150,8 @@ class LoadedModel:
 def tiny_config():
     """A 2-layer Llama with GQA (4 query heads, 2 KV heads): compiles and runs in well under a
     second, for tests and smoke runs of the scripts."""
-    from jaxchunk.config import LlamaConfig
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=16, max_position_embeddings=8192, bos_token_id=1,
-                       eos_token_id=2)
+    from jaxchunk import testing
+    return testing.tiny_config(vocab_size=512, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
 
 
 def model_path(name: str = DEFAULT_MODEL) -> Path:
@@ -302,18 +229,8 @@ def prompt_ids(name: str, n: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _text_ids(name: str, n: int) -> np.ndarray:
-    from jaxchunk.corpus import reference_text
-    tokenizer = _tokenizer(name)
-    chars = 6 * n  # ~4 characters per token in this text; tokenize only what is needed
-    while True:
-        text = reference_text(chars)
-        ids = [tokenizer.bos_id] + tokenizer.encode(text)
-        if len(ids) >= n or len(text) < chars:
-            break
-        chars *= 2
-    if len(ids) < n:
-        raise ValueError(f"the reference text has only {len(ids)} tokens, fewer than {n}")
-    return np.asarray(ids[:n], np.int32)
+    from jaxchunk.corpus import reference_ids
+    return np.asarray(reference_ids(_tokenizer(name), n), np.int32)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -348,24 +265,21 @@ def chunked_eval(model: LoadedModel, ids: np.ndarray, chunk_size: int, attention
     the text under the chunked logits and under the reference. cache_dtype: the KV cache format
     (jaxchunk.cache.CACHE_DTYPES); default the model's dtype."""
     from jaxchunk.cache import init_cache
-    from jaxchunk.prefill import chunk_schedule, prefill_chunk
+    from jaxchunk.prefill import iter_prefill
 
     n = len(ids)
     cache = init_cache(model.config, 1, cache_len or n, cache_dtype or model.dtype)
-    max_diff, agree, nll, nll_ref, start = 0.0, 0, 0.0, 0.0, 0
-    for chunk_len, n_valid in chunk_schedule(n, chunk_size=chunk_size, max_input_len=chunk_size):
-        tokens = np.zeros((1, chunk_len), np.int32)
-        tokens[0, :n_valid] = ids[start:start + n_valid]
-        cache, logits = prefill_chunk(model.params, cache, tokens, [n_valid], config=model.config,
-                                      attention_impl=attention_impl, logits="all")
-        ours, ref = np.asarray(logits[0, :n_valid]), reference[start:start + n_valid]
+    max_diff, agree, nll, nll_ref = 0.0, 0, 0.0, 0.0
+    for chunk in iter_prefill(model.params, model.config, cache, [ids], chunk_size=chunk_size,
+                              max_input_len=chunk_size, attention_impl=attention_impl, logits="all"):
+        start, n_valid = int(chunk.start[0]), int(chunk.n_valid[0])
+        ours, ref = chunk.valid_logits(0), reference[start:start + n_valid]
         max_diff = max(max_diff, float(np.abs(ours - ref).max()))
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         # Position i predicts token i + 1; the prompt's last position has nothing to predict.
         targets = ids[start + 1:start + n_valid + 1]
         nll += token_nll(ours[:len(targets)], targets).sum()
         nll_ref += token_nll(ref[:len(targets)], targets).sum()
-        start += n_valid
     return {"max_abs_logit_diff": max_diff, "top1_agreement": agree / n,
             "perplexity": math.exp(nll / (n - 1)), "perplexity_reference": math.exp(nll_ref / (n - 1))}
 

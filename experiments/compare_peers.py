@@ -15,7 +15,7 @@ Systems (--systems):
 - llama.cpp:    llama_cpp.Llama on the GGUF as is (Q4_1 weights, its native format), n_batch 512,
                 n_threads --threads, logits_all=False; llm.eval(ids) after llm.reset().
 
-Every system runs in its own subprocess (this script with --worker), so its peak RSS (VmHWM, reset
+Every system runs in its own subprocess (this module with --worker), so its peak RSS (VmHWM, reset
 before each prompt length) is its own: weights + cache + activations of that system only. Each gets
 the same token ids (jaxchunk's tokenizer on jaxchunk.corpus.reference_text) through a .npy file.
 
@@ -23,12 +23,13 @@ Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jax
 prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
 tok/s (greedy, --decode-tokens tokens after the prompt, one model step each, after a warm-up: the
 peers step token by token from Python, jaxchunk runs its generation loop on device as
-model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads; steadier than wall time on a shared machine,
+model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads;
+steadier than wall time on a shared machine,
 but it counts spin-waiting threads too).
 The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
 
-  .venv/bin/python experiments/compare_peers.py --quick
-  .venv/bin/python experiments/compare_peers.py --systems jaxchunk,llama.cpp --prompt-lens 8192
+  .venv/bin/python -m experiments.compare_peers --quick
+  .venv/bin/python -m experiments.compare_peers --systems jaxchunk,llama.cpp --prompt-lens 8192
 
 Writes results.csv, results.json, prefill.png, decode.png, memory.png into --out.
 """
@@ -43,16 +44,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402  (imports no JAX: the workers stay light)
+from experiments import common  # imports no JAX: the workers stay light
 
 SYSTEMS = ("jaxchunk", "transformers", "llama.cpp")
 FULL = dict(prompt_lens=[512, 2048, 8192], chunk_sizes=[256, 512, 2048], dtypes=["f32", "bf16"], repeats=3)
 QUICK = dict(prompt_lens=[512, 2048], chunk_sizes=[512], dtypes=["f32", "bf16"], repeats=1)
 RESULT_MARK = "COMPARE_PEERS_RESULT "
+WORKER_MODULE = "experiments.compare_peers"  # each system runs in `python -m` of this module, --worker
 WARMUP_TOKENS = 64
 
 
@@ -76,7 +76,8 @@ def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
         start, cpu_start = time.perf_counter(), time.process_time()
         decode_fn(state["last"], spec["decode_tokens"])
         decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-        rows.append({"prompt_len": n, "prefill_s": timing.median_s, "prefill_tok_s": n / timing.median_s,
+        rows.append({"prompt_len": n, "prefill_s": timing.median_s, "prefill_min_s": timing.min_s,
+                     "prefill_max_s": timing.max_s, "prefill_tok_s": n / timing.median_s,
                      "first_call_s": timing.first_s, "decode_tok_s": spec["decode_tokens"] / decode_s,
                      "decode_cpu_ms_per_tok": decode_cpu_s / spec["decode_tokens"] * 1e3,
                      "rss_peak_mb": common.peak_rss_bytes() / common.MB})
@@ -257,8 +258,12 @@ def worker_specs(args, ids_path: Path) -> list[dict]:
 def run_worker(spec: dict) -> list[dict]:
     """Run one system in a fresh interpreter; its stderr passes through, its result comes back as
     one marked JSON line on stdout. A failing peer is reported and left out, not fatal."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
-                          text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    # From this process's directory (relative paths keep their meaning), with the repository root
+    # on the module path: `-m experiments.compare_peers` must find this checkout from anywhere.
+    path = os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", WORKER_MODULE, "--worker", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=path))
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode or not lines:
         print(f"compare_peers: {spec['system']} {spec['dtype']} failed (exit {proc.returncode}); "
@@ -305,7 +310,8 @@ def main(argv=None):
     df = add_ratios(pd.DataFrame(rows))
     df = common.write_results(args.out, df.to_dict("records"), settings, machine)
     kw = dict(x="prompt_len", line="label", xlabel="prompt length (tokens, log2)", logy=True)
-    pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s", ylabel="prefill throughput (tokens/s, log)",
+    pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s",
+                             ylabel="prefill throughput (tokens/s, log)",
                              title=f"Prefill throughput, {machine['usable_cores']} cores", **kw),
             common.line_plot(df, args.out / "decode.png", y="decode_tok_s", ylabel="decode throughput (tokens/s, log)",
                              title=f"Greedy decode after the prompt ({args.decode_tokens} tokens)", **kw),

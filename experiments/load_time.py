@@ -19,8 +19,8 @@ times the steps of a load separately: open_gguf, load_weights, the tokenizer, ja
 llama.cpp is optional (`pip install llama-cpp-python`, the `bench` extra); without it only
 jaxchunk is timed.
 
-  .venv/bin/python experiments/load_time.py --quick
-  .venv/bin/python experiments/load_time.py --baseline-root ../main
+  .venv/bin/python -m experiments.load_time --quick
+  .venv/bin/python -m experiments.load_time --baseline-root ../main
 
 Writes results.csv (one row per process), summary.csv, breakdown.csv (+ .json with machine info
 and settings) and load_time.png into --out.
@@ -37,9 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import common  # noqa: E402
+from experiments import common
 
 MODES = ("f32", "bf16", "q4", "q4_q8")
 LLAMA_CPP = "llama.cpp"

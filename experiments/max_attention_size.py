@@ -13,8 +13,8 @@ scores of late chunks grow with the prompt. For each schedule and prompt length 
 - prefill time (median of --repeats warm calls) and first-call overhead (compilation);
 - compiled memory: the largest XLA temp / peak over the schedule's chunk shapes, and peak RSS.
 
-  .venv/bin/python experiments/max_attention_size.py --quick
-  .venv/bin/python experiments/max_attention_size.py --prompt-lens 512,2048,8192 --out results/mas
+  .venv/bin/python -m experiments.max_attention_size --quick
+  .venv/bin/python -m experiments.max_attention_size --prompt-lens 512,2048,8192 --out results/mas
 
 Writes results.csv, results.json, schedule.png (chunk length vs position), time.png, memory.png.
 """
@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
 
-import jax  # noqa: E402
-
-from experiments import common  # noqa: E402
-from jaxchunk.cache import init_cache  # noqa: E402
-from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN, chunk_schedule, compiled_step_counts, prefill  # noqa: E402
+from experiments import common
+from jaxchunk.cache import init_cache
+from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN, chunk_schedule, prefill
+from jaxchunk.steps import compiled_step_counts, step_memory
 
 FULL = dict(prompt_lens=[512, 2048, 8192], max_attention_sizes=[512, 1024, 2048], chunk_sizes=[512, 2048],
             repeats=3)
@@ -113,16 +111,17 @@ def measure(model, ids, policy: Policy, args) -> dict:
     rss_peak = common.peak_rss_bytes()
     n_compiles = compiled_step_counts()["prefill_chunk"] - before
     cache_shape = jax.eval_shape(lambda: init_cache(config, 1, args.cache_len, model.dtype))
-    memory = [common.step_memory(model.params, config, cache_shape, length, args.attention_impl)
+    memory = [step_memory(model.params, cache_shape, length, config=config, attention_impl=args.attention_impl).as_mb()
               for length in shapes]
     return {
         "model": model.name, "dtype": model.dtype, "attention_impl": args.attention_impl,
         "schedule": policy.label, "max_attention_size": policy.max_attention_size,
         "chunk_size": policy.chunk_size, "prompt_len": n, "cache_len": args.cache_len,
         "n_chunks": len(schedule), "n_shapes": len(shapes), "n_compiles": n_compiles,
-        "prefill_s": timing.median_s, "tok_per_s": n / timing.median_s, "compile_s": timing.compile_s,
-        "max_step_temp_mb": max(m.get("temp_mb", 0) for m in memory),
-        "max_step_peak_mb": max(m.get("peak_mb", 0) for m in memory),
+        "prefill_s": timing.median_s, "prefill_min_s": timing.min_s, "prefill_max_s": timing.max_s,
+        "tok_per_s": n / timing.median_s, "compile_s": timing.compile_s,
+        "max_step_temp_mb": max(m["temp_mb"] for m in memory),
+        "max_step_peak_mb": max(m["peak_mb"] for m in memory),
         "rss_peak_mb": rss_peak / common.MB, "chunks": compact(schedule),
         "schedule_list": schedule,  # full list: JSON only (dropped from the CSV)
     }

@@ -12,8 +12,8 @@ aliased + temporaries, from XLA's memory_analysis). This script
    with that budget (median of --repeats warm runs, each on a fresh cache) and the process peak RSS
    of the first run.
 
-  .venv/bin/python experiments/memory_budget.py --quick
-  .venv/bin/python experiments/memory_budget.py --prompt-len 4096 --out results/memory_budget
+  .venv/bin/python -m experiments.memory_budget --quick
+  .venv/bin/python -m experiments.memory_budget --prompt-len 4096 --out results/memory_budget
 
 Writes results.csv + results.json (budgets), candidates.csv + candidates.json, budget.png (peak memory and throughput
 against the budget, chosen chunk lengths written at the points) and candidates.png into --out.
@@ -21,20 +21,18 @@ against the budget, chosen chunk lengths written at the points) and candidates.p
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from jaxchunk.cache import init_cache  # noqa: E402
-from jaxchunk.errors import InputError  # noqa: E402
-from jaxchunk.memory_budget import candidate_chunk_lens, pick_chunk_len, step_memory  # noqa: E402
-from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN, prefill  # noqa: E402
+from experiments import common
+from jaxchunk.cache import init_cache
+from jaxchunk.errors import InputError
+from jaxchunk.memory_budget import candidate_chunk_lens, pick_chunk_len
+from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN, prefill
+from jaxchunk.steps import step_memory
 
 FULL = dict(prompt_len=4096, n_budgets=14, repeats=3)
 QUICK = dict(prompt_len=1024, n_budgets=10, repeats=1)
@@ -138,13 +136,15 @@ def main(argv=None):
             common.reset_peak_rss()
             timing = common.timeit(run, args.repeats,
                                    setup=lambda: (init_cache(config, 1, args.cache_len, model.dtype),))
-            timings[chunk_len] = {"prefill_s": timing.median_s, "tok_per_s": args.prompt_len / timing.median_s,
+            timings[chunk_len] = {"prefill_s": timing.median_s, "prefill_min_s": timing.min_s,
+                                  "prefill_max_s": timing.max_s, "tok_per_s": args.prompt_len / timing.median_s,
                                   "rss_peak_mb": common.peak_rss_bytes() / common.MB}
         rows.append({**row, "chunk_len": chunk_len, **memory.as_mb(),
                      "headroom_mb": (budget - memory.peak_bytes) / common.MB, **timings[chunk_len]})
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(model_source=model.source, cache_bytes=int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache_shape))),
+    cache_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache_shape)))
+    settings.update(model_source=model.source, cache_bytes=cache_bytes,
                     smallest_working_budget_bytes=min(c["peak_bytes"] for c in candidates),
                     wall_s=round(time.perf_counter() - started, 1))
     cand_df = common.write_results(args.out, candidates, settings, machine, name="candidates")

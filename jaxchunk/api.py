@@ -20,6 +20,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from jaxchunk.cache import KVCache
     from jaxchunk.tokenizer import Tokenizer
 
-__all__ = ["load", "Model", "StopStrings"]
+__all__ = ["load", "Model", "GenerationResult", "StopStrings"]
 
 DEFAULT_MAX_SEQ_LEN = 8192
 PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
@@ -69,8 +70,8 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
             bf16 matrices are held as their uint16 bits (jaxchunk/weights/bf16.py: keeps XLA:CPU from
             converting the whole model to f32 every step); inference only, not differentiable.
         "dequantized": dequantized to `dtype` (the default; same as weights=dtype).
-    attention_impl: passed to every step ("auto", "xla", "pallas", "reference"; see
-        pallas_kernels/attention.py).
+    attention_impl: passed to every step: "auto" or a backend name of
+        pallas_kernels.attention.BACKENDS ("pallas", "native_cpu", "xla", "reference").
     cache_dtype: KV-cache format: "f32", "bf16", "fp8_e4m3", "fp8_e5m2", "q8", "q6", "q4" (blocks
         of 32, Hadamard-rotated, float16 absmax scales; "*_norot" without the rotation); default:
         `dtype`. See jaxchunk.cache and experiments/cache_quant.py for what each costs.
@@ -84,7 +85,10 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
 
     import jax
 
+    from jaxchunk import compilation_cache
     from jaxchunk.cache import resolve_cache_dtype
+
+    compilation_cache.enable()  # before the first compile of the process, or JAX never looks at it
 
     _check_attention_impl(attention_impl)
     cache_dtype = dtype if cache_dtype is None else cache_dtype
@@ -160,6 +164,22 @@ class StopStrings:
     def flush(self) -> str:
         out, self._pending = self._pending, ""
         return out
+
+
+# ----------------------------------------------------------------------------- results
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's generation (`Model.generate(..., return_ids=True)`).
+
+    text: the generated text, without the stop token or stop string that ended it;
+    ids: the generated token ids up to and including the one that ended it (an EOS / stop id, or the
+        token that completed a stop string); nothing after it;
+    finish_reason: "stop" (a stop id or stop string) or "length" (max_new_tokens reached).
+    """
+
+    text: str
+    ids: list[int]
+    finish_reason: str
 
 
 # ----------------------------------------------------------------------------- the model
@@ -266,23 +286,20 @@ class Model:
         """Sum of -log p(ids[i+1] | ids[:i+1]) over one window that fits the cache."""
         import jax.numpy as jnp
 
-        from jaxchunk.prefill import chunk_schedule, prefill_chunk
+        from jaxchunk.prefill import iter_prefill
         from jaxchunk.sampling import token_logprobs
 
-        schedule = chunk_schedule(len(ids), chunk_size=chunk_size,
-                                  max_input_len=chunk_size or PERPLEXITY_MAX_CHUNK)
-        cache, done, nll = self.new_cache(1), 0, 0.0
-        for chunk_len, n_valid in schedule:
-            tokens = np.zeros((1, chunk_len), np.int32)
-            tokens[0, :n_valid] = ids[done:done + n_valid]
-            targets = np.zeros((1, chunk_len), np.int32)
-            scored = len(ids[done + 1:done + n_valid + 1])  # the window's last token predicts nothing
-            targets[0, :scored] = ids[done + 1:done + 1 + scored]
-            cache, logits = prefill_chunk(self.params, cache, tokens, [n_valid], config=self.config,
-                                          attention_impl=self.attention_impl, logits="all")
-            logprobs = np.asarray(token_logprobs(logits, jnp.asarray(targets)))
+        chunks = iter_prefill(self.params, self.config, self.new_cache(1), [ids], chunk_size=chunk_size,
+                              max_input_len=chunk_size or PERPLEXITY_MAX_CHUNK,
+                              attention_impl=self.attention_impl, logits="all")
+        nll = 0.0
+        for chunk in chunks:
+            start, n_valid = int(chunk.start[0]), int(chunk.n_valid[0])
+            targets = np.zeros((1, chunk.chunk_len), np.int32)
+            scored = len(ids[start + 1:start + n_valid + 1])  # the window's last token predicts nothing
+            targets[0, :scored] = ids[start + 1:start + 1 + scored]
+            logprobs = np.asarray(token_logprobs(chunk.logits, jnp.asarray(targets)))
             nll -= float(logprobs[0, :scored].astype(np.float64).sum())
-            done += n_valid
             if bar is not None:
                 bar.update(n_valid)
         return nll
@@ -291,7 +308,7 @@ class Model:
     def generate(self, prompts, max_new_tokens: int = 64, chunk_size: Optional[int] = None, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int = 0, stop: Union[str, Sequence[str]] = (),
-                 stream: bool = False, progress: bool = False):
+                 stream: bool = False, progress: bool = False, return_ids: bool = False):
         """Continue one prompt or a batch of prompts (text or token ids).
 
         Sampling: greedy when temperature == 0; otherwise temperature, top_k (0: off), top_p (1: off),
@@ -301,6 +318,7 @@ class Model:
         excludes EOS and the stop string.
 
         Returns the text (str) for one prompt, a list of texts for a list of prompts; with
+        return_ids=True a `GenerationResult` (text, ids, finish_reason) per prompt instead; with
         stream=True (one prompt only), a generator of text pieces, each valid UTF-8 on its own
         (a character split across tokens comes out whole), concatenating to the same text.
         Prefill runs when generate() is called; errors (e.g. a prompt longer than the cache) are
@@ -320,9 +338,14 @@ class Model:
         if stream:
             if not single:
                 raise InputError("stream=True takes a single prompt, not a list")
+            if return_ids:
+                raise InputError("return_ids=True returns whole results; it cannot be combined with stream=True")
             steps = gen.stream_ids(self.params, self.config, self.new_cache(1), rows, **kwargs)
             return self._stream_text(steps, set(stop_ids), stops)
         _, outputs = gen.generate_ids(self.params, self.config, self.new_cache(len(rows)), rows, **kwargs)
+        if return_ids:
+            results = [self._result(ids, set(stop_ids), stops) for ids in outputs]
+            return results[0] if single else results
         texts = [self._text(ids, set(stop_ids), stops) for ids in outputs]
         return texts[0] if single else texts
 
@@ -335,6 +358,55 @@ class Model:
         """
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(self.tokenizer.encode(text), **generate_kwargs)
+
+    # ---- warm-up ------------------------------------------------------------------------
+    def warmup(self, batch_sizes: Sequence[int] = (1,), chunk_sizes: Optional[Sequence[int]] = None,
+               max_new_tokens: Sequence[int] = (64,), *, stream: bool = False, **sampling) -> dict:
+        """Compile, ahead of the real work, every executable that `generate` (and so `prefill` /
+        `logits` with the same chunk sizes) runs for these shapes; afterwards, inside
+        `jaxchunk.compile_guard()`, such calls compile nothing.
+
+        batch_sizes: numbers of prompts per call. chunk_sizes: the prefill chunk lengths that will
+        be passed as `chunk_size=`; None means the automatic schedule's whole static set (every power
+        of two up to max_input_len=2048 and max_seq_len). max_new_tokens: the generation lengths (the
+        on-device decode loop compiles once per power-of-two bucket, at least 16). stream: also the
+        streaming path (one decode step per token). sampling: temperature / top_k / top_p / min_p /
+        repetition_penalty as they will be passed to generate (each setting is its own compile).
+
+        Each shape runs once on placeholder prompts in a throwaway cache: `jit(...).lower(...)
+        .compile()` from ShapeDtypeStructs would not fill jit's dispatch cache in jax 0.10.2 (the
+        next call compiles again), so only a real call warms what later calls use. Returns
+        {"compiles": executables built, "seconds": wall time}.
+        """
+        import time
+
+        from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN
+        from jaxchunk.steps import count_compiles
+
+        chunk_sizes = list(chunk_sizes) if chunk_sizes is not None else \
+            [1 << i for i in range(min(DEFAULT_MAX_INPUT_LEN, self.max_seq_len).bit_length())]
+        for name, values in (("batch_sizes", batch_sizes), ("chunk_sizes", chunk_sizes),
+                             ("max_new_tokens", max_new_tokens)):
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+                raise InputError(f"{name} must be a non-empty list of positive ints, got {values!r}")
+        longest = max(chunk_sizes) + max(max_new_tokens)
+        if longest > self.max_seq_len:
+            raise InputError(f"warm-up of chunk {max(chunk_sizes)} + {max(max_new_tokens)} new tokens needs "
+                             f"{longest} cache positions; max_seq_len is {self.max_seq_len}")
+        start = time.perf_counter()
+        with count_compiles() as compiles:
+            for batch in batch_sizes:
+                for chunk in chunk_sizes:
+                    # Two chunks where they fit (the second one merges the rows' last logits).
+                    length = chunk + 1 if chunk + 1 + max(max_new_tokens) <= self.max_seq_len else chunk
+                    prompts = [[0] * length] * batch
+                    for new_tokens in max_new_tokens:
+                        self.generate(prompts, max_new_tokens=new_tokens, chunk_size=chunk, stop=(), **sampling)
+                    if stream:
+                        for _ in self.generate(prompts[0], max_new_tokens=2, chunk_size=chunk, stream=True,
+                                               **sampling):
+                            pass
+        return {"compiles": compiles.count, "seconds": time.perf_counter() - start}
 
     def _stop_ids(self, stops: Sequence[str]) -> list[int]:
         """EOS, plus stop strings that are exactly one token: those can stop the device loop early
@@ -353,6 +425,21 @@ class Model:
             ids = ids[:-1]
         cutter = StopStrings(stops)
         return cutter.push(self.tokenizer.decode(ids)) + cutter.flush()
+
+    def _result(self, ids: list[int], stop_ids: set[int], stops: Sequence[str]) -> GenerationResult:
+        """`_text` of one row, with the ids cut after the token that ended the generation."""
+        text = self._text(ids, stop_ids, stops)
+        if stops:  # the first token whose text completes a stop string ends the ids there
+            decoder, cutter = self.tokenizer.incremental_decoder(), StopStrings(stops)
+            for i, token in enumerate(ids):
+                if token in stop_ids:
+                    break
+                cutter.push(decoder.push(token))
+                if cutter.stopped:
+                    return GenerationResult(text, ids[:i + 1], "stop")
+            if cutter.push(decoder.flush()) or cutter.stopped:  # bytes held back until the end
+                return GenerationResult(text, ids, "stop" if cutter.stopped else "length")
+        return GenerationResult(text, ids, "stop" if ids and ids[-1] in stop_ids else "length")
 
     def _stream_text(self, steps, stop_ids: set[int], stops: Sequence[str]) -> Iterator[str]:
         """Text pieces from a `stream_ids` generator of one row (same text as `_text`)."""

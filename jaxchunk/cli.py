@@ -9,7 +9,8 @@
 Every subcommand has --help. A jaxchunk error (missing model, prompt longer than the cache, ...)
 or a bad flag value prints one line, `error: ...`, on stderr and exits with status 2. Progress bars
 and prompts go to stderr, generated text to stdout. JAX is imported only by subcommands that run
-the model, so `--help` and `fetch` are quick.
+the model or look up the cache folder (fetch, info by model name: the rule is in pallas_kernels.cache_dir;
+importing pallas_kernels imports JAX, ~0.7 s), so `--help` is quick.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import dataclasses
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -91,9 +91,11 @@ def _add_model_flags(parser: argparse.ArgumentParser,
                         help="KV-cache format: f32, bf16, fp8_e4m3, fp8_e5m2, q8, q6, q4 (integer formats: "
                              "blocks of 32 with f16 scales, Hadamard-rotated; see experiments/cache_quant.py "
                              "for what each costs in perplexity) (default: --dtype)")
+    # No `choices`: the names live in the kernels' table (pallas_kernels.attention.IMPLS), and
+    # importing it imports JAX, which --help and fetch avoid; loading the model checks the name.
     parser.add_argument("--attention-impl", default="auto",
-                        help="attention backend: auto, xla, pallas or reference "
-                             "(see pallas_kernels/attention.py; default: %(default)s)")
+                        help="attention backend: auto or a name in pallas_kernels.attention.BACKENDS "
+                             "(an unknown name is an error that lists them; default: %(default)s)")
     parser.add_argument("--max-seq-len", type=positive_int, default=None,
                         help=f"KV-cache capacity in tokens: a prompt plus its generated tokens must fit; "
                              f"perplexity scores longer texts in windows of this size "
@@ -222,12 +224,14 @@ def cmd_perplexity(args) -> int:
 
 
 # ----------------------------------------------------------------------------- bench
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"   # present in a source checkout
-# Scripts that time jaxchunk next to transformers and llama.cpp, in order of preference.
-PEER_SCRIPT = EXPERIMENTS / "compare_peers.py"
+CHECKOUT = Path(__file__).resolve().parent.parent   # a source checkout's root (experiments/ is there)
+# The experiment that times jaxchunk next to transformers and llama.cpp, and its file.
+PEER_MODULE = "experiments.compare_peers"
+PEER_SCRIPT = CHECKOUT / "experiments" / "compare_peers.py"
 
 
 def _peer_script() -> Optional[Path]:
+    """The peer benchmark's file, or None in an installed package (experiments/ is not shipped)."""
     return PEER_SCRIPT if PEER_SCRIPT.is_file() else None
 
 
@@ -238,12 +242,12 @@ def cmd_bench(args) -> int:
                          f"script need --peers and go after `--`)")
     if args.peers:
         return _run_peer_bench(extra)
-    import jax
     import numpy as np
 
     from jaxchunk.corpus import reference_text
     from jaxchunk.generate import generate_ids, stream_ids
     from jaxchunk.prefill import prefill
+    from jaxchunk.timing import timeit
 
     if args.max_seq_len is None:
         args.max_seq_len = max(args.prompt_lengths) + args.decode_tokens
@@ -252,49 +256,43 @@ def cmd_bench(args) -> int:
     params, config, n = model.params, model.config, args.decode_tokens
     chunking = dict(chunk_size=args.chunk_size, attention_impl=model.attention_impl)
 
-    def timed(run, setup=lambda: None) -> float:
-        """Best wall time of `run(setup())` over --repeats runs, after one warm-up (compile) run.
-        `setup` (untimed) builds a fresh input for each run: the cache is donated, used up by a run."""
-        run(setup())
-        times = []
-        for _ in range(args.repeats):
-            # JAX dispatches asynchronously: wait for the setup (a prefill) or the clock counts it.
-            state = jax.block_until_ready(setup())
-            start = time.perf_counter()
-            run(state)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     results = []
     for length in args.prompt_lengths:
         ids = np.resize(corpus, length)
-        prefill_s = timed(lambda _: jax.block_until_ready(
-            prefill(params, config, model.new_cache(), [ids], **chunking)[1]))
+        # One warm-up (compile) run, then --repeats timed runs; the tok/s columns use the best.
+        prefill_t = timeit(lambda: prefill(params, config, model.new_cache(), [ids], **chunking)[1], args.repeats)
         # Decoding after `length` tokens of context: the cache holds all but the last prompt token
-        # (untimed); a run prefills that one token and samples n tokens (n model steps in all).
-        # That token takes the automatic schedule (a 1-token step): --chunk-size would pad it to a
-        # whole chunk and time a chunk's worth of compute as if it were decoding.
-        context = lambda: prefill(params, config, model.new_cache(), [ids[:-1]], **chunking)[0]
+        # (a fresh one per run, untimed: the cache is donated, used up by a run); a run prefills that
+        # one token and samples n tokens (n model steps in all). That token takes the automatic
+        # schedule (a 1-token step): --chunk-size would pad it to a whole chunk and time a chunk's
+        # worth of compute as if it were decoding.
+        context = lambda: (prefill(params, config, model.new_cache(), [ids[:-1]], **chunking)[0],)
         decode = dict(max_new_tokens=n, stop_ids=(), attention_impl=model.attention_impl)
-        loop_s = timed(lambda cache: generate_ids(params, config, cache, [ids[-1:]], **decode), context)
-        stream_s = timed(lambda cache: list(stream_ids(params, config, cache, [ids[-1:]], **decode)), context)
-        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill_s,
-                        "decode_tok_s_on_device": n / loop_s, "decode_tok_s_streaming": n / stream_s})
-        print(f"prompt {length}: prefill {length / prefill_s:.1f} tok/s, decode {n / loop_s:.1f} tok/s "
-              f"(on-device loop), {n / stream_s:.1f} tok/s (streaming)", file=sys.stderr)
+        loop_t = timeit(lambda cache: generate_ids(params, config, cache, [ids[-1:]], **decode), args.repeats,
+                        setup=context)
+        stream_t = timeit(lambda cache: list(stream_ids(params, config, cache, [ids[-1:]], **decode)),
+                          args.repeats, setup=context)
+        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill_t.min_s,
+                        "decode_tok_s_on_device": n / loop_t.min_s, "decode_tok_s_streaming": n / stream_t.min_s,
+                        "seconds": {"prefill": prefill_t.summary(), "decode_on_device": loop_t.summary(),
+                                    "decode_streaming": stream_t.summary()}})
+        print(f"prompt {length}: prefill {length / prefill_t.min_s:.1f} tok/s, decode {n / loop_t.min_s:.1f} tok/s "
+              f"(on-device loop), {n / stream_t.min_s:.1f} tok/s (streaming); prefill min / median / max "
+              f"{prefill_t.min_s:.3g} / {prefill_t.median_s:.3g} / {prefill_t.max_s:.3g} s", file=sys.stderr)
 
     print(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s (loop)':>20} {'decode tok/s (stream)':>22}")
     for r in results:
         print(f"{r['prompt_tokens']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s_on_device']:>20.1f} "
               f"{r['decode_tok_s_streaming']:>22.1f}")
-    report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights, "cache_dtype": model.cache_dtype, "attention_impl": model.attention_impl,
-              "chunk_size": args.chunk_size, "decode_tokens": args.decode_tokens, "results": results}
+    report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights,
+              "cache_dtype": model.cache_dtype, "attention_impl": model.attention_impl, "chunk_size": args.chunk_size,
+              "decode_tokens": args.decode_tokens, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     script = _peer_script()
     print("note: jaxchunk only. " + (f"For transformers and llama.cpp on the same GGUF: jaxchunk bench --peers "
-                                     f"[-- ARGS] (runs {script.relative_to(EXPERIMENTS.parent)})" if script else
+                                     f"[-- ARGS] (runs python -m {PEER_MODULE} of {CHECKOUT})" if script else
                                      "Timing transformers and llama.cpp needs experiments/compare_peers.py "
                                      "(a source checkout)."), file=sys.stderr)
     return 0
@@ -302,12 +300,15 @@ def cmd_bench(args) -> int:
 
 def _run_peer_bench(extra: Sequence[str]) -> int:
     """Hand over to the experiments' peer benchmark (jaxchunk vs transformers / llama.cpp)."""
+    import os
     import subprocess
-    script = _peer_script()
-    if script is None:
+    if _peer_script() is None:
         raise InputError("comparing with transformers and llama.cpp needs experiments/compare_peers.py, "
                          "which this installation does not have (use a source checkout)")
-    return subprocess.run([sys.executable, str(script), *extra]).returncode
+    # Run from the caller's directory, so relative paths in the arguments (--out) mean what they
+    # meant there; the checkout's root goes on the module path so `-m experiments...` finds it.
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", PEER_MODULE, *extra], env=dict(os.environ, PYTHONPATH=path)).returncode
 
 
 # ----------------------------------------------------------------------------- parser
@@ -374,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill and decode tokens/s",
                        description="Time jaxchunk on a real text: prefill tok/s at each prompt length, and "
                                    "decode tok/s after it with the on-device loop and with streaming. Best of "
-                                   "--repeats runs after a warm-up (compile) run. With --peers, runs the "
-                                   "source checkout's experiments/compare_peers.py "
+                                   "--repeats runs after a warm-up (compile) run (--json also records each "
+                                   "timing's min / median / max and every run). With --peers, runs the "
+                                   "source checkout's experiments/compare_peers.py (python -m "
+                                   "experiments.compare_peers) "
                                    "(jaxchunk vs transformers and llama.cpp) instead, passing it the "
                                    "arguments after `--`.")
     _add_model_flags(p, max_seq_len_default="the longest prompt plus --decode-tokens")

@@ -27,3 +27,18 @@ def reference_text(min_chars: int = 0) -> str:
         if min_chars and total >= min_chars:
             break
     return "\n\n".join(parts)
+
+
+def reference_ids(tokenizer, n: int, *, bos: bool = True) -> list[int]:
+    """The first `n` token ids of the corpus under `tokenizer` (a `jaxchunk.tokenizer.Tokenizer`),
+    after its BOS token when `bos`. Tokenizes only about as much text as it needs."""
+    chars = 6 * n  # ~4 characters per token in this text
+    while True:
+        text = reference_text(chars)
+        ids = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(text)
+        if len(ids) >= n or len(text) < chars:
+            break
+        chars *= 2
+    if len(ids) < n:
+        raise ValueError(f"the reference text has only {len(ids)} tokens, fewer than {n}")
+    return ids[:n]

@@ -24,3 +24,7 @@ class TokenizerError(JaxchunkError, ValueError):
 
 class InputError(JaxchunkError, ValueError):
     """Bad arguments: a prompt longer than the cache, a chunk size out of range, wrong token dtype..."""
+
+
+class CompileAfterWarmupError(JaxchunkError, RuntimeError):
+    """Something compiled inside `jaxchunk.compile_guard()`: a shape that was not warmed up."""

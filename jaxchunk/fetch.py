@@ -49,18 +49,11 @@ _CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    """Root of jaxchunk's download cache.
-
-    `$JAXCHUNK_CACHE` if set; else `<checkout>/.cache` when running from a source checkout
-    (pyproject.toml beside the package); else `~/.cache/jaxchunk`.
-    """
-    env = os.environ.get("JAXCHUNK_CACHE")
-    if env:
-        return Path(env).expanduser()
-    root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").is_file():
-        return root / ".cache"
-    return Path.home() / ".cache" / "jaxchunk"
+    """Root of jaxchunk's download cache: `pallas_kernels.cache_dir.cache_root()` (one rule for
+    models and compiled kernels: `$JAXCHUNK_CACHE`, else `<checkout>/.cache` in a source checkout,
+    else `~/.cache/jaxchunk`)."""
+    from pallas_kernels.cache_dir import cache_root  # imports jax (the package's __init__): only when called
+    return cache_root()
 
 
 def _sha256(path: Path) -> str:

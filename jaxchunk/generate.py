@@ -11,7 +11,7 @@ with `jax.random.fold_in(key(seed), i)`), so under one seed they produce the sam
   itself is traced; only its power-of-two bucket (the buffer size) is static, so the loop compiles
   once per (batch, bucket, sampling params, cache shape), not per prompt or per token.
 * `stream_ids`: a generator, one host round trip per token (what streaming needs): the jitted
-  `jaxchunk.prefill._decode_step` and a jitted sampler, yielding each step's tokens.
+  `jaxchunk.steps.jitted_decode_step` and a jitted sampler, yielding each step's tokens.
 
 A row is done after it emits one of `stop_ids` (by default the model's EOS); the stop id is part of
 the returned ids (as in Hugging Face `generate`), nothing after it is.
@@ -29,9 +29,9 @@ from jaxchunk.cache import KVCache
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
 from jaxchunk.model import model_step
-from jaxchunk.prefill import (DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, _decode_step,
-                              host_lengths, prefill)
+from jaxchunk.prefill import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, prefill
 from jaxchunk.sampling import GREEDY, SamplingParams, mark_seen, sample, seen_mask_from_rows
+from jaxchunk.steps import host_lengths, run_decode_step
 
 __all__ = ["generate_ids", "decode_ids", "stream_ids", "compiled_loop_count", "PAD"]
 
@@ -236,6 +236,6 @@ def _stream(params, config, kv_cache, logits, seen, key, stop_mask, max_new_toke
         active &= ~stop_mask[np.maximum(tokens, 0)]
         if not active.any() or step + 1 == max_new_tokens:
             break
-        kv_cache, logits = _decode_step(params, kv_cache, jnp.asarray(np.maximum(tokens, 0)),
-                                        config=config, attention_impl=attention_impl)
+        kv_cache, logits = run_decode_step(params, kv_cache, np.maximum(tokens, 0), config=config,
+                                           attention_impl=attention_impl)
     return kv_cache

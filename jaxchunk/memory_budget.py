@@ -14,83 +14,20 @@ temporaries are the activations, attention scores, etc. of one chunk. This is wh
 while it runs (XLA's own accounting of its buffers, not allocator overhead or the host process).
 
 `pick_chunk_len` returns the largest candidate whose peak fits the budget, scanning from the largest
-down (so no monotonicity is assumed and only one compile is needed when the largest fits). Compiled
-figures are memoized in `_step_memory_cached`, a functools.lru_cache keyed on hashable shape
-signatures (pytree structure + shapes + dtypes of params and cache), config, chunk length, impl and
-logits mode: the only cache this module keeps. Lowering reuses jit's tracing caches, so the chosen
-chunk's executable is usually not rebuilt when prefill runs it.
+down (so no monotonicity is assumed and only one compile is needed when the largest fits). The
+compiled figures come from `jaxchunk.steps.step_memory` (memoized on the shapes there).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
-
-MB = 1024 ** 2
-
-
-@dataclasses.dataclass(frozen=True)
-class StepMemory:
-    """XLA's memory analysis of one compiled prefill step (bytes)."""
-
-    chunk_len: int
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-
-    @property
-    def peak_bytes(self) -> int:
-        """arguments + outputs - aliased (donated cache, counted once) + temporaries."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-    def as_mb(self) -> dict[str, float]:
-        return {"arg_mb": self.argument_bytes / MB, "out_mb": self.output_bytes / MB,
-                "alias_mb": self.alias_bytes / MB, "temp_mb": self.temp_bytes / MB,
-                "peak_mb": self.peak_bytes / MB}
-
-
-def _signature(tree):
-    """Hashable (structure, ((shape, dtype), ...)) of a pytree of arrays or ShapeDtypeStructs."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype).name) for leaf in leaves)
-
-
-def _from_signature(signature):
-    treedef, leaves = signature
-    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
-
-
-@functools.lru_cache(maxsize=256)
-def _step_memory_cached(params_sig, cache_sig, batch: int, config: LlamaConfig, chunk_len: int,
-                        attention_impl: str, logits: str) -> StepMemory:
-    from jaxchunk.prefill import _prefill_chunk  # prefill imports this module
-    tokens = jax.ShapeDtypeStruct((batch, chunk_len), jnp.int32)
-    n_valid = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    compiled = _prefill_chunk.lower(_from_signature(params_sig), _from_signature(cache_sig), tokens, n_valid,
-                                    config=config, attention_impl=attention_impl, logits=logits).compile()
-    stats = compiled.memory_analysis()
-    if stats is None:
-        raise InputError(f"the {jax.default_backend()} backend reports no compiled memory analysis: "
-                         "a memory budget cannot be checked here; pass chunk_size instead")
-    return StepMemory(chunk_len, int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
-                      int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes))
-
-
-def step_memory(params, kv_cache, chunk_len: int, *, config: LlamaConfig, attention_impl: str = "auto",
-                logits: str = "last") -> StepMemory:
-    """Compiled memory of `prefill_chunk` for tokens [kv_cache.batch, chunk_len]. params / kv_cache may
-    be arrays or ShapeDtypeStructs (only shapes and dtypes are used; nothing is donated or run)."""
-    return _step_memory_cached(_signature(params), _signature(kv_cache), int(kv_cache.batch), config, int(chunk_len),
-                               attention_impl, logits)
+from jaxchunk.steps import MB, StepMemory, step_memory
 
 
 def candidate_chunk_lens(max_chunk_len: int) -> list[int]:

@@ -1,15 +1,16 @@
 """Chunked prefill and decode over a donated, fixed-shape KV cache.
 
-- `prefill_chunk` / `decode_step`: one jitted step each. The cache is donated (updated in place), the
-  position of each row is the traced `kv_cache.lengths`, so one compile serves every chunk of every
-  prompt for a given (batch, chunk_len).
+- `prefill_chunk` / `decode_step`: one checked step each (the jitted steps are in `jaxchunk.steps`).
+  The cache is donated (updated in place), the position of each row is the traced
+  `kv_cache.lengths`, so one compile serves every chunk of every prompt for a given (batch, chunk_len).
 - `chunk_schedule`: how a prompt is cut. An explicit `chunk_size` is used as is (last chunk padded).
   Otherwise exllamav2's rule: chunk <= max_input_len and k_len * q_len <= max_attention_size, i.e.
   chunk = floor((sqrt(past^2 + 4 * max_attention_size) - past) / 2), rounded DOWN to a power of two
   (the static set {1, 2, 4, ..., max_input_len}); the final partial chunk takes the smallest power of
   two that holds it. So auto prefill compiles at most 1 + ceil(log2(max_input_len)) step shapes per
   batch size, whatever the prompt lengths.
-- `prefill`: the host loop over the schedule, for a batch of prompts of different lengths. With
+- `iter_prefill`: the chunk loop over the schedule (written once), for a batch of prompts of different
+  lengths, yielding each chunk's logits; `prefill` runs it to the end. With
   `memory_budget_bytes=N` (or `chunk_size="auto"`) the chunk length is the largest power of two whose
   compiled step fits the budget (`jaxchunk.memory_budget.pick_chunk_len`).
 
@@ -18,11 +19,10 @@ dynamic slices silently, so a bad position would otherwise corrupt the cache wit
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
-from typing import Sequence
+from typing import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,54 +30,11 @@ from jaxchunk.cache import KVCache
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
 from jaxchunk.memory_budget import default_memory_budget, pick_chunk_len
-from jaxchunk.model import LogitsMode, model_step
+from jaxchunk.model import LogitsMode
+from jaxchunk.steps import check_room, check_tokens, host_lengths, run_decode_step, run_prefill_chunk
 
 DEFAULT_MAX_INPUT_LEN = 2048
 DEFAULT_MAX_ATTENTION_SIZE = 2048 ** 2
-
-
-# ----------------------------------------------------------------------------- jitted steps
-@functools.partial(jax.jit, static_argnames=("config", "attention_impl", "logits"), donate_argnames=("kv_cache",))
-def _prefill_chunk(params, kv_cache, tokens, n_valid, *, config, attention_impl, logits):
-    return model_step(params, config, kv_cache, tokens, n_valid, attention_impl=attention_impl, logits=logits)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "attention_impl"), donate_argnames=("kv_cache",))
-def _decode_step(params, kv_cache, tokens, *, config, attention_impl):
-    n_valid = jnp.ones(tokens.shape[:1], jnp.int32)
-    kv_cache, logits = model_step(params, config, kv_cache, tokens[:, None], n_valid,
-                                  attention_impl=attention_impl, logits="last")
-    return kv_cache, logits
-
-
-def compiled_step_counts() -> dict[str, int]:
-    """How many executables the jitted steps hold (one per static shape / config / impl seen)."""
-    return {"prefill_chunk": _prefill_chunk._cache_size(), "decode_step": _decode_step._cache_size()}
-
-
-def host_lengths(kv_cache: KVCache) -> np.ndarray:
-    """Per-row cache lengths on the host (waits for the step that produced them)."""
-    return np.asarray(jax.device_get(kv_cache.lengths))
-
-
-def _check_tokens(tokens, config: LlamaConfig, ndim: int, what: str) -> np.ndarray:
-    arr = np.asarray(tokens)
-    if arr.ndim != ndim:
-        raise InputError(f"{what} must have {ndim} dimension(s), got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
-        raise InputError(f"{what} holds ids outside [0, {config.vocab_size}): "
-                         f"min {arr.min()}, max {arr.max()}")
-    return arr.astype(np.int32)
-
-
-def _check_room(lengths: np.ndarray, adding: np.ndarray, max_seq_len: int) -> None:
-    over = np.nonzero(lengths + adding > max_seq_len)[0]
-    if over.size:
-        b = int(over[0])
-        raise InputError(f"row {b}: {int(lengths[b])} cached + {int(adding[b])} new tokens exceeds the "
-                         f"cache capacity max_seq_len={max_seq_len}")
 
 
 def prefill_chunk(params, kv_cache: KVCache, tokens, n_valid=None, *, config: LlamaConfig,
@@ -87,16 +44,16 @@ def prefill_chunk(params, kv_cache: KVCache, tokens, n_valid=None, *, config: Ll
     Returns (kv_cache, logits) as `jaxchunk.model.model_step`. The input cache is donated: do not use
     it afterwards.
     """
-    tokens = _check_tokens(tokens, config, 2, "tokens")
+    tokens = check_tokens(tokens, config, 2, "tokens")
     batch, chunk_len = tokens.shape
     if batch != kv_cache.batch or chunk_len == 0:
         raise InputError(f"tokens shape {tokens.shape} does not fit a cache of batch {kv_cache.batch}")
     n_valid = np.full((batch,), chunk_len, np.int32) if n_valid is None else np.asarray(n_valid, np.int32)
     if n_valid.shape != (batch,) or n_valid.min() < 0 or n_valid.max() > chunk_len:
         raise InputError(f"n_valid must be [batch]={batch} ints in [0, {chunk_len}], got {n_valid}")
-    _check_room(host_lengths(kv_cache), n_valid, kv_cache.max_seq_len)
-    return _prefill_chunk(params, kv_cache, jnp.asarray(tokens), jnp.asarray(n_valid),
-                          config=config, attention_impl=attention_impl, logits=logits)
+    check_room(host_lengths(kv_cache), n_valid, kv_cache.max_seq_len)
+    return run_prefill_chunk(params, kv_cache, tokens, n_valid, config=config, attention_impl=attention_impl,
+                             logits=logits)
 
 
 def decode_step(params, kv_cache: KVCache, tokens, *, config: LlamaConfig, attention_impl: str = "auto",
@@ -105,12 +62,12 @@ def decode_step(params, kv_cache: KVCache, tokens, *, config: LlamaConfig, atten
 
     Pass the host-side `lengths` if you track them, to skip reading them back from the device.
     """
-    tokens = _check_tokens(tokens, config, 1, "tokens")
+    tokens = check_tokens(tokens, config, 1, "tokens")
     if tokens.shape != (kv_cache.batch,):
         raise InputError(f"decode tokens must have shape [batch]=({kv_cache.batch},), got {tokens.shape}")
     lengths = host_lengths(kv_cache) if lengths is None else np.asarray(lengths)
-    _check_room(lengths, np.ones_like(lengths), kv_cache.max_seq_len)
-    return _decode_step(params, kv_cache, jnp.asarray(tokens), config=config, attention_impl=attention_impl)
+    check_room(lengths, np.ones_like(lengths), kv_cache.max_seq_len)
+    return run_decode_step(params, kv_cache, tokens, config=config, attention_impl=attention_impl)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -159,61 +116,116 @@ def chunk_schedule(prompt_len: int, past: int = 0, *, chunk_size: int | None = N
     return schedule
 
 
-# ----------------------------------------------------------------------------- host loop
-def prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_size: int | str | None = None,
-            max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
-            attention_impl: str = "auto", all_logits: bool = False, progress: bool = False,
-            memory_budget_bytes: int | None = None):
-    """Prefill a batch of prompts (one per cache row, lengths may differ) chunk by chunk.
+# ----------------------------------------------------------------------------- the chunk loop
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    """One chunk of `iter_prefill`: which tokens of each prompt it held and the step's logits.
+
+    start [batch]: position in each prompt of the chunk's first token; n_valid [batch]: how many of
+    that prompt's tokens it held (0 once a prompt is done); chunk_len: the compiled (padded) length;
+    logits: the step's logits on device, [batch, vocab] at each row's last token in the chunk
+    ("last"; garbage for rows with n_valid == 0), [batch, chunk_len, vocab] ("all") or None ("none").
+    kv_cache: the cache after this chunk (the one passed to the next step is donated: do not keep it).
+    """
+
+    index: int
+    num_chunks: int
+    chunk_len: int
+    start: np.ndarray
+    n_valid: np.ndarray
+    logits: object
+    kv_cache: KVCache
+
+    def valid_logits(self, row: int) -> np.ndarray:
+        """Row `row`'s "all" logits for its real tokens: [n_valid[row], vocab] float32 NumPy."""
+        return np.asarray(self.logits[row, :self.n_valid[row]])
+
+
+def iter_prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_size: int | str | None = None,
+                 max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
+                 attention_impl: str = "auto", logits: LogitsMode = "last",
+                 memory_budget_bytes: int | None = None) -> Iterator[PrefillChunk]:
+    """The chunk loop, written once: prefill a batch of prompts (one per cache row, lengths may differ)
+    chunk by chunk, yielding a `PrefillChunk` after each step. `prefill`, `Model.perplexity` and the
+    experiments all run on it; a caller that wants per-chunk work (scoring, timing, watching the cache
+    fill) consumes the chunks as they come, so at most one chunk's logits is alive.
 
     prompts: a sequence of `batch` token-id sequences, or an int array [batch, len].
-    chunk_size: an int (fixed chunks), None (exllamav2's max_attention_size rule) or "auto": one
-    fixed chunk length, the largest power of two <= max_input_len (and <= the longest prompt rounded
-    up) whose compiled step fits `memory_budget_bytes` (see jaxchunk.memory_budget; default budget:
-    free device / host memory plus the params and cache). Giving memory_budget_bytes implies "auto".
-    Returns (kv_cache, logits): logits [batch, vocab] (float32) at each row's last prompt token, or with
-    all_logits=True a list of `batch` NumPy arrays [len_b, vocab].
+    chunk_size: an int (fixed chunks, the last one padded), None (exllamav2's max_attention_size rule,
+    `chunk_schedule`) or "auto": one fixed chunk length, the largest power of two <= max_input_len (and
+    <= the longest prompt rounded up) whose compiled step fits `memory_budget_bytes`
+    (jaxchunk.memory_budget; default budget: free device / host memory plus the params and cache).
+    Giving memory_budget_bytes implies "auto". logits: "last", "all" or "none" per step.
+    Everything is checked on the host before the first step runs (the generator's first `next()`
+    raises InputError for a bad prompt, a prompt that does not fit the cache, a bad chunk size).
     """
-    rows = [_check_tokens(p, config, 1, f"prompt {i}") for i, p in enumerate(prompts)]
+    rows = [check_tokens(p, config, 1, f"prompt {i}") for i, p in enumerate(prompts)]
     if len(rows) != kv_cache.batch:
         raise InputError(f"got {len(rows)} prompts for a cache of batch {kv_cache.batch}")
     prompt_lens = np.array([len(r) for r in rows], np.int32)
     if prompt_lens.min() == 0:
         raise InputError(f"prompt {int(np.argmin(prompt_lens))} is empty")
     lengths = host_lengths(kv_cache)
-    _check_room(lengths, prompt_lens, kv_cache.max_seq_len)
+    check_room(lengths, prompt_lens, kv_cache.max_seq_len)
     if memory_budget_bytes is not None or chunk_size == "auto":
         if chunk_size not in (None, "auto"):
             raise InputError(f"give chunk_size={chunk_size!r} or memory_budget_bytes, not both")
         budget = default_memory_budget(params, kv_cache) if memory_budget_bytes is None else memory_budget_bytes
         chunk_size, _ = pick_chunk_len(params, kv_cache, budget, config=config,
                                        max_chunk_len=min(max_input_len, _pow2_ceil(int(prompt_lens.max()))),
-                                       attention_impl=attention_impl, logits="all" if all_logits else "last")
-
+                                       attention_impl=attention_impl, logits=logits)
     schedule = chunk_schedule(int(prompt_lens.max()), int(lengths.max()), chunk_size=chunk_size,
                               max_input_len=max_input_len, max_attention_size=max_attention_size)
+    return _chunks(params, config, kv_cache, rows, prompt_lens, schedule, attention_impl, logits)
+
+
+def _chunks(params, config, kv_cache, rows, prompt_lens, schedule, attention_impl, logits):
+    """The generator behind `iter_prefill` (a separate function so the checks run at the call)."""
     done = np.zeros_like(prompt_lens)
-    last_logits, collected = None, [[] for _ in rows]
-    steps = schedule
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(schedule, desc="prefill", unit="chunk")
-    for chunk_len, _ in steps:
+    for index, (chunk_len, _) in enumerate(schedule):
         n_valid = np.clip(prompt_lens - done, 0, chunk_len).astype(np.int32)
         tokens = np.zeros((len(rows), chunk_len), np.int32)
         for b, row in enumerate(rows):
             tokens[b, :n_valid[b]] = row[done[b]:done[b] + n_valid[b]]
-        kv_cache, logits = _prefill_chunk(params, kv_cache, jnp.asarray(tokens), jnp.asarray(n_valid),
-                                          config=config, attention_impl=attention_impl,
-                                          logits="all" if all_logits else "last")
+        kv_cache, step_logits = run_prefill_chunk(params, kv_cache, tokens, n_valid, config=config,
+                                                  attention_impl=attention_impl, logits=logits)
+        yield PrefillChunk(index, len(schedule), chunk_len, done.copy(), n_valid, step_logits, kv_cache)
+        done += n_valid
+
+
+def prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chunk_size: int | str | None = None,
+            max_input_len: int = DEFAULT_MAX_INPUT_LEN, max_attention_size: int = DEFAULT_MAX_ATTENTION_SIZE,
+            attention_impl: str = "auto", all_logits: bool = False, progress: bool = False,
+            memory_budget_bytes: int | None = None):
+    """Prefill a batch of prompts (one per cache row, lengths may differ) chunk by chunk (`iter_prefill`,
+    whose arguments these are).
+
+    Returns (kv_cache, logits): logits [batch, vocab] (float32) at each row's last prompt token, or with
+    all_logits=True a list of `batch` NumPy arrays [len_b, vocab].
+    """
+    chunks = iter_prefill(params, config, kv_cache, prompts, chunk_size=chunk_size, max_input_len=max_input_len,
+                          max_attention_size=max_attention_size, attention_impl=attention_impl,
+                          logits="all" if all_logits else "last", memory_budget_bytes=memory_budget_bytes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(desc="prefill", unit="chunk")
+    last_logits, collected = None, [[] for _ in range(kv_cache.batch)]
+    for chunk in chunks:
+        kv_cache = chunk.kv_cache
+        if bar is not None:
+            bar.total = chunk.num_chunks
+            bar.update(1)
         if all_logits:
-            host = np.asarray(logits)
-            for b in range(len(rows)):
-                collected[b].append(host[b, :n_valid[b]])
+            host = np.asarray(chunk.logits)
+            for b, rows in enumerate(collected):
+                rows.append(host[b, :chunk.n_valid[b]])
         else:
             # A row's logits are final after its last non-empty chunk.
-            last_logits = logits if last_logits is None else jnp.where((n_valid > 0)[:, None], logits, last_logits)
-        done += n_valid
+            last_logits = chunk.logits if last_logits is None else \
+                jnp.where((chunk.n_valid > 0)[:, None], chunk.logits, last_logits)
+    if bar is not None:
+        bar.close()
     if all_logits:
         return kv_cache, [np.concatenate(c) for c in collected]
     return kv_cache, last_logits

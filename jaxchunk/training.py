@@ -48,6 +48,7 @@ from jaxchunk.cache import KVCache
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
 from jaxchunk.model import compute_dtype, forward, model_step
+from jaxchunk.steps import check_tokens
 
 Mode = Literal["exact", "truncated"]
 Strategy = Literal["recompute", "checkpoint"]
@@ -301,8 +302,7 @@ def _full_value_and_grad(params, ids, *, config, train_len):
 
 def check_ids(ids, config: LlamaConfig) -> np.ndarray:
     """ids as int32 [batch, n] after host-side checks (shape, dtype, vocab range)."""
-    from jaxchunk.prefill import _check_tokens
-    return _check_tokens(ids, config, 2, "ids")
+    return check_tokens(ids, config, 2, "ids")
 
 
 def loss_and_grad(params: dict, config: LlamaConfig, ids, *, chunk_len: int | None = None,

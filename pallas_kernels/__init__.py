@@ -1,13 +1,13 @@
-"""Attention kernels for chunked prefill against a fixed-shape KV cache.
+"""Kernels for chunked prefill against a fixed-shape KV cache, each op a table of backends.
 
-Self-contained: imports nothing from jaxchunk. The individual backends live in
-their modules (blockwise_attention, flash_attention, decode_attention); they are
-deliberately not re-exported here so `import pallas_kernels.flash_attention`
-still names the module. (`attention` and `attention_reference` do shadow their
-modules; use `from pallas_kernels.attention import IMPLS` style imports.)
+Self-contained: imports nothing from jaxchunk. Import what you need from its module (this package
+imports nothing itself, so `import pallas_kernels.cache_dir` stays free of JAX):
+
+    from pallas_kernels.attention import attention, BACKENDS     # the attention op and its backends
+    from pallas_kernels.attention_reference import attention_reference
+    from pallas_kernels.common import BlockSizes
+    from pallas_kernels.quant_matmul import quant_matmul        # x @ dequant(W)
+    from pallas_kernels.kv_quant import kv_quant_spec            # KV cache formats
+
+Each op (attention.py, quant_matmul.py) is a table of `backends.Backend` entries, `BACKENDS`.
 """
-from pallas_kernels._common import BlockSizes
-from pallas_kernels.attention import attention
-from pallas_kernels.attention_reference import attention_reference
-
-__all__ = ["attention", "attention_reference", "BlockSizes"]

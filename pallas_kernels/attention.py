@@ -1,36 +1,124 @@
-"""One attention op, several backends (tokamax-style dispatcher).
+"""One attention op, several backends behind its signature (tokamax-style; see backends.py).
 
-impl:
-  "auto"      - Pallas on GPU (decode kernel for q_len <= 8, flash otherwise); on CPU the native
-                decode kernel for q_len <= 8 over an f32 / bf16 cache when it builds, blockwise
-                XLA otherwise.
-  "xla"       - blockwise online-softmax XLA (fast on CPU, cost follows kv_len).
-  "cpu"       - the native CPU decode kernel (pallas_kernels/native_cpu.py): f32 / bf16 cache.
-  "pallas"    - the Pallas kernels; on CPU they run in interpret mode (slow, tests).
-  "reference" - full masked attention in f32 over the whole cache.
+`BACKENDS` (name -> `Backend`), in the order impl="auto" tries them:
+  "pallas"     - the Pallas kernels: split-K decode (decode_attention.py) for q_len <= 8, flash
+                 (flash_attention.py) otherwise. Takes every call: every cache format, any
+                 head_dim; off a GPU it runs in interpret mode (slow: tests). auto: GPU only.
+  "native_cpu" - the native CPU decode kernel (native_cpu.py), reading a stacked cache in place.
+                 Takes q_len <= 8, a plain f32 cache or the bf16 cache's uint16 bits, head_dim in
+                 native_cpu.ATTENTION_HEAD_DIMS, the CPU backend, and a kernel that built.
+                 auto: CPU only, where it supports the call.
+  "xla"        - blockwise online-softmax XLA (blockwise_attention.py): fast on CPU, cost follows
+                 kv_len, reads a stacked cache in place. Takes every call. auto: the fallback.
+  "reference"  - full masked attention in f32 over the whole cache. Takes every call; never auto.
+
+impl="auto" thus means: Pallas on a GPU; on CPU the native decode kernel where it fits, blockwise
+XLA otherwise. impl=NAME takes that backend, and raises ValueError with its reason when it cannot
+take the call. A new backend (e.g. paged attention) is one more `Backend` entry in `BACKENDS`.
 """
 from __future__ import annotations
 
 import jax
 
 from pallas_kernels import native_cpu
-from pallas_kernels._common import BlockSizes, check_inputs, default_sm_scale
 from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
 from pallas_kernels.blockwise_attention import blockwise_attention
-from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
+from pallas_kernels.common import check_inputs, default_sm_scale
+from pallas_kernels.decode_attention import decode_attention, decode_attention_supports
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.kv_quant import KVQuant, kv_quant_spec
+from pallas_kernels.kv_quant import kv_quant_spec
 
-IMPLS = ("auto", "xla", "pallas", "reference", "cpu")
 NATIVE_STORAGE = {"float32": "float32", "bfloat16": "uint16"}  # cache format -> array dtype
 
 
-def _native_fits(q, k, kv_quant: KVQuant | None) -> bool:
-    """Whether the native CPU decode kernel takes this call (short q, plain f32 / bf16 cache, a
-    head size it is compiled for)."""
-    storage = "float32" if kv_quant is None else kv_quant.storage
-    return (q.shape[1] <= MAX_DECODE_Q_LEN and storage in NATIVE_STORAGE
-            and str(k.dtype) == NATIVE_STORAGE[storage] and q.shape[-1] in native_cpu.ATTENTION_HEAD_DIMS)
+def _one_layer(layer, k, v, k_scales, v_scales):
+    """The cache of `layer` when k, v (and scales) are the whole stacked cache; else as given."""
+    if layer is None:
+        return k, v, k_scales, v_scales
+    if k_scales is not None:
+        k_scales, v_scales = k_scales[layer], v_scales[layer]
+    return k[layer], v[layer], k_scales, v_scales
+
+
+# ----------------------------------------------------------------------------- backends
+# Every backend function has the op's signature (less impl); see `attention` for the arguments.
+def _pallas(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
+            soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
+            v_scales=None):
+    k, v, k_scales, v_scales = _one_layer(layer, k, v, k_scales, v_scales)
+    kernel = decode_attention if decode_attention_supports(q) is None else flash_attention
+    return kernel(q, k, v, q_offset, kv_len, sm_scale=sm_scale, sliding_window=sliding_window,
+                  soft_cap=soft_cap, block_sizes=block_sizes, interpret=interpret,
+                  kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
+
+
+def _native_cpu(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
+                soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
+                v_scales=None):
+    del block_sizes, interpret, k_scales, v_scales  # no tiles to choose; plain caches have no scales
+    one_layer = (lambda a: a[0]) if layer is not None else (lambda a: a)
+    q_offset, kv_len = check_inputs(q, one_layer(k), one_layer(v), q_offset, kv_len,
+                                    sliding_window, soft_cap, kv_quant)
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale,
+                                           soft_cap=soft_cap, sliding_window=sliding_window)
+
+
+def _native_cpu_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) -> str | None:
+    del v, q_offset, kv_len, unused
+    platform = jax.default_backend()
+    if platform != "cpu":
+        return f"the native kernel runs on the CPU backend, this is {platform!r}"
+    if (why := decode_attention_supports(q)) is not None:
+        return why
+    spec = None if kv_quant is None else kv_quant_spec(kv_quant)
+    storage = "float32" if spec is None else spec.storage
+    if storage not in NATIVE_STORAGE or str(k.dtype) != NATIVE_STORAGE[storage]:
+        cache = "float" if spec is None else spec.name
+        return (f"cache {cache} stored as {k.dtype}: the native kernel takes a plain f32 / bf16 cache "
+                f"(float32, or bf16 as uint16 bits)")
+    head_dim = q.shape[-1]
+    if head_dim not in native_cpu.ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one the native kernel is compiled for {native_cpu.ATTENTION_HEAD_DIMS}"
+    if not native_cpu.available():
+        return f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}"
+    return None
+
+
+def _xla(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
+         soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
+         v_scales=None):
+    del interpret
+    return blockwise_attention(q, k, v, q_offset, kv_len, layer=layer, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap,
+                               block_sizes=block_sizes, kv_quant=kv_quant, k_scales=k_scales,
+                               v_scales=v_scales)
+
+
+def _reference(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
+               soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
+               v_scales=None):
+    del block_sizes, interpret
+    k, v, k_scales, v_scales = _one_layer(layer, k, v, k_scales, v_scales)
+    return attention_reference(q, k, v, q_offset, kv_len, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap,
+                               kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("pallas", _pallas, supports_everything,
+            "Pallas split-K decode (q_len <= 8) / flash kernels; interpret mode off a GPU",
+            auto_platforms=("gpu",)),
+    Backend("native_cpu", _native_cpu, _native_cpu_supports,
+            "native CPU decode kernel: q_len <= 8, f32 / bf16 cache, compiled head sizes",
+            auto_platforms=("cpu",)),
+    Backend("xla", _xla, supports_everything,
+            "blockwise online-softmax XLA: every call, cost follows kv_len"),
+    Backend("reference", _reference, supports_everything,
+            "full masked attention in f32 over the whole cache (the oracle)", auto_platforms=()),
+)}
+IMPLS = impl_names(BACKENDS)  # the valid impl= values: "auto" and the backend names
 
 
 def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="auto",
@@ -45,9 +133,10 @@ def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="aut
     and, with a window, j > p - sliding_window. soft_cap: logits = c*tanh(s/c).
     Returns [batch, q_len, num_heads, head_dim] in q.dtype; rows that see no key
     are zeros. Cache contents at j >= kv_len are never read into the result.
+    impl: "auto" or a `BACKENDS` name (see the module docstring).
     layer: with k, v the whole cache [layers, batch, max_seq, kv_heads, head_dim],
-    the (traced) layer to attend to. The XLA backend reads that layer's blocks in
-    place; the others slice it out first (a copy of one layer).
+    the (traced) layer to attend to. The XLA and native CPU backends read that layer
+    in place; the others slice it out first (a copy of one layer).
     block_sizes: `BlockSizes` for the chosen backend (None: its default).
     interpret: Pallas only; None = interpret unless running on a GPU.
     kv_quant: a `pallas_kernels.kv_quant.KVQuant` (or its name) when k, v hold that cache
@@ -55,40 +144,10 @@ def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="aut
     with last dim head_dim / 32 (also per layer when `layer` is given). Every backend
     dequantizes on read; None means plain float K/V.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if kv_quant is not None:
         kv_quant = kv_quant_spec(kv_quant)
-    if impl == "auto":
-        if jax.default_backend() == "gpu":
-            impl = "pallas"
-        else:
-            impl = "cpu" if _native_fits(q, k, kv_quant) and native_cpu.available() else "xla"
-    if impl == "cpu":
-        if not _native_fits(q, k, kv_quant):
-            raise ValueError(f"impl='cpu' takes q_len <= {MAX_DECODE_Q_LEN}, a plain f32 / bf16 cache and "
-                             f"head_dim in {native_cpu.ATTENTION_HEAD_DIMS}; got q_len {q.shape[1]}, cache "
-                             f"{kv_quant.name if kv_quant else k.dtype}, head_dim {q.shape[-1]}")
-        one_layer = (lambda a: a[0]) if layer is not None else (lambda a: a)
-        q_offset, kv_len = check_inputs(q, one_layer(k), one_layer(v), q_offset, kv_len,
-                                        sliding_window, soft_cap, kv_quant)
-        scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-        return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale,
-                                               soft_cap=soft_cap, sliding_window=sliding_window)
-    common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                  kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
-    if layer is not None and impl == "xla":
-        return blockwise_attention(q, k, v, q_offset, kv_len, layer=layer,
-                                   block_sizes=block_sizes, **common)
-    if layer is not None:
-        k, v = k[layer], v[layer]
-        if k_scales is not None:
-            common.update(k_scales=k_scales[layer], v_scales=v_scales[layer])
-    if impl == "reference":
-        return attention_reference(q, k, v, q_offset, kv_len, **common)
-    if impl == "xla":
-        return blockwise_attention(q, k, v, q_offset, kv_len, block_sizes=block_sizes,
-                                   **common)
-    kernel = decode_attention if q.shape[1] <= MAX_DECODE_Q_LEN else flash_attention
-    return kernel(q, k, v, q_offset, kv_len, block_sizes=block_sizes,
-                  interpret=interpret, **common)
+    args = (q, k, v, q_offset, kv_len)
+    kwargs = dict(layer=layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  block_sizes=block_sizes, interpret=interpret, kv_quant=kv_quant,
+                  k_scales=k_scales, v_scales=v_scales)
+    return choose_backend(BACKENDS, impl, *args, **kwargs).fn(*args, **kwargs)

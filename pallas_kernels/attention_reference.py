@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import cap_logits, check_inputs, default_sm_scale, visible
+from pallas_kernels.common import cap_logits, check_inputs, default_sm_scale, visible
 from pallas_kernels.kv_quant import decode
 
 

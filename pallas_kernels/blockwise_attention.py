@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
+from pallas_kernels.common import (BlockSizes, cap_logits, cdiv, check_inputs,
                                     default_sm_scale, from_rows, to_rows, visible)
 from pallas_kernels.kv_quant import dequantize, rotate
 

@@ -20,15 +20,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockSizes, cdiv, check_inputs, check_triton_blocks,
+from pallas_kernels.common import (BlockSizes, cdiv, check_inputs, check_triton_blocks,
                                     default_sm_scale, from_rows, next_pow2, to_rows)
-from pallas_kernels._compat import default_interpret, triton_compiler_params
-from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.compat import default_interpret, triton_compiler_params
 from pallas_kernels.flash_attention import (cache_specs, load_kv_tile, online_softmax_step,
                                             pad_cache, split_scale_refs)
 from pallas_kernels.kv_quant import rotate
 
 MAX_DECODE_Q_LEN = 8  # beyond this the flash prefill kernel has enough rows
+
+
+def decode_attention_supports(q, *args, **kwargs) -> str | None:
+    """None if a decode kernel (this one, the native CPU one) takes q [b, q_len, heads, d], else
+    why not: they are built for a few query positions (q_len <= MAX_DECODE_Q_LEN). Takes the
+    attention op's arguments; only q's shape matters."""
+    del args, kwargs
+    q_len = q.shape[1]
+    if q_len > MAX_DECODE_Q_LEN:
+        return f"q_len {q_len} is a prefill chunk: decode kernels take q_len <= {MAX_DECODE_Q_LEN}"
+    return None
 
 
 def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale,
@@ -97,8 +107,8 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
                                     kv_quant, k_scales, v_scales)
     b, ql, nh, d = q.shape
-    if ql > MAX_DECODE_Q_LEN:
-        raise ValueError(f"decode_attention takes q_len <= {MAX_DECODE_Q_LEN}, got {ql}")
+    if (why := decode_attention_supports(q)) is not None:
+        raise ValueError(f"decode_attention: {why}")
     kvh = k.shape[2]
     g = nh // kvh
     bs = block_sizes or BlockSizes.decode_default(d)
@@ -150,7 +160,3 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     o = merge_splits(acc, m, l)
     return rotate(from_rows(o[..., :d], ql, nh), kv_quant).astype(q.dtype)
 
-
-# The pure-JAX reference for this kernel is the shared one (design card: each
-# kernel with its reference beside it).
-decode_attention_reference = attention_reference

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockSizes, cap_logits, cdiv, check_inputs,
+from pallas_kernels.common import (BlockSizes, cap_logits, cdiv, check_inputs,
                                     check_triton_blocks, default_sm_scale, from_rows,
                                     next_pow2, to_rows, visible)
-from pallas_kernels._compat import default_interpret, triton_compiler_params
+from pallas_kernels.compat import default_interpret, triton_compiler_params
 from pallas_kernels.kv_quant import dequantize_fields, float_values, rotate
 
 

@@ -19,10 +19,11 @@
   to force a full read: 24 ms here vs 75 ms for XLA's fusion).
 
 The shared library is compiled on first use with the system C++ compiler (`$CXX`, else `c++`),
-`-O3 -march=native`, against the FFI headers jaxlib ships, into `$JAXCHUNK_CACHE/kernels` (default:
-the repository's `.cache/kernels`), named by a hash of the source, flags, compiler and CPU flags, so
-a changed source or another machine's CPU gets its own build. If that fails, `available()` is
-False with the reason in `unavailable_reason()`, and the dispatchers use the XLA paths.
+`-O3 -march=native`, against the FFI headers jaxlib ships, into `kernels_dir()` (`kernels/` under
+pallas_kernels.cache_dir.cache_root(): `$JAXCHUNK_CACHE`, else the checkout's `.cache`, else
+`~/.cache/jaxchunk`), named by a hash of the source, flags, compiler and CPU flags, so a changed
+source or another machine's CPU gets its own build. If that fails, `available()` is False with the
+reason in `unavailable_reason()`, and the dispatchers use the XLA paths.
 
 Self-contained: imports nothing from jaxchunk.
 """
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.cache_dir import cache_root
+
 QUANT_GEMV = "jaxchunk_quant_gemv"
 DECODE_ATTENTION = "jaxchunk_decode_attention"
 DEQUANTIZE = "jaxchunk_dequantize"
@@ -50,9 +53,9 @@ SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("JAXCHUNK_CACHE") or str(Path(__file__).resolve().parents[1] / ".cache")
-    return Path(root) / "kernels"
+def kernels_dir() -> Path:
+    """Where the built libraries go: `cache_root() / "kernels"` (pallas_kernels/cache_dir.py)."""
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:
@@ -78,7 +81,7 @@ def _build() -> tuple[Path | None, str]:
         return None, "no C++ compiler found ($CXX, c++, g++)"
     include = jax.ffi.include_dir()
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *FLAGS, include, _cpu_id()]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"native_cpu-{key}.so"
+    lib = kernels_dir() / f"native_cpu-{key}.so"
     if lib.exists():
         return lib, ""
     lib.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,24 @@
 """Quantized matmul `x[m, k] @ dequant(W)[k, n]` for GGUF block-quantized weights (Q4_0, Q4_1, Q8_0).
 
-Weights stay quantized in memory; every backend dequantizes on the fly:
-- `quant_matmul_pallas`: Pallas kernel (Triton on GPU, interpret mode elsewhere), tiled over m and n,
-  looping over k one 32-weight quant block at a time, dequantizing in registers.
-- `quant_matmul_xla`: the CPU path. XLA:CPU fuses no int -> float conversion into a dot, and its
-  fused multiply-reduce over the quantized bytes runs at a fraction of a dot's speed (see
-  experiments/bench_quant_matmul.py), so it dequantizes one column tile (<= TILE_COLS columns, a
-  few MB of floats that stay in cache) at a time and feeds it to a plain dot. Inside the model's
-  layer scan this means the float copy is one tile of one layer, never the model.
-- `quant_matmul_reference`: dequantize everything to float32 and do one float32 dot (the oracle).
+Weights stay quantized in memory; every backend dequantizes on the fly. `quant_matmul` is one op
+with several backends behind its signature (see backends.py); `BACKENDS`, in the order
+impl="auto" tries them:
+  "pallas"     - `quant_matmul_pallas`: Pallas kernel (Triton on GPU, interpret mode elsewhere),
+                 tiled over m and n, looping over k one 32-weight quant block at a time,
+                 dequantizing in registers. Takes every call. auto: GPU only.
+  "native_cpu" - the native CPU kernels (native_cpu.py): the quantized matrix-vector kernel for
+                 decode-shaped products (<= DECODE_ROWS rows), native dequantization + XLA's dot
+                 for more; both read a stacked W in place. Takes float16 scales / mins (as GGUF
+                 stores them), the CPU backend, and kernels that built. auto: CPU only, where it
+                 supports the call.
+  "xla"        - `quant_matmul_xla`: XLA:CPU fuses no int -> float conversion into a dot, and its
+                 fused multiply-reduce over the quantized bytes runs at a fraction of a dot's speed
+                 (see experiments/bench_quant_matmul.py), so it dequantizes one column tile
+                 (<= TILE_COLS columns, a few MB of floats that stay in cache) at a time and feeds
+                 it to a plain dot. Inside the model's layer scan this means the float copy is one
+                 tile of one layer, never the model. Takes every call. auto: the fallback.
+  "reference"  - `quant_matmul_reference`: dequantize everything to float32 and do one float32 dot
+                 (the oracle). Takes every call; never auto.
 
 Layout (what `jaxchunk.weights.quantized` repacks GGUF blocks into). W is [k, n] (x @ W), quant
 blocks of 32 run along k, and the n columns are split into `tiles` tiles of `tile` columns:
@@ -42,12 +52,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import check_triton_blocks, next_pow2
-from pallas_kernels._compat import default_interpret, triton_compiler_params
+from pallas_kernels import native_cpu
+from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
+from pallas_kernels.common import check_triton_blocks, next_pow2
+from pallas_kernels.compat import default_interpret, triton_compiler_params
 
 QUANT_BLOCK = 32          # weights per quant block (GGUF Q4_0 / Q4_1 / Q8_0)
 TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
-IMPLS = ("auto", "xla", "cpu", "pallas", "reference")
 ACTIVATIONS = ("float", "q8")
 
 
@@ -306,58 +317,99 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
     return out.reshape(*lead, tiles * tile)
 
 
-# ----------------------------------------------------------------------------- dispatch
-def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", layer=None,
-                 activations: str = "float") -> jax.Array:
-    """x [..., k] @ W [k, n] -> [..., n] in x.dtype. impl "auto": the Pallas kernel on a GPU
-    backend; elsewhere "cpu", the native CPU kernels (pallas_kernels/native_cpu.py; float16 scales)
-    where they build: the quantized matrix-vector kernel for decode-shaped products (<= DECODE_ROWS
-    rows), native dequantization + XLA's dot for more rows; else the XLA path.
+# ----------------------------------------------------------------------------- backends
+# Every backend function has the op's signature (less impl): x [..., k], W's packed leaves (2-D, or
+# stacked [layers, ...] with a traced `layer`), activations "float" / "q8" -> [..., n] in x.dtype.
+def _rows(x) -> int:
+    return math.prod(x.shape[:-1])
 
-    activations: "float" (x as given) or "q8" (x rounded to 8 bits per 32-block first, llama.cpp's
-    scheme: see the module docstring), for every impl.
 
-    layer: None, or a (traced) index when qs / scales / mins are stacked [layers, ...]: W is that
-    layer. The CPU kernel reads it in place; the other backends slice it (inside their fusions).
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else _cpu_impl(x, scales)
-    rows = math.prod(x.shape[:-1])
-    if impl == "cpu" and rows <= DECODE_ROWS:
-        from pallas_kernels.native_cpu import quant_matmul_cpu
-        return quant_matmul_cpu(x, qs, scales, mins, layer=layer, quantize_x=activations == "q8")
+def _pallas(x, qs, scales, mins=None, *, layer=None, activations="float"):
     if activations == "q8":
         x = quantize_activations(x)
-    if impl == "cpu":  # more rows: native dequantization (of one layer, in place), XLA's dot
-        return _dequantize_cpu_dot(x, qs, scales, mins, layer)
     qs, scales, mins = _layer_of(qs, scales, mins, layer)
-    if impl == "pallas":
-        return quant_matmul_pallas(x, qs, scales, mins, block_m=16 if rows <= DECODE_ROWS else 64)
-    if impl == "reference":
-        return quant_matmul_reference(x, qs, scales, mins)
-    return quant_matmul_xla(x, qs, scales, mins)
+    return quant_matmul_pallas(x, qs, scales, mins, block_m=16 if _rows(x) <= DECODE_ROWS else 64)
 
 
-def _cpu_impl(x, scales) -> str:
-    """"cpu" (the native kernels) when they are available here and the scales are float16, else "xla"."""
-    if scales.dtype != jnp.float16 or jax.default_backend() != "cpu":
-        return "xla"
-    from pallas_kernels.native_cpu import available
-    return "cpu" if available() else "xla"
+def _native_cpu(x, qs, scales, mins=None, *, layer=None, activations="float"):
+    """Decode-shaped products (<= DECODE_ROWS rows): the quantized matrix-vector kernel, which
+    reads a stacked W in place; more rows: native dequantization of one layer, then XLA's dot."""
+    if _rows(x) <= DECODE_ROWS:
+        return native_cpu.quant_matmul_cpu(x, qs, scales, mins, layer=layer, quantize_x=activations == "q8")
+    if activations == "q8":
+        x = quantize_activations(x)
+    return _dequantize_cpu_dot(x, qs, scales, mins, layer)
 
 
 def _dequantize_cpu_dot(x, qs, scales, mins, layer):
     """x [..., k] @ W for many rows: W dequantized by the native kernel (~3x faster than XLA's own
     dequantization fusion), then XLA's dot. A one-tile weight is read in place at its layer;
     multi-tile ones (the LM head) go one tile at a time, so the float copy stays a few MB."""
-    from pallas_kernels.native_cpu import dequantize_cpu
     if qs.shape[-3] == 1:
-        w = dequantize_cpu(qs, scales, mins, layer=layer).astype(x.dtype)
+        w = native_cpu.dequantize_cpu(qs, scales, mins, layer=layer).astype(x.dtype)
         return _dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1).astype(x.dtype)
     return _per_tile(x, *_layer_of(qs, scales, mins, layer),
-                     lambda x2, q, d, m: _dot(x2, dequantize_cpu(q[None], d[None], None if m is None else m[None])
-                                              .astype(x.dtype)))  # a tile as a one-tile W
+                     lambda x2, q, d, m: _dot(x2, native_cpu.dequantize_cpu(
+                         q[None], d[None], None if m is None else m[None]).astype(x.dtype)))  # a tile as a one-tile W
+
+
+def _native_cpu_supports(x, qs, scales, mins=None, *, layer=None, activations="float") -> str | None:
+    del x, qs, layer, activations
+    platform = jax.default_backend()
+    if platform != "cpu":
+        return f"the native kernels run on the CPU backend, this is {platform!r}"
+    for name, a in (("scales", scales), ("mins", mins)):
+        if a is not None and a.dtype != jnp.float16:
+            return f"{name} are {a.dtype}: the native kernels take float16 scales / mins (as stored in GGUF)"
+    if not native_cpu.available():
+        return f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}"
+    return None
+
+
+def _xla(x, qs, scales, mins=None, *, layer=None, activations="float"):
+    if activations == "q8":
+        x = quantize_activations(x)
+    return quant_matmul_xla(x, *_layer_of(qs, scales, mins, layer))
+
+
+def _reference(x, qs, scales, mins=None, *, layer=None, activations="float"):
+    if activations == "q8":
+        x = quantize_activations(x)
+    return quant_matmul_reference(x, *_layer_of(qs, scales, mins, layer))
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("pallas", _pallas, supports_everything,
+            "Pallas kernel, dequantizing in registers; interpret mode off a GPU", auto_platforms=("gpu",)),
+    Backend("native_cpu", _native_cpu, _native_cpu_supports,
+            "native CPU kernels (float16 scales): quantized gemv for decode, native dequantize + dot "
+            "for prefill", auto_platforms=("cpu",)),
+    Backend("xla", _xla, supports_everything, "XLA, one column tile dequantized at a time"),
+    Backend("reference", _reference, supports_everything,
+            "everything dequantized to float32, one float32 dot (the oracle)", auto_platforms=()),
+)}
+IMPLS = impl_names(BACKENDS)  # the valid impl= values: "auto" and the backend names
+
+
+def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", layer=None,
+                 activations: str = "float") -> jax.Array:
+    """x [..., k] @ W [k, n] -> [..., n] in x.dtype.
+
+    impl: "auto" or a `BACKENDS` name. "auto": the Pallas kernel on a GPU backend; on CPU
+    "native_cpu" where it supports the call (float16 scales, the kernels built: the quantized
+    matrix-vector kernel for <= DECODE_ROWS rows, native dequantization + XLA's dot for more),
+    else "xla". An explicit name that cannot take the call raises ValueError with the reason.
+
+    activations: "float" (x as given) or "q8" (x rounded to 8 bits per 32-block first, llama.cpp's
+    scheme: see the module docstring), for every impl.
+
+    layer: None, or a (traced) index when qs / scales / mins are stacked [layers, ...]: W is that
+    layer. The native CPU kernels read it in place; the other backends slice it (inside their
+    fusions).
+    """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    args = (x, qs, scales, mins)
+    kwargs = dict(layer=layer, activations=activations)
+    return choose_backend(BACKENDS, impl, *args, **kwargs).fn(*args, **kwargs)
+

@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, attention_reference
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.common import BlockSizes
+from pallas_kernels.attention import BACKENDS
 from pallas_kernels.blockwise_attention import blockwise_attention
-from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
+from pallas_kernels.decode_attention import decode_attention, decode_attention_supports
 from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.kv_quant import KV_QUANTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +142,42 @@ def check_against_oracle(out, case: Case, dtype: str, inputs, tol=None):
 TEST_BLOCKS = BlockSizes(block_q=16, block_k=32)
 
 
+# What decides whether a test backend takes a case: its entry's `supports` in the attention table,
+# and for the two Pallas kernels (the "pallas" entry picks one by q_len) the decode kernel's own.
+SUPPORTS = {"reference": BACKENDS["reference"].supports, "xla": BACKENDS["xla"].supports,
+            "flash": BACKENDS["pallas"].supports, "decode": decode_attention_supports,
+            "native_cpu": BACKENDS["native_cpu"].supports}
+
+
+def require_native_cpu():
+    """The native kernels, built: a failed build must fail, with the compiler's reason, not skip."""
+    from pallas_kernels import native_cpu
+    if not native_cpu.available():
+        pytest.fail(f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}")
+    return native_cpu
+
+
+def as_native_cpu_cache(k, v):
+    """(k, v, kv_quant) as the native kernel takes a plain cache: f32 as is, bf16 as its uint16
+    bits (the bf16 cache format)."""
+    if k.dtype == jnp.bfloat16:
+        k, v = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v))
+        return k, v, KV_QUANTS["bf16"]
+    return k, v, None
+
+
 def run_backend(name, inputs, case, interpret=True):
-    """Runs one backend on make_inputs(...) output. interpret: Pallas only."""
+    """Runs one backend (a SUPPORTS key) on make_inputs(...) output; skips, with the backend's own
+    reason, a case its `supports` refuses. interpret: Pallas only."""
     kw = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap)
+    q, k, v, q_offset, kv_len = inputs
+    kv_quant = None
+    if name == "native_cpu":
+        native_cpu = require_native_cpu()
+        k, v, kv_quant = as_native_cpu_cache(k, v)
+    why = SUPPORTS[name](q, k, v, q_offset, kv_len, kv_quant=kv_quant, **kw)
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
     if name == "reference":
         return attention_reference(*inputs, **kw)
     if name == "xla":
@@ -153,25 +189,18 @@ def run_backend(name, inputs, case, interpret=True):
     if name == "decode":
         return decode_attention(*inputs, block_sizes=TEST_BLOCKS, k_splits=3,
                                 interpret=interpret, **kw)
-    if name == "cpu":  # the native CPU decode kernel; a bf16 cache is held as its bits
-        from pallas_kernels import native_cpu
-        if not native_cpu.available():  # a failed build must fail, with the compiler's reason
-            pytest.fail(f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}")
-        q, k, v, q_offset, kv_len = inputs
-        if k.dtype == jnp.bfloat16:
-            k, v = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v))
+    if name == "native_cpu":  # the kernel itself, not the dispatcher
         return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=1 / np.sqrt(q.shape[-1]), **kw)
     raise ValueError(name)
 
 
 def backend_params(backends):
-    """pytest params (name, case, dtype) over CASES x {f32, bf16} x backends."""
+    """pytest params (name, case, dtype) over CASES x {f32, bf16} x backends (SUPPORTS keys); a
+    case a backend does not take is skipped by run_backend with that backend's reason."""
     params = []
     for case in CASES:
         for dtype in ("float32", "bfloat16"):
             for name in backends:
-                if name in ("decode", "cpu") and case.q_len > MAX_DECODE_Q_LEN:
-                    continue
                 pallas = name in ("flash", "decode")
                 # Interpret-mode compiles dominate the file's runtime: bf16 on the
                 # Pallas kernels runs by default for two cases, the rest are slow.

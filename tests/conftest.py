@@ -1,5 +1,11 @@
 """Shared pytest fixtures."""
+import os
+
 import pytest
+
+# Tests compile thousands of shapes once each: keep them out of the user's persistent compilation
+# cache (tests/test_generate.py turns it on in subprocesses of its own, on a temporary directory).
+os.environ.setdefault("JAXCHUNK_COMPILATION_CACHE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -5,21 +5,27 @@ block_k 32) so each case still spans several query tiles and key blocks.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attention_cases import (CASES, TEST_BLOCKS, backend_params, check_against_oracle,
-                              lower_for_cuda, make_inputs, run_backend)
-from pallas_kernels import BlockSizes, attention, attention_reference
+                              lower_for_cuda, make_inputs, require_native_cpu, run_backend)
+from pallas_kernels.attention import attention
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.blockwise_attention import blockwise_attention, key_block_range
-from pallas_kernels.decode_attention import MAX_DECODE_Q_LEN, decode_attention
+from pallas_kernels.attention import BACKENDS, IMPLS
+from pallas_kernels.backends import choose_backend
+from pallas_kernels.decode_attention import decode_attention, decode_attention_supports
 from pallas_kernels.flash_attention import flash_attention
 
 
 @pytest.mark.parametrize("name,case,dtype",
-                         backend_params(("reference", "xla", "flash", "decode", "cpu")))
+                         backend_params(("reference", "xla", "flash", "decode", "native_cpu")))
 def test_backend_matches_numpy(name, case, dtype):
     inputs = make_inputs(case, dtype)
     check_against_oracle(run_backend(name, inputs, case), case, dtype, inputs)
@@ -61,7 +67,7 @@ def test_explicit_sm_scale():
 
 def test_block_sizes_is_frozen_and_hashable():
     bs = BlockSizes(16, 32)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         bs.block_q = 8
     assert hash(bs) == hash(BlockSizes(16, 32))
     for d in (64, 128, 256):
@@ -117,7 +123,7 @@ def test_flash_head_dim_not_power_of_two():
 
 
 def test_native_cpu_kernel_in_the_dispatcher():
-    """impl="cpu": the native decode kernel, reading one layer of a stacked cache in place (f32 and
+    """impl="native_cpu": the native decode kernel, reading one layer of a stacked cache in place (f32 and
     the bf16 cache's uint16 bits); it refuses what it does not implement instead of guessing."""
     from pallas_kernels.kv_quant import KV_QUANTS
     case = CASES[0]  # decode, GQA 3
@@ -125,18 +131,19 @@ def test_native_cpu_kernel_in_the_dispatcher():
     q, _, _, qo, kl = per_layer[2]
     keys = jnp.stack([x[1] for x in per_layer])
     values = jnp.stack([x[2] for x in per_layer])
-    run = jax.jit(lambda layer, k, v, fmt: attention(q, k, v, qo, kl, layer=layer, impl="cpu", kv_quant=fmt),
+    run = jax.jit(lambda layer, k, v, fmt: attention(q, k, v, qo, kl, layer=layer, impl="native_cpu", kv_quant=fmt),
                   static_argnums=3)
     check_against_oracle(run(jnp.int32(2), keys, values, None), case, "float32", per_layer[2])
     bits = lambda a: jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16)
     bf16_inputs = (q, per_layer[2][1].astype(jnp.bfloat16), per_layer[2][2].astype(jnp.bfloat16), qo, kl)
     out = run(jnp.int32(2), bits(keys), bits(values), KV_QUANTS["bf16"])
     check_against_oracle(out, case, "float32", bf16_inputs)  # f32 q, bf16-exact K/V: f32 tolerance
-    with pytest.raises(ValueError, match="q_len <= 8"):  # prefill-sized chunks stay with the others
-        attention(*make_inputs(CASES[3], "float32"), impl="cpu")
-    with pytest.raises(ValueError, match="plain f32 / bf16 cache"):
-        attention(q, keys[0], values[0], qo, kl, impl="cpu", kv_quant="q8",
-                  k_scales=jnp.ones((*keys.shape[1:4], 2), jnp.float16), v_scales=jnp.ones((*keys.shape[1:4], 2), jnp.float16))
+    with pytest.raises(ValueError, match="native_cpu.*q_len <= 8"):  # prefill-sized chunks stay with the others
+        attention(*make_inputs(CASES[3], "float32"), impl="native_cpu")
+    with pytest.raises(ValueError, match="native_cpu.*plain f32 / bf16 cache"):
+        attention(q, keys[0], values[0], qo, kl, impl="native_cpu", kv_quant="q8",
+                  k_scales=jnp.ones((*keys.shape[1:4], 2), jnp.float16),
+                  v_scales=jnp.ones((*keys.shape[1:4], 2), jnp.float16))
     with pytest.raises(Exception, match="layer index out of range"):
         jax.block_until_ready(run(jnp.int32(3), keys, values, None))
 
@@ -165,7 +172,7 @@ def test_pallas_kernels_lower_to_triton(case, dtype):
               interpret=False)
     fns = [lambda *a: flash_attention(*a, **kw),  # default (GPU) block sizes
            lambda *a: flash_attention(*a, block_sizes=TEST_BLOCKS, **kw)]
-    if case.q_len <= MAX_DECODE_Q_LEN:
+    if decode_attention_supports(*inputs) is None:
         fns.append(lambda *a: decode_attention(*a, **kw))
     for fn in fns:
         assert "xla.gpu.triton" in lower_for_cuda(fn, *inputs)
@@ -178,3 +185,68 @@ def test_compiled_kernels_reject_non_power_of_two_blocks():
     with pytest.raises(ValueError, match="powers of two"):
         decode_attention(*make_inputs(CASES[0], "float32"),
                          block_sizes=BlockSizes(16, 8), interpret=False)
+
+
+# ----------------------------------------------------------------------------- the backend table
+def _shapes(q_len=1, head_dim=64, cache_dtype=jnp.float32, stored_dim=None):
+    """The op's array arguments as ShapeDtypeStructs (all `supports` looks at): GQA 3, 150 slots."""
+    sds = jax.ShapeDtypeStruct
+    cache = sds((2, 150, 3, stored_dim or head_dim), cache_dtype)
+    return (sds((2, q_len, 9, head_dim), jnp.float32), cache, cache,
+            sds((2,), jnp.int32), sds((2,), jnp.int32))
+
+
+def test_backend_table():
+    assert IMPLS == ("auto", "pallas", "native_cpu", "xla", "reference")  # "auto" tries them in this order
+    for name, backend in BACKENDS.items():
+        assert backend.name == name and backend.doc
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            backend.name = "other"  # frozen
+    for name in ("pallas", "xla", "reference"):  # take every valid call
+        assert BACKENDS[name].supports(*_shapes(q_len=64, head_dim=48), kv_quant="q4") is None
+
+
+def test_native_cpu_supports_names_what_it_refuses(monkeypatch):
+    from pallas_kernels import native_cpu
+    from pallas_kernels.kv_quant import KV_QUANTS
+    require_native_cpu()
+    supports = BACKENDS["native_cpu"].supports
+    assert supports(*_shapes()) is None
+    assert supports(*_shapes(cache_dtype=jnp.uint16), kv_quant=KV_QUANTS["bf16"]) is None
+    assert "q_len 64" in supports(*_shapes(q_len=64))
+    assert "q_len 9" in decode_attention_supports(*_shapes(q_len=9))
+    assert "cache q8 stored as uint8" in supports(*_shapes(cache_dtype=jnp.uint8), kv_quant="q8")
+    assert "cache float stored as bfloat16" in supports(*_shapes(cache_dtype=jnp.bfloat16))  # not the bf16 format
+    assert "head_dim 48" in supports(*_shapes(head_dim=48))
+    monkeypatch.setattr(native_cpu, "available", lambda: False)
+    monkeypatch.setattr(native_cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    assert supports(*_shapes()) == "the native CPU kernels did not build: no C++ compiler found"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "CPU backend" in supports(*_shapes())
+
+
+def test_impl_name_that_cannot_take_the_call_raises_its_reason():
+    inputs = make_inputs(CASES[3], "float32")  # a 64-query prefill chunk
+    with pytest.raises(ValueError, match=r"impl='native_cpu' cannot take this call: q_len 64"):
+        attention(*inputs, impl="native_cpu")
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'pallas', 'native_cpu', 'xla', "
+                                         r"'reference'\), got 'cpu'"):
+        attention(*inputs, impl="cpu")  # the old name of native_cpu
+
+
+def test_auto_picks_what_it_always_picked(monkeypatch):
+    """CPU: the native kernel for decode over an f32 / bf16 cache, blockwise XLA for prefill chunks,
+    quantized caches and other head sizes; GPU: Pallas for everything."""
+    from pallas_kernels.kv_quant import KV_QUANTS
+    require_native_cpu()
+    auto = lambda *args, **kwargs: choose_backend(BACKENDS, "auto", *args, **kwargs).name
+    assert auto(*_shapes()) == "native_cpu"
+    assert auto(*_shapes(q_len=8, cache_dtype=jnp.uint16), kv_quant=KV_QUANTS["bf16"]) == "native_cpu"
+    assert auto(*_shapes(q_len=64)) == "xla"
+    assert auto(*_shapes(cache_dtype=jnp.uint8), kv_quant=KV_QUANTS["q8"]) == "xla"
+    assert auto(*_shapes(head_dim=48)) == "xla"
+    # And what it picks is what runs: bit for bit the explicit backend's result.
+    inputs = make_inputs(CASES[0], "float32")
+    np.testing.assert_array_equal(attention(*inputs), attention(*inputs, impl="native_cpu"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert auto(*_shapes()) == auto(*_shapes(q_len=64)) == "pallas"

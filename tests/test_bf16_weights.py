@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 
 from jaxchunk.cache import init_cache
-from jaxchunk.config import LlamaConfig
+from jaxchunk.testing import tiny_config
 from jaxchunk.model import forward, init_params
-from jaxchunk.prefill import _decode_step, decode_step, prefill
+from jaxchunk.prefill import decode_step, prefill
+from jaxchunk.steps import jitted_decode_step
 from jaxchunk.weights.bf16 import BF16Weight, pack_bf16, unpack_bf16
 
 # Vocab 8192 = two tiles of the bf16 decode head (HEAD_TILE_MAX = 4096), so the tiled path runs.
-CONFIG = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
-                     tie_word_embeddings=True)
+CONFIG = tiny_config(vocab_size=8192, tie_word_embeddings=True)
 
 
 def bf16_params(config, seed=0):
@@ -75,7 +74,7 @@ def test_tiled_decode_head_equals_f32_reference():
 
 def decode_temp_bytes(params, config) -> int:
     cache = init_cache(config, 1, 64, "bf16")
-    compiled = _decode_step.lower(params, cache, jnp.zeros((1,), jnp.int32), config=config,
+    compiled = jitted_decode_step.lower(params, cache, jnp.zeros((1,), jnp.int32), config=config,
                                   attention_impl="auto").compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -74,6 +74,26 @@ def test_missing_model_and_files(tmp_path):
     assert_one_line_error(run_cli("perplexity", tmp_path / "missing.txt"), r"cannot read .*missing\.txt")
 
 
+def test_bench_peers_runs_the_experiment_module_from_any_directory(tmp_path):
+    """`bench --peers` hands over to `python -m experiments.compare_peers` of this checkout, from the
+    caller's directory (relative paths in its arguments keep their meaning)."""
+    import os
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's jaxchunk, not an installed one
+    proc = subprocess.run([sys.executable, "-m", "jaxchunk.cli", "bench", "--peers", "--", "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "--systems" in proc.stdout and "transformers" in proc.stdout, proc.stdout
+
+
+def test_bench_peers_without_experiments_is_a_clean_error(monkeypatch, tmp_path, capsys):
+    """An installed package has no experiments/: one error line, no traceback."""
+    from jaxchunk import cli
+    monkeypatch.setattr(cli, "PEER_SCRIPT", tmp_path / "experiments" / "compare_peers.py")
+    assert cli.main(["bench", "--peers"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: .*needs experiments/compare_peers\.py.*source checkout\)\n", err), err
+
+
 # ----------------------------------------------------------------------------- with the model
 @pytest.mark.model
 def test_fetch_prints_the_path(smollm2_gguf):
@@ -137,4 +157,7 @@ def test_bench_writes_a_table_and_json(tmp_path):
     for row in report["results"]:
         for key in ("prefill_tok_s", "decode_tok_s_on_device", "decode_tok_s_streaming"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        for timing in row["seconds"].values():  # the spread behind each tok/s (best of --repeats)
+            assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"] and len(timing["samples_s"]) == 1
+        assert row["prefill_tok_s"] == row["prompt_tokens"] / row["seconds"]["prefill"]["min_s"]
     assert re.search(r"^\s+24\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+$", proc.stdout, re.M), proc.stdout

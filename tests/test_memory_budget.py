@@ -1,7 +1,7 @@
 """Memory-budget chunking (jaxchunk.memory_budget, prefill(memory_budget_bytes=...)).
 
 The picker's answers are checked against XLA's memory analysis computed here, straight from
-`_prefill_chunk.lower(...).compile()` (not through the module's cache), with the formula stated in
+`jitted_prefill_chunk.lower(...).compile()` (not through the module's cache), with the formula stated in
 jaxchunk/memory_budget.py: arguments + outputs - aliased + temporaries.
 """
 import re
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from jaxchunk.cache import init_cache
-from jaxchunk.config import LlamaConfig
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
-from jaxchunk.memory_budget import candidate_chunk_lens, default_memory_budget, pick_chunk_len, step_memory
+from jaxchunk.memory_budget import candidate_chunk_lens, default_memory_budget, pick_chunk_len
 from jaxchunk.model import forward, init_params
-from jaxchunk.prefill import _prefill_chunk, prefill
+from jaxchunk.prefill import prefill
+from jaxchunk.steps import jitted_prefill_chunk, step_memory
 
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+CONFIG = tiny_config(vocab_size=128, max_position_embeddings=1024)
 MAX_SEQ = 256
 MAX_CHUNK = 256
 IMPL = "reference"  # attention scores [chunk, max_seq]: memory clearly grows with the chunk
@@ -38,7 +38,7 @@ def compiled_peak(params, cache, chunk_len, logits="last"):
     """Peak bytes of the compiled step, computed here from XLA's memory analysis."""
     tokens = jax.ShapeDtypeStruct((cache.batch, chunk_len), jnp.int32)
     n_valid = jax.ShapeDtypeStruct((cache.batch,), jnp.int32)
-    stats = _prefill_chunk.lower(shapes(params), shapes(cache), tokens, n_valid, config=CONFIG,
+    stats = jitted_prefill_chunk.lower(shapes(params), shapes(cache), tokens, n_valid, config=CONFIG,
                                  attention_impl=IMPL, logits=logits).compile().memory_analysis()
     return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
             + stats.temp_size_in_bytes)
@@ -152,7 +152,7 @@ def test_experiment_script(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "experiments" / "memory_budget.py"), "--model", "tiny-random",
+    proc = subprocess.run([sys.executable, "-m", "experiments.memory_budget", "--model", "tiny-random",
                            "--prompt-len", "40", "--n-budgets", "4", "--repeats", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

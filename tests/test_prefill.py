@@ -4,21 +4,19 @@ Tolerance (float32): chunking changes only the order of the softmax/PV summation
 differences are rounding noise: we require max |diff| <= 1e-4 * (logit range), the issue's target,
 and identical argmax at every position.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxchunk.cache import init_cache
-from jaxchunk.config import LlamaConfig, RopeScaling
+from jaxchunk.config import RopeScaling
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
 from jaxchunk.model import forward, init_params, rope_inv_freq
-from jaxchunk.prefill import (_prefill_chunk, chunk_schedule, compiled_step_counts, decode_step,
-                              exllama_chunk_len, prefill, prefill_chunk)
+from jaxchunk.prefill import chunk_schedule, decode_step, exllama_chunk_len, prefill, prefill_chunk
+from jaxchunk.steps import compiled_step_counts, jitted_prefill_chunk
 
-CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=6,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=10000.0,
-                     tie_word_embeddings=False)
+CONFIG = tiny_config(vocab_size=512, num_heads=6, max_position_embeddings=2048, tie_word_embeddings=False)
 MAX_SEQ = 1100
 REL_TOL = 1e-4
 
@@ -115,7 +113,7 @@ def compiled_memory(params, max_seq, chunk_len):
     cache = init_cache(CONFIG, 1, max_seq)
     tokens = jnp.zeros((1, chunk_len), jnp.int32)
     n_valid = jnp.full((1,), chunk_len, jnp.int32)
-    compiled = _prefill_chunk.lower(params, cache, tokens, n_valid, config=CONFIG, attention_impl="auto",
+    compiled = jitted_prefill_chunk.lower(params, cache, tokens, n_valid, config=CONFIG, attention_impl="auto",
                                     logits="last").compile()
     return compiled.memory_analysis(), cache.keys.nbytes + cache.values.nbytes
 
@@ -194,8 +192,8 @@ def test_llama3_rope_scaling_matches_transformers():
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
-    ours = LlamaConfig(vocab_size=8, hidden_size=512, intermediate_size=8, num_layers=1, num_heads=4,
-                       num_kv_heads=4, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+    ours = tiny_config(vocab_size=8, hidden_size=512, intermediate_size=8, num_layers=1, num_kv_heads=4,
+                       head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
                        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
     np.testing.assert_allclose(rope_inv_freq(ours), want.numpy(), rtol=1e-6)
 

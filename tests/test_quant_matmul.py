@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from quant_cases import CASES, QTYPES, Case, check, kernel_args, make_weight, make_x, q8_activations
-from pallas_kernels.quant_matmul import (XLA_FORMULATIONS, choose_tile, quant_matmul, quant_matmul_pallas,
-                                         quant_matmul_reference, quant_matmul_xla)
+from pallas_kernels.backends import choose_backend
+from pallas_kernels.quant_matmul import (BACKENDS, DECODE_ROWS, IMPLS, XLA_FORMULATIONS, choose_tile, quant_matmul,
+                                         quant_matmul_pallas, quant_matmul_reference, quant_matmul_xla)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -118,7 +119,7 @@ def test_cpu_kernel_matches_oracle(case, qtype, dtype, quantize_x):
     check(y, q8_activations(x) if quantize_x else x, w, dtype)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference", "cpu", "pallas"])
+@pytest.mark.parametrize("impl", list(BACKENDS))
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_q8_activations_in_every_backend(impl, qtype):
     """activations="q8" means the same x' @ W in every backend (so chunk sizes that take different
@@ -156,14 +157,42 @@ def test_cpu_kernel_reads_a_layer_of_a_stack_in_place():
                                                       stacked.mins, layer=3))
 
 
-def test_auto_dispatch_uses_the_native_kernels_on_cpu():
-    from pallas_kernels.quant_matmul import DECODE_ROWS, _cpu_impl
+def test_auto_dispatch_uses_the_native_kernels_on_cpu(monkeypatch):
     _cpu_kernel()
     qw, _ = make_weight(CASES[1], "Q4_1")
-    scales = jnp.asarray(qw.scales)
-    assert _cpu_impl(jnp.ones((DECODE_ROWS, CASES[1].k)), scales) == "cpu"
-    assert _cpu_impl(jnp.ones((DECODE_ROWS + 1, CASES[1].k)), scales) == "cpu"  # native dequantize + dot
-    assert _cpu_impl(jnp.ones((1, CASES[1].k)), scales.astype(jnp.float32)) == "xla"  # kernels take f16 only
+    qs, scales, mins = kernel_args(qw)
+    auto = lambda x, scales, mins: choose_backend(BACKENDS, "auto", x, qs, scales, mins).name
+    assert auto(jnp.ones((DECODE_ROWS, CASES[1].k)), scales, mins) == "native_cpu"
+    assert auto(jnp.ones((DECODE_ROWS + 1, CASES[1].k)), scales, mins) == "native_cpu"  # native dequantize + dot
+    f32 = lambda a: a.astype(jnp.float32)
+    assert auto(jnp.ones((1, CASES[1].k)), f32(scales), f32(mins)) == "xla"  # kernels take f16 only
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert auto(jnp.ones((1, CASES[1].k)), scales, mins) == "pallas"
+
+
+def test_backend_table_and_what_native_cpu_refuses(monkeypatch):
+    """Each entry says what it takes; an explicit impl that cannot take the call names the reason."""
+    from pallas_kernels import native_cpu
+    _cpu_kernel()
+    assert IMPLS == ("auto", "pallas", "native_cpu", "xla", "reference")  # "auto" tries them in this order
+    qw, _ = make_weight(CASES[0], "Q4_1")
+    x, (qs, scales, mins) = jnp.ones((1, 64)), kernel_args(qw)
+    f32 = lambda a: a.astype(jnp.float32)
+    for name, backend in BACKENDS.items():
+        assert backend.name == name and backend.doc
+        if name != "native_cpu":
+            assert backend.supports(x, qs, f32(scales), f32(mins), layer=None, activations="q8") is None
+    supports = BACKENDS["native_cpu"].supports
+    assert supports(x, qs, scales, mins) is None
+    assert "scales are float32" in supports(x, qs, f32(scales), mins)
+    assert "mins are float32" in supports(x, qs, scales, f32(mins))
+    with pytest.raises(ValueError, match=r"impl='native_cpu' cannot take this call: scales are float32: .*float16"):
+        quant_matmul(x, qs, f32(scales), f32(mins), impl="native_cpu")
+    monkeypatch.setattr(native_cpu, "available", lambda: False)
+    monkeypatch.setattr(native_cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    assert supports(x, qs, scales, mins) == "the native CPU kernels did not build: no C++ compiler found"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "CPU backend" in supports(x, qs, scales, mins)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -184,14 +213,14 @@ def test_cpu_dequantize_is_bit_exact(case, qtype):
 
 @pytest.mark.parametrize("activations", ["float", "q8"])
 def test_cpu_prefill_rows_match_oracle(activations):
-    """More than DECODE_ROWS rows through impl="cpu": native dequantization then XLA's dot, for a
+    """More than DECODE_ROWS rows through impl="native_cpu": native dequantization then XLA's dot, for a
     one-tile weight and a multi-tile one (dequantized one tile at a time)."""
     _cpu_kernel()
     for case in (Case(40, 576, 1536, None, 16, 32), Case(37, 128, 1096, 548, 16, 32)):
         for qtype in QTYPES:
             qw, w = make_weight(case, qtype)
             x = make_x(case, "float32")
-            y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl="cpu", activations=activations)
+            y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl="native_cpu", activations=activations)
             check(y, q8_activations(x) if activations == "q8" else x, w, "float32")
 
 
@@ -200,7 +229,7 @@ def test_leading_axes_and_dispatch():
     case = CASES[1]
     qw, w = make_weight(case, "Q4_1")
     x = np.random.default_rng(5).normal(size=(2, 20, case.k)).astype(np.float32)
-    for impl in ("auto", "xla", "cpu", "reference"):
+    for impl in ("auto", "xla", "native_cpu", "reference"):
         y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl=impl)
         assert y.shape == (2, 20, case.n)
         check(np.asarray(y).reshape(-1, case.n), x.reshape(-1, case.k), w, "float32")
@@ -217,6 +246,9 @@ def test_bad_inputs_raise_clear_errors():
         quant_matmul_xla(jnp.ones((1, 64)), qs.astype(jnp.int32), scales, mins)
     with pytest.raises(ValueError, match="impl"):
         quant_matmul(jnp.ones((1, 64)), qs, scales, mins, impl="magic")
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'pallas', 'native_cpu', 'xla', "
+                                         r"'reference'\), got 'cpu'"):
+        quant_matmul(jnp.ones((1, 64)), qs, scales, mins, impl="cpu")  # the old name of native_cpu
     from jaxchunk.weights.quantized import pack_gguf_rows
     with pytest.raises(ValueError, match="qtype"):
         pack_gguf_rows(np.zeros((4, 18), np.uint8), "Q5_K", (4, 32))
@@ -226,11 +258,10 @@ def test_bad_inputs_raise_clear_errors():
 
 # ----------------------------------------------------------------------------- in the model
 def _tiny():
-    from jaxchunk.config import LlamaConfig
+    from jaxchunk.testing import tiny_config
     from jaxchunk.model import init_params
     # hidden / head sizes multiples of 32 (quant blocks run along every matrix's input dim).
-    config = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    config = tiny_config(vocab_size=160, intermediate_size=96, max_position_embeddings=128)
     return config, init_params(config, seed=0, scale=0.2)
 
 

@@ -71,6 +71,7 @@ def test_greedy_generation_matches_transformers(smollm2_f32, hf_smollm2, prompt)
     ours = greedy(params, config, np.array(ids), 32, chunk_size=7)  # several chunks, last one padded
     with torch.no_grad():
         theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                   eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id)[0, len(ids):].tolist()
+                                   eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id)
+    theirs = theirs[0, len(ids):].tolist()
     assert len(ours) >= 8  # a real continuation, not an immediate eos
     assert ours == theirs, (hf_tok.decode(ours), hf_tok.decode(theirs))

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxchunk.config import LlamaConfig, RopeScaling
+from jaxchunk.config import RopeScaling
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import ModelFileError, UnsupportedError
 from jaxchunk.weights import PARAM_LAYER_KEYS
 from jaxchunk.weights.safetensors import config_from_hf, load_safetensors, save_safetensors
 
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                     rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+CONFIG = tiny_config(vocab_size=128, intermediate_size=96, max_position_embeddings=256, tie_word_embeddings=False,
                      bos_token_id=1, eos_token_id=2)
 
 

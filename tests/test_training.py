@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxchunk.config import LlamaConfig
+from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
 from jaxchunk.model import (embed, forward, full_causal_attention, init_params, linear, lm_head, mlp, qkv, rms_norm,
                             rope_inv_freq)
 from jaxchunk.training import chunked_loss, loss_and_grad, lower_step
 
-CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
+CONFIG = tiny_config(vocab_size=128, tie_word_embeddings=False)
 REL_TOL = 1e-4
 
 
@@ -195,7 +194,7 @@ def test_experiment_script(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "experiments" / "chunked_training.py"), "--model",
+    proc = subprocess.run([sys.executable, "-m", "experiments.chunked_training", "--model",
                            "tiny-random", "--lengths", "40,64", "--chunk-lens", "16", "--train-len", "16",
                            "--methods", "full,exact,truncated",
                            "--run-max-len", "40", "--repeats", "1", "--out", str(tmp_path)],

@@ -391,12 +391,12 @@ def test_hf_add_bos(tmp_path, config, expected):
 
 
 def test_tokenizer_from_gguf_reports_bad_files_as_tokenizer_errors(tmp_path):
-    from jaxchunk.tokenizer import tokenizer_from_gguf
+    from jaxchunk.tokenizer import Tokenizer
 
     bad = tmp_path / "v9.gguf"
     bad.write_bytes(b"GGUF\x09\x00\x00\x00" + b"\x00" * 32)
     with pytest.raises(TokenizerError, match=r"v9\.gguf: not a readable GGUF file: GGUF version 9 is not supported"):
-        tokenizer_from_gguf(bad)
+        Tokenizer.from_gguf(bad)
 
 
 def test_render_chat_template_directly():

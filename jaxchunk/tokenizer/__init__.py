@@ -9,17 +9,16 @@
 
 `load_tokenizer(path)` picks the right one from a file or a model directory (load.py);
 `gguf_add_bos` / `hf_add_bos` say whether a model file asks for a BOS token before a prompt.
-The interface and the streaming decoder are base.py's, chat templating chat_template.py's.
+The tokenizer types (interface, the two backends, the streaming decoder) are base.py's; gguf.py,
+hf.py and sentencepiece.py read the files; chat templating is chat_template.py's.
 """
-from jaxchunk.tokenizer.base import IncrementalDecoder, Tokenizer
+from jaxchunk.tokenizer.base import HFTokenizer, IncrementalDecoder, SentencePieceTokenizer, Tokenizer
 from jaxchunk.tokenizer.chat_template import compile_chat_template, render_chat_template
-from jaxchunk.tokenizer.gguf import byte_spelling, gguf_add_bos, tokenizer_from_gguf
-from jaxchunk.tokenizer.hf import HFTokenizer, hf_add_bos, tokenizer_from_hf_json
+from jaxchunk.tokenizer.gguf import byte_spelling, gguf_add_bos
+from jaxchunk.tokenizer.hf import hf_add_bos
 from jaxchunk.tokenizer.load import load_tokenizer
-from jaxchunk.tokenizer.sentencepiece import SentencePieceTokenizer, tokenizer_from_sentencepiece
 
 __all__ = [
     "Tokenizer", "HFTokenizer", "SentencePieceTokenizer", "IncrementalDecoder", "load_tokenizer",
-    "tokenizer_from_gguf", "tokenizer_from_hf_json", "tokenizer_from_sentencepiece",
     "gguf_add_bos", "hf_add_bos", "byte_spelling", "compile_chat_template", "render_chat_template",
 ]

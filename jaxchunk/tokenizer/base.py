@@ -1,7 +1,9 @@
-"""The tokenizer interface (`Tokenizer`) and its streaming decoder (`IncrementalDecoder`).
+"""The tokenizer types: the interface (`Tokenizer`), its two backends (`HFTokenizer` over a Hugging
+Face `tokenizers.Tokenizer`, what GGUF vocabularies and tokenizer.json files become;
+`SentencePieceTokenizer`) and the streaming decoder (`IncrementalDecoder`). Reading the files is
+gguf.py's, hf.py's and sentencepiece.py's (imported when a `Tokenizer.from_*` constructor runs).
 
-Every backend (hf.py: Hugging Face `tokenizers`, also used for GGUF vocabularies; sentencepiece.py)
-shares: `encode(text, add_bos=False)`, `decode(ids, skip_special_tokens=False)`, `bos_id`,
+Every backend shares: `encode(text, add_bos=False)`, `decode(ids, skip_special_tokens=False)`, `bos_id`,
 `eos_id`, `vocab_size`, `chat_template`, `apply_chat_template(messages)` (rendered the way
 transformers renders it) and streaming decoding (`IncrementalDecoder`, `decode_stream`).
 
@@ -21,12 +23,6 @@ from jaxchunk.errors import InputError, TokenizerError
 from jaxchunk.tokenizer.chat_template import Message, render_chat_template
 
 PathLike = Union[str, os.PathLike]
-
-
-def check_file(path: Path) -> None:
-    """TokenizerError unless `path` is an existing file."""
-    if not path.is_file():
-        raise TokenizerError(f"{path}: no such file")
 
 
 class Tokenizer(abc.ABC):
@@ -149,8 +145,8 @@ class Tokenizer(abc.ABC):
         """The tokenizer stored in a GGUF file's `tokenizer.*` metadata. Pass the file already
         open (`jaxchunk.weights.gguf.open_gguf`, or a `gguf.GGUFReader`) as `reader` to avoid
         parsing it a second time."""
-        from jaxchunk.tokenizer.gguf import tokenizer_from_gguf
-        return tokenizer_from_gguf(path, reader)
+        from jaxchunk.tokenizer.gguf import read_gguf_vocabulary
+        return HFTokenizer(*read_gguf_vocabulary(Path(path), reader))
 
     @classmethod
     def from_hf_json(cls, path: PathLike,
@@ -158,16 +154,86 @@ class Tokenizer(abc.ABC):
         """A Hugging Face `tokenizer.json`. BOS/EOS and the chat template come from
         `tokenizer_config` (a dict or the path of a tokenizer_config.json), by default the
         tokenizer_config.json beside `path`; a chat_template.jinja beside it also counts."""
-        from jaxchunk.tokenizer.hf import tokenizer_from_hf_json
-        return tokenizer_from_hf_json(path, tokenizer_config)
+        from jaxchunk.tokenizer.hf import read_hf_json
+        return HFTokenizer(*read_hf_json(Path(path), tokenizer_config))
 
     @classmethod
     def from_sentencepiece(cls, path: PathLike) -> "Tokenizer":
         """A SentencePiece `.model` file. BOS/EOS come from the model; the chat template from a
         tokenizer_config.json / chat_template.jinja beside it, if any."""
-        from jaxchunk.tokenizer.sentencepiece import tokenizer_from_sentencepiece
-        return tokenizer_from_sentencepiece(path)
+        from jaxchunk.tokenizer.sentencepiece import read_sentencepiece
+        processor, chat_template = read_sentencepiece(Path(path))
+        return SentencePieceTokenizer(processor, path, chat_template)
 
+
+# ---- the two backends ------------------------------------------------------------------
+
+class HFTokenizer(Tokenizer):
+    """Backend over a Hugging Face `tokenizers.Tokenizer` (used for GGUF and tokenizer.json)."""
+
+    def __init__(self, backend, source: PathLike, bos_id: Optional[int], eos_id: Optional[int],
+                 chat_template: Optional[str]):
+        self.backend = backend
+        super().__init__(source, bos_id, eos_id, chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, text: str) -> list[int]:
+        # add_special_tokens=False only turns off the post-processor (e.g. a BOS template);
+        # special tokens written in the text are still matched.
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.backend.id_to_token(token_id)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Backend over a `sentencepiece.SentencePieceProcessor`.
+
+    SentencePiece itself never writes control tokens (<s>, </s>) when decoding and never matches
+    them in text. `decode(..., skip_special_tokens=False)` writes them back, decoding the text
+    between them as SentencePiece does; `encode` keeps SentencePiece's behaviour, so "<s>" written
+    in the text is plain text.
+    """
+
+    def __init__(self, processor, source: PathLike, chat_template: Optional[str] = None):
+        self.processor = processor
+        bos, eos = processor.bos_id(), processor.eos_id()  # -1 when the model has none
+        super().__init__(source, bos if bos >= 0 else None, eos if eos >= 0 else None, chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.processor.encode(text, out_type=int)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        is_control = self.processor.is_control
+        if skip_special_tokens or not any(is_control(i) for i in ids):
+            return self.processor.decode(ids)  # drops control tokens itself
+        # Decode each run between control tokens and write the control tokens in between.
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            if is_control(token_id):
+                parts += [self.processor.decode(run), self.id_to_token(token_id)]
+                run = []
+            else:
+                run.append(token_id)
+        parts.append(self.processor.decode(run))
+        return "".join(parts)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.processor.id_to_piece(token_id)
+
+
+# ---- streaming -----------------------------------------------------------------------
 
 class IncrementalDecoder:
     """Decode a stream of token ids into text pieces, one `push` per id.

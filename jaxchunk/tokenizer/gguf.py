@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxchunk.errors import ModelFileError, TokenizerError, UnsupportedError
-from jaxchunk.tokenizer.base import PathLike, check_file
-from jaxchunk.tokenizer.hf import HFTokenizer
+from jaxchunk.tokenizer.hf import PathLike, check_file
 from jaxchunk.weights.gguf import gguf_field, open_gguf
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
@@ -113,9 +112,11 @@ def _respell(tokens: list[str], spelling: dict[int, str]) -> list[str]:
             for i, token in enumerate(tokens)]
 
 
-def tokenizer_from_gguf(path: PathLike, reader=None) -> HFTokenizer:
-    """Rebuild the byte-level BPE described by `tokenizer.ggml.*` (see the module docstring).
-    `reader`: the file already open (`open_gguf`, or a `gguf.GGUFReader`); else it is opened here."""
+def read_gguf_vocabulary(path: Path, reader=None) -> tuple:
+    """(tokenizers.Tokenizer, path, bos_id, eos_id, chat_template): the byte-level BPE described by
+    `tokenizer.ggml.*` (see the module docstring), as the arguments of `HFTokenizer`
+    (`Tokenizer.from_gguf` builds it). `reader`: the file already open (`open_gguf`, or a
+    `gguf.GGUFReader`); else it is opened here."""
     import tokenizers
     from tokenizers import AddedToken, decoders, models
 
@@ -165,8 +166,6 @@ def tokenizer_from_gguf(path: PathLike, reader=None) -> HFTokenizer:
         AddedToken(token, normalized=False, special=False)
         for token, kind in zip(tokens, types) if kind == _USER_DEFINED and token in vocab])
 
-    return HFTokenizer(
-        backend, path,
-        bos_id=_field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
-        eos_id=_field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
-        chat_template=_field(reader, path, "tokenizer.chat_template", str, None))
+    return (backend, path, _field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
+            _field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
+            _field(reader, path, "tokenizer.chat_template", str, None))

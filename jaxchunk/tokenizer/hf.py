@@ -1,43 +1,28 @@
-"""Hugging Face tokenizers: the `tokenizers`-library backend (`HFTokenizer`, also what a GGUF
-vocabulary is rebuilt as), `tokenizer.json` files, and their side files (tokenizer_config.json
-for BOS/EOS, `add_bos_token` and the chat template; chat_template.jinja)."""
+"""Hugging Face tokenizer files: `tokenizer.json` (read by the `tokenizers` library) and its side
+files (tokenizer_config.json for BOS/EOS, `add_bos_token` and the chat template;
+chat_template.jinja). Imports nothing of the tokenizer types (base.py builds them from this)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from jaxchunk.errors import TokenizerError
-from jaxchunk.tokenizer.base import PathLike, Tokenizer, check_file
+
+PathLike = Union[str, os.PathLike]
 
 
-class HFTokenizer(Tokenizer):
-    """Backend over a Hugging Face `tokenizers.Tokenizer` (used for GGUF and tokenizer.json)."""
-
-    def __init__(self, backend, source: PathLike, bos_id: Optional[int], eos_id: Optional[int],
-                 chat_template: Optional[str]):
-        self.backend = backend
-        super().__init__(source, bos_id, eos_id, chat_template)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
-
-    def _encode(self, text: str) -> list[int]:
-        # add_special_tokens=False only turns off the post-processor (e.g. a BOS template);
-        # special tokens written in the text are still matched.
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def id_to_token(self, token_id: int) -> str:
-        return self.backend.id_to_token(token_id)
+def check_file(path: Path) -> None:
+    """TokenizerError unless `path` is an existing file."""
+    if not path.is_file():
+        raise TokenizerError(f"{path}: no such file")
 
 
-def tokenizer_from_hf_json(path: PathLike,
-                           tokenizer_config: Union[PathLike, Mapping[str, Any], None] = None) -> HFTokenizer:
-    """A Hugging Face `tokenizer.json` (see `Tokenizer.from_hf_json`)."""
+def read_hf_json(path: Path, tokenizer_config: Union[PathLike, Mapping[str, Any], None] = None) -> tuple:
+    """(tokenizers.Tokenizer, path, bos_id, eos_id, chat_template) of a Hugging Face
+    `tokenizer.json` and its tokenizer_config: the arguments of `HFTokenizer`
+    (`Tokenizer.from_hf_json` builds it)."""
     import tokenizers
 
     path = Path(path)
@@ -58,8 +43,7 @@ def tokenizer_from_hf_json(path: PathLike,
                                  f"the vocabulary")
         return token_id
 
-    return HFTokenizer(backend, path, token_id("bos_token"), token_id("eos_token"),
-                       config_chat_template(path, config))
+    return backend, path, token_id("bos_token"), token_id("eos_token"), config_chat_template(path, config)
 
 
 def hf_add_bos(model_dir: PathLike) -> bool:

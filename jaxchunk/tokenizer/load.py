@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxchunk.errors import TokenizerError
-from jaxchunk.tokenizer.base import PathLike, Tokenizer, check_file
+from jaxchunk.tokenizer.base import Tokenizer
+from jaxchunk.tokenizer.hf import PathLike, check_file
 
 
 def load_tokenizer(path: PathLike) -> Tokenizer:

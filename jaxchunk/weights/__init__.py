@@ -32,13 +32,11 @@ quantized / bf16 (in-memory weight forms), load, inspect, modes.
 same values as uint16 bits, same shapes; see bf16.py for why); `bf16.unpack_bf16` undoes it.
 """
 
-PARAM_LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
-# After PARAM_LAYER_KEYS: the modules below import it from here.
-from jaxchunk.weights.inspect import CheckpointInfo, TensorGroup, TokenizerSummary, inspect  # noqa: E402
-from jaxchunk.weights.load import (  # noqa: E402
-    checkpoint_path, load_weights, numpy_dtype, prepare_params, resolve_dtype)
-from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES, WEIGHT_MODES  # noqa: E402
+from jaxchunk.weights.inspect import CheckpointInfo, TensorGroup, TokenizerSummary, inspect
+from jaxchunk.weights.layout import PARAM_LAYER_KEYS
+from jaxchunk.weights.load import checkpoint_path, load_weights, numpy_dtype, prepare_params, resolve_dtype
+from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES, WEIGHT_MODES
 
 __all__ = [
     "PARAM_LAYER_KEYS", "DTYPES", "WEIGHT_MODES", "QUANTIZED_MODES", "load_weights", "prepare_params",

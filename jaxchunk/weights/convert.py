@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import ModelFileError
-from jaxchunk.weights import PARAM_LAYER_KEYS
+from jaxchunk.weights.layout import PARAM_LAYER_KEYS
 
 TensorName = Callable[[str, Optional[int]], str]
 TensorLoad = Callable[[str, Optional[int]], np.ndarray]
