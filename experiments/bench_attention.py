@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchunk.timing import Timing, timeit
-from pallas_kernels import BlockSizes, native_cpu
+from pallas_kernels import native_cpu
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.decode_attention import decode_attention

@@ -10,7 +10,7 @@ import pytest
 from attention_cases import (CASES, TOL, backend_params, check_against_oracle,
                              make_inputs, run_backend)
 from gpu_marks import gpu_only
-from pallas_kernels import attention
+from pallas_kernels.attention import attention
 
 pytestmark = gpu_only("test_attention_kernels.py")
 
