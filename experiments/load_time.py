@@ -175,8 +175,9 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
         ax.set_title(f"{column.removesuffix('_s')}: median of fresh processes, whiskers min-max"
                      + (" (lines: 1x, 2x, 10x llama.cpp)" if column == "load_s" and llama else ""), fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
-        ax.margins(y=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low / 1.5, high * 4)  # headroom for the legend above the bars (log scale)
+        ax.legend(fontsize=8, loc="upper center", ncols=3)
     fig.suptitle(title, fontsize=10)
     return common.save_figure(fig, path)
 
