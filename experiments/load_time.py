@@ -16,14 +16,21 @@ load_s. With --baseline-root DIR the same is timed for the jaxchunk in DIR (e.g.
 older commit), labelled "jaxchunk (baseline)". A breakdown run per mode (this checkout only)
 times the steps of a load separately: open_gguf, load_weights, the tokenizer, jax.device_put.
 
+Start-up of the command line (`--generate-runs N`, default 2): the wall time of a whole
+`python -m jaxchunk.cli generate --prompt "The capital of France is" --max-new-tokens 8` process
+(interpreter start, imports, load, compiles, generation), run twice on an empty persistent
+compilation cache directory (`first`: everything compiles and is written; `second`: the
+executables are read back), and once with the cache off (`JAXCHUNK_COMPILATION_CACHE=0`). N rounds,
+each on a fresh directory.
+
 llama.cpp is optional (`pip install llama-cpp-python`, the `bench` extra); without it only
 jaxchunk is timed.
 
   .venv/bin/python -m experiments.load_time --quick
   .venv/bin/python -m experiments.load_time --baseline-root ../main
 
-Writes results.csv (one row per process), summary.csv, breakdown.csv (+ .json with machine info
-and settings) and load_time.png into --out.
+Writes results.csv (one row per process), summary.csv, breakdown.csv, generate.csv (+ .json with
+machine info and settings), load_time.png and generate.png into --out.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,6 +115,58 @@ def run_worker(code: str, spec: dict, root: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+GENERATE_ARGS = ("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8")
+CACHE_RUNS = ("first", "second")  # on the same, initially empty, compilation cache directory
+
+
+def time_generate(model: Path, weights: str, rounds: int) -> list[dict]:
+    """Wall time of whole `jaxchunk generate` processes: per round, first and second on a fresh
+    compilation cache directory, then one with the cache off. Rows: run, round, wall_s, text."""
+    rows = []
+    command = [sys.executable, "-m", "jaxchunk.cli", *GENERATE_ARGS, "--model", str(model), "--weights", weights]
+    for index in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="jaxchunk-xla-") as directory:
+            for run, setting in (*((name, directory) for name in CACHE_RUNS), ("cache off", "0")):
+                env = dict(os.environ, JAXCHUNK_COMPILATION_CACHE=setting)
+                start = time.perf_counter()
+                proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=common.ROOT,
+                                      timeout=600)
+                wall = time.perf_counter() - start
+                if proc.returncode != 0:
+                    raise RuntimeError(f"jaxchunk generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                rows.append({"run": run, "round": index, "weights": weights, "wall_s": wall,
+                             "text": proc.stdout.strip()})
+    return rows
+
+
+def plot_generate(rows: list[dict], llama_load_s: float | None, path: Path, title: str) -> Path:
+    """Bars: median wall time of each run kind (min-max whiskers), the second / first ratio on the
+    second bar; a line at llama.cpp's median load time for scale."""
+    plt = common.pyplot()
+    kinds = [k for k in (*CACHE_RUNS, "cache off") if any(r["run"] == k for r in rows)]
+    walls = {k: [r["wall_s"] for r in rows if r["run"] == k] for k in kinds}
+    medians = {k: statistics.median(v) for k, v in walls.items()}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for x, kind in enumerate(kinds):
+        m = medians[kind]
+        ax.bar(x, m, 0.6, color={"first": "C1", "second": "C0", "cache off": "C7"}[kind],
+               yerr=[[m - min(walls[kind])], [max(walls[kind]) - m]], capsize=4)
+        label = f"{m:.2f} s"
+        if kind == "second":
+            label += f"\n{m / medians['first']:.2f}x first"
+        ax.text(x, max(walls[kind]) * 1.02, label, ha="center", va="bottom", fontsize=8)
+    if llama_load_s is not None:
+        ax.axhline(llama_load_s, color="C2", linestyle=":", linewidth=1)
+        ax.text(len(kinds) - 0.5, llama_load_s, f"llama.cpp load {llama_load_s:.2f} s", color="C2", fontsize=8,
+                ha="right", va="bottom")
+    ax.set_xticks(range(len(kinds)), [f"{k}\n({len(walls[k])} runs)" for k in kinds])
+    ax.set_ylim(0, 1.2 * max(max(v) for v in walls.values()))
+    ax.set_ylabel("wall time of the whole process (s)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    return common.save_figure(fig, path)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -195,6 +255,9 @@ def main(argv=None):
                    help="also time the jaxchunk of this checkout (e.g. an older commit), as the baseline")
     p.add_argument("--baseline-repeats", type=int, default=None, help="processes per baseline mode (default --repeats)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
+    p.add_argument("--generate-runs", type=int, default=2,
+                   help="rounds of `jaxchunk generate` start-up timing (first / second / cache off); 0: none")
+    p.add_argument("--generate-weights", default="f32", choices=MODES, help="weights of the generate runs")
     p.add_argument("--quick", action="store_true", help="2 repeats")
     p.add_argument("--out", type=Path, default=Path("results/load_time"))
     args = p.parse_args(argv)
@@ -236,6 +299,7 @@ def main(argv=None):
         result = run_worker(worker, worker_spec, worker_root)
         rows.append({"system": system, "weights": mode, "import_s": result["import_s"], "load_s": result["load_s"],
                      "total_s": result["import_s"] + result["load_s"], "module": result["module"]})
+    generate_rows = time_generate(model, args.generate_weights, args.generate_runs) if args.generate_runs else []
     breakdown = []
     for mode in args.weights:
         steps = run_worker(BREAKDOWN_WORKER, dict(spec, weights=mode), root)
@@ -255,10 +319,20 @@ def main(argv=None):
                f"Load time of {model.name} ({model.stat().st_size / 1e6:.0f} MB): jaxchunk.load vs llama_cpp.Llama"
                f"\n{machine['cpu']}, {machine['usable_cores']} usable cores, load average {load[0]} / {load[1]} / "
                f"{load[2]}")
+    pngs = [png]
+    if generate_rows:
+        generate_df = common.write_results(args.out, generate_rows, settings, machine, name="generate")
+        llama_load = next((r["load_s_median"] for r in summary if r["system"] == LLAMA_CPP), None)
+        pngs.append(plot_generate(
+            generate_rows, llama_load, args.out / "generate.png",
+            f"Wall time of `jaxchunk generate --max-new-tokens 8` (weights={args.generate_weights}), a new "
+            f"process each\non an empty compilation cache (first), again (second), cache off; "
+            f"{machine['cpu']}, load {load[0]}"))
+        common.print_table(generate_df, ["run", "round", "weights", "wall_s"], title="\njaxchunk generate (s)")
     common.print_table(summary_df, ["system", "weights", "runs", "import_s_median", "load_s_median", "load_s_min",
                                     "load_s_max", "load_vs_llama_cpp"], title="load time (s)")
     common.print_table(breakdown_df, list(breakdown_df.columns), title="\nbreakdown of one load (s)")
-    common.print_written(args.out, [png], round(time.perf_counter() - started, 1))
+    common.print_written(args.out, pngs, round(time.perf_counter() - started, 1))
     return summary_df
 
 

@@ -19,7 +19,8 @@ def test_load_time_script_writes_everything(tmp_path):
     model = write_model_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "experiments.load_time", "--model", str(model),
-                           "--weights", "f32,q4", "--repeats", "2", "--no-llama-cpp", "--out", str(out)],
+                           "--weights", "f32,q4", "--repeats", "2", "--no-llama-cpp", "--generate-runs", "1",
+                           "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = pd.read_csv(out / "results.csv")
@@ -34,5 +35,9 @@ def test_load_time_script_writes_everything(tmp_path):
     assert list(breakdown.weights) == ["f32", "q4"] and (breakdown.sum_s > 0).all()
     payload = json.loads((out / "results.json").read_text())
     assert payload["machine"]["load_average_1_5_15"] and payload["settings"]["model_bytes"] == model.stat().st_size
-    png = (out / "load_time.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    for name in ("load_time.png", "generate.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    generate = pd.read_csv(out / "generate.csv", keep_default_na=False)
+    assert list(generate.run) == ["first", "second", "cache off"] and (generate.wall_s > 0).all()
+    assert generate.text.nunique() == 1  # the same greedy text from a cold, a warm and no compilation cache
