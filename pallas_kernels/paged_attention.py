@@ -16,8 +16,8 @@ kv_heads, stored_dim] (or the whole pool [layers, ...] with a traced `layer`) in
 `kv_quant` cache format, dequantized on read.
 
 `BACKENDS`, in the order impl="auto" tries them:
-  "xla"        - per sequence, per query block, an online-softmax loop over its key pages with
-                 traced bounds: the work follows each sequence's q_len and kv_len (not the pages
+  "xla"        - per sequence, per query block, an online-softmax loop over its key pages (several
+                 small pages per step, `KEYS_PER_BLOCK`) with traced bounds: the work follows each sequence's q_len and kv_len (not the pages
                  allocated, nor tokens x max context). Reads pages in place. Takes every call.
                  auto: everywhere (the fallback).
   "reference"  - gathers each sequence's pages and runs full masked attention in f32 (the oracle;
@@ -43,6 +43,13 @@ from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, k
 # speculative) takes the small block, so a decode row costs one token's work, not a chunk's.
 DECODE_Q_BLOCK = 8
 PREFILL_Q_BLOCK = 128
+# Keys per step of the XLA backend's loop: small pages (vLLM's 16) are read several at a time, so
+# the loop's per-step overhead is paid per 256 keys, as in the contiguous blockwise backend.
+KEYS_PER_BLOCK = 256
+
+
+def default_pages_per_block(page_size: int) -> int:
+    return max(1, KEYS_PER_BLOCK // page_size)
 
 
 def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
@@ -130,20 +137,27 @@ def paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tabl
 
 
 # ----------------------------------------------------------------------------- blockwise XLA
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant", "q_blocks"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant", "q_blocks",
+                                             "pages_per_block"))
 def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
                         sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
-                        v_scales=None, q_blocks=(DECODE_Q_BLOCK, PREFILL_Q_BLOCK)):
-    """Online softmax over pages, loops with traced bounds: for s < num_seqs, for each block of its
-    query rows, over the pages its rows can see (`key_block_range` in page units; the interior pages
-    unmasked). q_blocks (small, large): query tokens per block for sequences with q_len <= small and
-    for the others. Arguments as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
+                        v_scales=None, q_blocks=(DECODE_Q_BLOCK, PREFILL_Q_BLOCK), pages_per_block=None):
+    """Online softmax over key blocks of `pages_per_block` pages (default: `default_pages_per_block`),
+    loops with traced bounds: for s < num_seqs, for each block of its query rows, over the key
+    blocks its rows can see (`key_block_range`; the interior blocks unmasked). q_blocks (small,
+    large): query tokens per block for sequences with q_len <= small and for the others. Arguments
+    as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
         if k_scales is not None:
             k_scales, v_scales = k_scales[None], v_scales[None]
     num_tokens, nh, d = q.shape
     page_size, kvh = k_pages.shape[2], k_pages.shape[3]
+    per_block = pages_per_block or default_pages_per_block(page_size)
+    block_k = per_block * page_size
+    # Pad the table so a block's slice of it never runs off the end (dynamic_slice would clamp it
+    # onto other pages); the padding's keys are past kv_len, masked.
+    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % per_block)))
     g = nh // kvh
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
     small, large = (min(b, num_tokens) for b in q_blocks)
@@ -152,14 +166,14 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     qr = jnp.pad(qr, ((0, large), (0, 0), (0, 0)))
     out = jnp.zeros_like(qr)
 
-    def read_page(stored, scales, page):
-        """One page of one layer straight from the pool (no copy of the layer): f32 [1, page_size, kvh, d]."""
-        start = (layer, page, 0, 0, 0)
-        block = lax.dynamic_slice(stored, start, (1, 1, page_size, kvh, stored.shape[-1]))[0]
+    def read_block(stored, scales, pages):
+        """Key block of `pages` [per_block] of one layer, gathered from the pool (not a copy of the
+        layer): f32 [1, block_k, kvh, d]."""
+        block = stored[layer, pages].reshape(1, block_k, kvh, stored.shape[-1])
         if kv_quant is None:
             return block.astype(jnp.float32)
         if scales is not None:
-            scales = lax.dynamic_slice(scales, start, (1, 1, page_size, kvh, scales.shape[-1]))[0]
+            scales = scales[layer, pages].reshape(1, block_k, kvh, scales.shape[-1])
         return dequantize(block, scales, kv_quant)
 
     def sequence(s, out, block_q: int):
@@ -175,21 +189,21 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
             block_pos = first_pos + i * block_q
             q_pos = block_pos + jnp.arange(block_q * g, dtype=jnp.int32)[None, :] // g  # [1, rows]
             lo, full_lo, full_hi, hi = key_block_range(block_pos[None], kv_len[None], 0, rows_valid * g - 1, g,
-                                                       page_size, sliding_window)
+                                                       block_k, sliding_window)
 
-            def page_body(j, carry, masked: bool):
-                page = page_table[s, j]
-                kb, vb = read_page(k_pages, k_scales, page), read_page(v_pages, v_scales, page)
+            def key_block(j, carry, masked: bool):
+                pages = lax.dynamic_slice_in_dim(page_table[s], j * per_block, per_block)
+                kb, vb = read_block(k_pages, k_scales, pages), read_block(v_pages, v_scales, pages)
                 mask = key_valid = None
                 if masked:
-                    k_pos = j * page_size + jnp.arange(page_size, dtype=jnp.int32)
+                    k_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
                     mask = visible(q_pos[:, :, None], k_pos[None, None, :], kv_len, sliding_window)
                     key_valid = (k_pos < kv_len)[None]
                 return attend_key_block(carry, qb, kb, vb, mask=mask, key_valid=key_valid, soft_cap=soft_cap)
 
-            masked = functools.partial(page_body, masked=True)
+            masked = functools.partial(key_block, masked=True)
             carry = online_softmax_init(1, kvh, block_q * g, d)
-            carry = lax.fori_loop(full_lo, full_hi, functools.partial(page_body, masked=False), carry)
+            carry = lax.fori_loop(full_lo, full_hi, functools.partial(key_block, masked=False), carry)
             carry = lax.fori_loop(lo, full_lo, masked, carry)
             o = from_rows(online_softmax_result(lax.fori_loop(full_hi, hi, masked, carry)), block_q, nh)[0]
             # A block may run past s into its neighbours' rows: keep only s's own.
