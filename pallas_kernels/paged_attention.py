@@ -61,7 +61,8 @@ def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_
     if k_pages.ndim != pool_rank or v_pages.shape != k_pages.shape:
         what = "[num_pages, page_size, kv_heads, d]" if layer is None else "[layers, num_pages, page_size, kv_heads, d]"
         raise ValueError(f"k_pages == v_pages must be {what}; got k {k_pages.shape}, v {v_pages.shape}")
-    one = (lambda a: a) if layer is None else (lambda a: a[0])
+    # One layer's shapes (no slicing: this also runs on ShapeDtypeStructs).
+    one = (lambda a: a) if layer is None else (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
     check_quantized_cache(kv_quant, q.shape[-1], one(k_pages), one(v_pages),
                           None if k_scales is None else one(k_scales), None if v_scales is None else one(v_scales))
     if q.shape[1] % k_pages.shape[-2]:
