@@ -220,8 +220,11 @@ def test_one_compile_for_every_step_of_a_shape():
 def test_pool_is_donated_and_updated_in_place():
     cache = init_paged_cache(CONFIG, num_pages=8, page_size=16, dtype="q8")
     old = jax.tree.leaves(cache)
+    addresses = [a.unsafe_buffer_pointer() for a in old]
     new, _ = mixed_step(PARAMS, cache, step_of([([1, 2, 3], 0, [6])], num_pages=8), config=CONFIG)
     assert all(a.is_deleted() for a in old)
+    # The output pool lives in the input's buffers: written in place, not copied.
+    assert [a.unsafe_buffer_pointer() for a in jax.tree.leaves(new)] == addresses
     assert np.asarray(new.keys[:, 6, :3]).any() and not np.asarray(new.keys[:, 6, 3:]).any()
     assert not np.asarray(new.keys[:, :6]).any()  # padding wrote nowhere
 
