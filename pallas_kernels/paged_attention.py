@@ -39,10 +39,10 @@ from pallas_kernels.blockwise_attention import (attend_key_block, key_block_rang
 from pallas_kernels.common import cap_logits, cdiv, default_sm_scale, from_rows, to_rows, visible
 from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_spec, rotate
 
-# Query rows per block of the XLA backend, in tokens: a sequence with q_len <= DECODE_Q_BLOCK (decode,
-# speculative) takes the small block, so a decode row costs one token's work, not a chunk's.
-DECODE_Q_BLOCK = 8
-PREFILL_Q_BLOCK = 128
+# Query tokens per block of the XLA backend: a sequence takes the smallest block >= its q_len (the
+# largest for longer ones), so a decode row costs one token's scores, not a block of 8 or 128
+# (the timing difference is within this shared machine's noise; the work is 8x less).
+Q_BLOCKS = (1, 8, 128)
 # Keys per step of the XLA backend's loop: small pages (vLLM's 16) are read several at a time, so
 # the loop's per-step overhead is paid per 256 keys, as in the contiguous blockwise backend.
 KEYS_PER_BLOCK = 256
@@ -142,11 +142,11 @@ def paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tabl
                                              "pages_per_block"))
 def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
                         sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
-                        v_scales=None, q_blocks=(DECODE_Q_BLOCK, PREFILL_Q_BLOCK), pages_per_block=None):
+                        v_scales=None, q_blocks=Q_BLOCKS, pages_per_block=None):
     """Online softmax over key blocks of `pages_per_block` pages (default: `default_pages_per_block`),
     loops with traced bounds: for s < num_seqs, for each block of its query rows, over the key
-    blocks its rows can see (`key_block_range`; the interior blocks unmasked). q_blocks (small,
-    large): query tokens per block for sequences with q_len <= small and for the others. Arguments
+    blocks its rows can see (`key_block_range`; the interior blocks unmasked). q_blocks: query
+    tokens per block, ascending; a sequence takes the first >= its q_len, else the last. Arguments
     as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
@@ -161,7 +161,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % per_block)))
     g = nh // kvh
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
-    small, large = (min(b, num_tokens) for b in q_blocks)
+    q_blocks = tuple(min(b, num_tokens) for b in q_blocks)
+    large = q_blocks[-1]
     # Scale (and rotate, for a rotated format) once; pad so every block's slice is in range.
     qr = rotate(q.astype(jnp.float32), kv_quant) * scale
     qr = jnp.pad(qr, ((0, large), (0, 0), (0, 0)))
@@ -216,8 +217,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 
     def each_sequence(s, out):
         q_len = cu_q_lens[s + 1] - cu_q_lens[s]
-        return lax.cond(q_len <= small, functools.partial(sequence, block_q=small),
-                        functools.partial(sequence, block_q=large), s, out)
+        tier = sum((q_len > b).astype(jnp.int32) for b in q_blocks[:-1])
+        return lax.switch(tier, [functools.partial(sequence, block_q=b) for b in q_blocks], s, out)
 
     out = lax.fori_loop(0, num_seqs, each_sequence, out)[:num_tokens]
     return rotate(out, kv_quant).astype(q.dtype)
