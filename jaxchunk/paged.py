@@ -135,10 +135,10 @@ class StepSequence(NamedTuple):
 
 
 def build_step(seqs, *, token_budget: int, max_seqs: int, max_pages_per_seq: int, num_pages: int,
-               page_size: int, vocab_size: int | None = None) -> MixedStep:
+               page_size: int, config: LlamaConfig | None = None) -> MixedStep:
     """The `MixedStep` (NumPy arrays) of `seqs`, a list of `StepSequence` or (tokens, cached, pages)
-    tuples, checked with `check_step` (InputError naming the sequence and the problem). vocab_size:
-    also check the token ids."""
+    tuples, checked with `check_step` (InputError naming the sequence and the problem). config: also
+    check the token ids against its vocabulary and each kv_len against its context length."""
     seqs = [StepSequence(*s) for s in seqs]
     for name, value in (("token_budget", token_budget), ("max_seqs", max_seqs),
                         ("max_pages_per_seq", max_pages_per_seq)):
@@ -161,15 +161,18 @@ def build_step(seqs, *, token_budget: int, max_seqs: int, max_pages_per_seq: int
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise InputError(f"sequence {s}'s tokens must be a 1-d list of integer ids, got "
                              f"{ids.dtype} of shape {ids.shape}")
-        if ids.size and vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise InputError(f"sequence {s}'s tokens hold ids outside [0, {vocab_size}): min {ids.min()}, "
-                             f"max {ids.max()}")
+        if ids.size and config is not None and (ids.min() < 0 or ids.max() >= config.vocab_size):
+            raise InputError(f"sequence {s}'s tokens hold ids outside [0, {config.vocab_size}): "
+                             f"min {ids.min()}, max {ids.max()}")
         tokens[cu_q_lens[s]:cu_q_lens[s + 1]] = ids
         pages = np.asarray(seq.pages, np.int64).reshape(-1)
         if len(pages) > max_pages_per_seq:
             raise InputError(f"sequence {s} has {len(pages)} pages, more than max_pages_per_seq={max_pages_per_seq}")
-        if not isinstance(seq.cached, (int, np.integer)):
+        if not isinstance(seq.cached, (int, np.integer)) or isinstance(seq.cached, bool):
             raise InputError(f"sequence {s}: cached length must be an int, got {seq.cached!r}")
+        if config is not None and seq.cached + q_lens[s] > config.max_position_embeddings:
+            raise InputError(f"sequence {s}: kv_len {seq.cached + q_lens[s]} exceeds the model's context "
+                             f"length {config.max_position_embeddings}")
         if pages.size and (pages.min() < 0 or pages.max() >= num_pages):
             bad = int(pages[(pages < 0) | (pages >= num_pages)][0])
             raise InputError(f"sequence {s}: page id {bad} is outside the pool's pages [0, {num_pages})")
@@ -191,8 +194,13 @@ def check_step(step: MixedStep, *, num_pages: int, page_size: int, pages_given=N
     cu = np.asarray(step.cu_q_lens, np.int64)
     kv_lens = np.asarray(step.kv_lens, np.int64)
     table = np.asarray(step.page_table, np.int64)
-    num_seqs = int(np.asarray(step.num_seqs))
     T, S, P = step.token_budget, step.max_seqs, step.max_pages_per_seq
+    if (np.ndim(step.tokens) != 1 or table.ndim != 2 or kv_lens.shape != (table.shape[0],)
+            or cu.shape != (S + 1,) or np.ndim(step.num_seqs) != 0):
+        raise InputError(f"a MixedStep holds tokens [T], cu_q_lens [S + 1], kv_lens [S], page_table [S, P] and "
+                         f"a scalar num_seqs; got {np.shape(step.tokens)}, {cu.shape}, {kv_lens.shape}, "
+                         f"{table.shape}, {np.shape(step.num_seqs)}")
+    num_seqs = int(np.asarray(step.num_seqs))
     if not 0 <= num_seqs <= S:
         raise InputError(f"num_seqs={num_seqs} is outside [0, max_seqs={S}]")
     if cu[0] != 0 or np.any(np.diff(cu) < 0):

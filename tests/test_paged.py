@@ -99,7 +99,7 @@ def run_schedule(sequences, page_size: int, seed: int, impl: str = "auto"):
             budget -= n
         step = build_step([(sequences[s][cached[s]:cached[s] + n], cached[s], pages[s]) for s, n in batch],
                           token_budget=TOKEN_BUDGET, max_seqs=MAX_SEQS, max_pages_per_seq=max_pages,
-                          num_pages=num_pages, page_size=page_size, vocab_size=CONFIG.vocab_size)
+                          num_pages=num_pages, page_size=page_size, config=CONFIG)
         cache, logits = mixed_step(PARAMS, cache, device_step(step), config=CONFIG, attention_impl=impl)
         logits = np.asarray(logits)
         for slot, (s, n) in enumerate(batch):
@@ -255,7 +255,9 @@ BASE = dict(token_budget=16, max_seqs=2, max_pages_per_seq=3, num_pages=10, page
     ([([1], 0, [1]), ([1], 3, [1])], {}, r"page 1 is written by sequence 0 in this step and also used by sequence\(s\) \[0, 1\]"),
     ([([1], 4, [2, 2])], {}, r"page 2 is written by sequence 0 .* \[0\]"),
     ([([1], 0, [1, 2, 3, 4])], {}, r"sequence 0 has 4 pages, more than max_pages_per_seq=3"),
-    ([([1, 600], 0, [1])], {"vocab_size": 512}, r"ids outside \[0, 512\)"),
+    ([([1, 600], 0, [1])], {"config": CONFIG}, r"ids outside \[0, 512\)"),
+    ([([1, 2], 2047, [1])], {"config": CONFIG, "page_size": 1024}, r"kv_len 2049 exceeds the model's context length 2048"),
+    ([([1], True, [1])], {}, r"cached length must be an int"),
     ([([1.5], 0, [1])], {}, r"integer ids"),
     ([([1], 0, [1])], {"token_budget": 0}, r"token_budget must be a positive int"),
 ])
@@ -277,6 +279,11 @@ def test_check_step_on_a_hand_made_step():
         check_step(bad, num_pages=10, page_size=4)
     with pytest.raises(InputError, match="num_seqs=3 is outside"):
         check_step(step.replace(num_seqs=np.int32(3)), num_pages=10, page_size=4)
+    with pytest.raises(InputError, match=r"a MixedStep holds tokens \[T\]"):
+        check_step(step.replace(kv_lens=step.kv_lens[:1]), num_pages=10, page_size=4)
+    with pytest.raises(InputError, match="kv_len 6 needs 2 pages of 4, it has 1"):  # the table's width, 1
+        check_step(step.replace(page_table=step.page_table[:, :1], kv_lens=np.array([6, 0], np.int32)),
+                   num_pages=10, page_size=4)
 
 
 def test_init_paged_cache_checks():
