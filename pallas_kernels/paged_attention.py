@@ -16,10 +16,11 @@ kv_heads, stored_dim] (or the whole pool [layers, ...] with a traced `layer`) in
 `kv_quant` cache format, dequantized on read.
 
 `BACKENDS`, in the order impl="auto" tries them:
-  "xla"        - per sequence, per query block, an online-softmax loop over its key pages (several
-                 small pages per step, `KEYS_PER_BLOCK`) with traced bounds: the work follows each sequence's q_len and kv_len (not the pages
-                 allocated, nor tokens x max context). Reads pages in place. Takes every call.
-                 auto: everywhere (the fallback).
+  "xla"        - per sequence, per query block (`Q_BLOCKS`: 1, 8 or 128 tokens by q_len), an
+                 online-softmax loop over its key pages (`KEYS_PER_BLOCK` keys per step) with traced
+                 bounds: the work follows each sequence's q_len and kv_len (not the pages allocated,
+                 nor tokens x max context); only the pages it needs are read, straight from the
+                 whole pool (no copy of a layer). Takes every call. auto: everywhere (the fallback).
   "reference"  - gathers each sequence's pages and runs full masked attention in f32 (the oracle;
                  cost and memory tokens x pages_per_seq x page_size). Never auto.
 Native CPU (decode rows) and Pallas GPU (mixed) paged kernels are further entries to come: insert
