@@ -1,10 +1,11 @@
 """A functional Llama: params pytree in, arrays out, no hidden state.
 
-One layer function serves every entry point; only the attention differs:
+One layer function (`decoder_layer`) serves every entry point; only the attention differs:
 - `forward(params, config, ids)`: plain full causal attention, no cache (the reference).
 - `model_step(params, config, kv_cache, tokens, n_valid)`: a chunk (or one decode token) written into the
   cache at each row's current length and attending to everything before it with a bottom-right
   causal mask. `jaxchunk.prefill` wraps it into the jitted `prefill_chunk` / `decode_step`.
+- `jaxchunk.paged.mixed_step`: many sequences' chunks and decode tokens, flat, over a paged cache.
 
 Layers run under `lax.scan` (`scan_layers`) over the stacked layer params (see jaxchunk/weights/__init__.py for the
 layout), so the compiled program does not grow with depth and compiles in seconds.
@@ -171,6 +172,22 @@ def scan_layers(layer_fn, carry, layers: dict):
     return jax.lax.scan(body, carry, (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
 
 
+def decoder_layer(layer: dict, config: LlamaConfig, x: jax.Array, positions: jax.Array, inv_freq, attend):
+    """One pre-norm Llama layer, written once for every entry point (`forward`, `model_step`,
+    `jaxchunk.paged.mixed_step`); only `attend` differs between them.
+
+    x: [b, s, hidden]; positions: [b, s] (RoPE). attend(q [b, s, heads, d], k, v [b, s, kv_heads, d])
+    -> (attn [b, s, heads, d], aux): writes the cache (if any) and attends; aux (e.g. the updated
+    cache arrays) is returned beside the new x: (x [b, s, hidden], aux).
+    """
+    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    q, k, v = qkv(layer, config, h, positions, inv_freq)
+    attn, aux = attend(q, k, v)
+    x = x + linear(attn.reshape(*x.shape[:2], -1), layer["wo"])
+    x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+    return x, aux
+
+
 # ----------------------------------------------------------------------------- reference forward
 def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Plain causal attention in float32 over the sequence's own keys (no cache).
@@ -205,17 +222,15 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     x = embed(params, ids, compute_dtype(params))
 
-    def layer_fn(x, layer, index):
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = qkv(layer, config, h, positions, inv_freq)
+    def attend(q, k, v):
         if k_spec is not None:
             k = fake_quantize(k, k_spec)
         if v_spec is not None:
             v = fake_quantize(v, v_spec)
-        attn = full_causal_attention(q, k, v).reshape(*x.shape[:2], -1)
-        x = x + linear(attn, layer["wo"])
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-        return x, (k, v)
+        return full_causal_attention(q, k, v), (k, v)
+
+    def layer_fn(x, layer, index):
+        return decoder_layer(layer, config, x, positions, inv_freq, attend)
 
     x, kv = scan_layers(layer_fn, x, params["layers"])
     logits = lm_head(params, config, x)
@@ -250,21 +265,23 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     spec = kv_cache.quant
 
     def layer_fn(carry, layer, index):
-        x, keys, values, key_scales, value_scales = carry
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = qkv(layer, config, h, positions, inv_freq)
-        # Quantized on write (the chunk's own queries already see the stored K/V), dequantized
-        # on read inside attention.
-        keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, spec)
-        values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, spec)
-        attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl,
-                         kv_quant=spec, k_scales=key_scales, v_scales=value_scales)
-        x = x + linear(attn.reshape(batch, chunk_len, -1), layer["wo"])
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-        return (x, keys, values, key_scales, value_scales), None
+        x, cache_arrays = carry
 
-    carry = (x, kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales)
-    (x, keys, values, key_scales, value_scales), _ = scan_layers(layer_fn, carry, params["layers"])
+        def attend(q, k, v):
+            keys, values, key_scales, value_scales = cache_arrays
+            # Quantized on write (the chunk's own queries already see the stored K/V), dequantized
+            # on read inside attention.
+            keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, spec)
+            values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, spec)
+            attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl,
+                             kv_quant=spec, k_scales=key_scales, v_scales=value_scales)
+            return attn, (keys, values, key_scales, value_scales)
+
+        x, cache_arrays = decoder_layer(layer, config, x, positions, inv_freq, attend)
+        return (x, cache_arrays), None
+
+    carry = (x, (kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales))
+    (x, (keys, values, key_scales, value_scales)), _ = scan_layers(layer_fn, carry, params["layers"])
     new_cache = kv_cache.replace(keys=keys, values=values, key_scales=key_scales,
                                  value_scales=value_scales, lengths=kv_len)
 

@@ -50,6 +50,47 @@ def key_block_range(q_offset, kv_len, first_row: int, last_row: int, group: int,
     return lo, full_lo, full_hi, hi
 
 
+# ----------------------------------------------------------------------------- online softmax
+# Shared with the paged backend (paged_attention.py): the loop body is written once.
+def online_softmax_init(b: int, kvh: int, r: int, d: int):
+    """The empty online-softmax state (acc [b, kvh, r, d], running max m [b, kvh, r], sum l [b, kvh, r]),
+    f32."""
+    return (jnp.zeros((b, kvh, r, d), jnp.float32),
+            jnp.full((b, kvh, r), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kvh, r), jnp.float32))
+
+
+def attend_key_block(carry, qr, kb, vb, *, mask=None, key_valid=None, soft_cap=None):
+    """Fold one key block into the online-softmax state `carry` (see `online_softmax_init`).
+
+    qr [b, kvh, r, d] f32 (pre-scaled query rows); kb, vb [b, bk, kvh, d] f32; mask [b, r, bk] bool
+    (None: every key visible to every row); key_valid [b, bk] bool: keys holding real values (None:
+    all). Garbage (NaN / inf) in masked keys and invalid values never reaches the state.
+    """
+    acc, m, l = carry
+    s = jnp.einsum("bhrd,bkhd->bhrk", qr, kb)
+    s = cap_logits(s, soft_cap)
+    if mask is not None:
+        s = jnp.where(mask[:, None], s, -jnp.inf)  # NaN garbage never survives
+    if key_valid is not None:
+        # 0 * NaN = NaN: zero garbage values past kv_len, not just their weights.
+        vb = jnp.where(key_valid[:, :, None, None], vb, 0.0)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far
+    alpha = jnp.exp(m - m_use)
+    p = jnp.exp(s - m_use[..., None])
+    l = alpha * l + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bhrk,bkhd->bhrd", p, vb)
+    return alpha[..., None] * acc + pv, m_new, l
+
+
+def online_softmax_result(carry):
+    """The attention output [b, kvh, r, d] f32 of a finished state; rows that saw no key are zeros."""
+    acc, _, l = carry
+    l = l[..., None]
+    return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+
+
 def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, sliding_window,
                  soft_cap, kv_quant=None, k_scales=None, v_scales=None):
     """Online softmax for one row tile. qr [b, kvh, r, d] f32 (pre-scaled, and rotated for a
@@ -81,35 +122,22 @@ def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, slidin
         # f32 PV (not bf16 p): this is the CPU path, where bf16 dots are slower
         # than upcasting the block (bench: 97 -> 63 ms at q 512 / kv 2048).
         vb = read_block(v, v_scales, start_idx)
-        s = jnp.einsum("bhrd,bkhd->bhrk", qr, kb)
-        s = cap_logits(s, soft_cap)
+        mask = key_valid = None
         if masked:
             k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
             mask = visible(q_pos[:, :, None], k_pos[None, None, :], kv_len_b[:, :, None],
                            sliding_window) & (k_pos >= start)
-            s = jnp.where(mask[:, None], s, -jnp.inf)  # NaN garbage never survives
-            # 0 * NaN = NaN: zero garbage values past kv_len, not just their weights.
-            vb = jnp.where((k_pos[None, :] < kv_len_b)[:, :, None, None], vb, 0.0)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked so far
-        alpha = jnp.exp(m - m_use)
-        p = jnp.exp(s - m_use[..., None])
-        l = alpha * l + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bhrk,bkhd->bhrd", p, vb)
-        return alpha[..., None] * acc + pv, m_new, l
+            key_valid = k_pos[None, :] < kv_len_b
+        return attend_key_block(carry, qr, kb, vb, mask=mask, key_valid=key_valid, soft_cap=soft_cap)
 
     masked = functools.partial(body, masked=True)
     lo, full_lo, full_hi, hi = block_range
-    carry = (jnp.zeros((b, kvh, r, d), jnp.float32),
-             jnp.full((b, kvh, r), -jnp.inf, jnp.float32),
-             jnp.zeros((b, kvh, r), jnp.float32))
+    carry = online_softmax_init(b, kvh, r, d)
     # Interior blocks skip the mask (most of the work for long prompts); the
     # causal diagonal, kv_len tail and window edge take the masked body.
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(lo, full_lo, masked, carry)
-    acc, _, l = lax.fori_loop(full_hi, hi, masked, carry)
-    l = l[..., None]
-    return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+    return online_softmax_result(lax.fori_loop(full_hi, hi, masked, carry))
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window",

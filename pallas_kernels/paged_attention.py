@@ -1,0 +1,269 @@
+"""Ragged paged attention: one op over a flat batch of many sequences' queries (prefill chunks and
+decode tokens mixed) whose K/V live in pages of one shared pool; several backends behind its
+signature (see backends.py).
+
+The step layout is that of jax's TPU `ragged_paged_attention`:
+  q          [tokens, heads, head_dim]       the step's queries, sequence after sequence, then padding
+  cu_q_lens  [max_seqs + 1] int32            sequence s owns query rows cu_q_lens[s] .. cu_q_lens[s+1]-1
+  kv_lens    [max_seqs] int32                keys cached for s after this step (its new ones included)
+  page_table [max_seqs, pages_per_seq] int32 the pool pages of s, in order: key j is at
+                                             (page_table[s, j // page_size], j % page_size)
+  num_seqs   [] int32                        sequences in use; slots >= num_seqs are ignored
+Query i of s sits at position kv_lens[s] - q_len[s] + i (bottom-right aligned) and sees key j iff
+j <= its position (and, with a window, j > position - sliding_window). Rows past
+cu_q_lens[num_seqs] (padding) see nothing and give zeros. Pages hold [num_pages, page_size,
+kv_heads, stored_dim] (or the whole pool [layers, ...] with a traced `layer`) in any
+`kv_quant` cache format, dequantized on read.
+
+`BACKENDS`, in the order impl="auto" tries them:
+  "xla"        - per sequence, per query block (`Q_BLOCKS`: 1, 8 or 128 tokens by q_len), an
+                 online-softmax loop over its key pages (`KEYS_PER_BLOCK` keys per step) with traced
+                 bounds: the work follows each sequence's q_len and kv_len (not the pages allocated,
+                 nor tokens x max context); only the pages it needs are read, straight from the
+                 whole pool (no copy of a layer). Takes every call. auto: everywhere (the fallback).
+  "reference"  - gathers each sequence's pages and runs full masked attention in f32 (the oracle;
+                 cost and memory tokens x pages_per_seq x page_size). Never auto.
+Native CPU (decode rows) and Pallas GPU (mixed) paged kernels are further entries to come: insert
+them before "xla" with their `supports` and `auto_platforms`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
+from pallas_kernels.blockwise_attention import (attend_key_block, key_block_range, online_softmax_init,
+                                                online_softmax_result)
+from pallas_kernels.common import cap_logits, cdiv, default_sm_scale, from_rows, to_rows, visible
+from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_spec, rotate
+
+# Query tokens per block of the XLA backend: a sequence takes the smallest block >= its q_len (the
+# largest for longer ones), so a decode row costs one token's scores, not a block of 8 or 128
+# (the timing difference is within this shared machine's noise; the work is 8x less).
+Q_BLOCKS = (1, 8, 128)
+# Keys per step of the XLA backend's loop: small pages (vLLM's 16) are read several at a time, so
+# the loop's per-step overhead is paid per 256 keys, as in the contiguous blockwise backend.
+KEYS_PER_BLOCK = 256
+
+
+def default_pages_per_block(page_size: int) -> int:
+    return max(1, KEYS_PER_BLOCK // page_size)
+
+
+def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
+                       sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None, v_scales=None):
+    """Shapes and static arguments of a paged-attention call; ValueError naming the problem."""
+    pool_rank = 4 if layer is None else 5
+    if q.ndim != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got {q.shape}")
+    if k_pages.ndim != pool_rank or v_pages.shape != k_pages.shape:
+        what = "[num_pages, page_size, kv_heads, d]" if layer is None else "[layers, num_pages, page_size, kv_heads, d]"
+        raise ValueError(f"k_pages == v_pages must be {what}; got k {k_pages.shape}, v {v_pages.shape}")
+    # One layer's shapes (no slicing: this also runs on ShapeDtypeStructs).
+    one = (lambda a: a) if layer is None else (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
+    check_quantized_cache(kv_quant, q.shape[-1], one(k_pages), one(v_pages),
+                          None if k_scales is None else one(k_scales), None if v_scales is None else one(v_scales))
+    if q.shape[1] % k_pages.shape[-2]:
+        raise ValueError(f"num_heads {q.shape[1]} not a multiple of num_kv_heads {k_pages.shape[-2]}")
+    if page_table.ndim != 2 or kv_lens.shape != page_table.shape[:1] or cu_q_lens.shape != (page_table.shape[0] + 1,):
+        raise ValueError(f"expected page_table [max_seqs, pages_per_seq], kv_lens [max_seqs], cu_q_lens "
+                         f"[max_seqs + 1]; got {page_table.shape}, {kv_lens.shape}, {cu_q_lens.shape}")
+    if jnp.shape(num_seqs) != ():
+        raise ValueError(f"num_seqs must be a scalar, got shape {jnp.shape(num_seqs)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
+
+
+def token_sequences(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
+    """Per query row t of the flat step: (sequence index [T], absolute position [T], real [T] bool).
+    Padding rows (t >= cu_q_lens[num_seqs]) get real False, sequence 0 and position 0."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
+    # Sequence of t: how many sequences in use end at or before it.
+    seq = jnp.sum((cu_q_lens[1:][None, :] <= t[:, None]) & in_use[None, :], axis=1).astype(jnp.int32)
+    real = t < cu_q_lens[num_seqs]
+    seq = jnp.where(real, seq, 0)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = jnp.where(real, kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0)
+    return seq, pos, real
+
+
+# ----------------------------------------------------------------------------- reference
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant"))
+def paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
+                              sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None,
+                              k_scales=None, v_scales=None):
+    """The plain oracle: gather each sequence's pages into [max_seqs, pages_per_seq * page_size, ...],
+    decode them to the original basis, and run full masked attention in f32 for every query row
+    against its own sequence's keys. Arguments as `paged_attention`; returns [tokens, heads, d]."""
+    if layer is not None:
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
+        if k_scales is not None:
+            k_scales, v_scales = k_scales[layer], v_scales[layer]
+    num_tokens, nh, d = q.shape
+    max_seqs, pages_per_seq = page_table.shape
+    page_size, kvh = k_pages.shape[1], k_pages.shape[2]
+    context = pages_per_seq * page_size
+    scale = default_sm_scale(d) if sm_scale is None else sm_scale
+
+    def gather(pages, scales):
+        x = pages[page_table].reshape(max_seqs, context, kvh, pages.shape[-1])
+        if kv_quant is None:
+            return x.astype(jnp.float32)
+        if scales is not None:
+            scales = scales[page_table].reshape(max_seqs, context, kvh, scales.shape[-1])
+        return decode(x, scales, kv_quant)
+
+    k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)  # [S, context, kvh, d] f32
+    seq, pos, real = token_sequences(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    k_pos = jnp.arange(context)
+    hi = lax.Precision.HIGHEST  # no TF32 on GPU: this is the oracle
+    qf = q.astype(jnp.float32).reshape(num_tokens, kvh, nh // kvh, d)
+    s = jnp.einsum("thgd,tkhd->thgk", qf, k[seq], precision=hi)
+    s = cap_logits(s * scale, soft_cap)
+    mask = visible(pos[:, None], k_pos[None, :], kv_lens[seq][:, None], sliding_window) & real[:, None]
+    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)  # also drops garbage past kv_len
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    # 0 * NaN = NaN: zero the garbage values, not just their weights.
+    vf = jnp.where((k_pos[None, :] < kv_lens[seq][:, None])[:, :, None, None], v[seq], 0.0)
+    o = jnp.einsum("thgk,tkhd->thgd", p, vf, precision=hi)
+    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    return o.reshape(num_tokens, nh, d).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- blockwise XLA
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant", "q_blocks",
+                                             "pages_per_block"))
+def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
+                        sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
+                        v_scales=None, q_blocks=Q_BLOCKS, pages_per_block=None):
+    """Online softmax over key blocks of `pages_per_block` pages (default: `default_pages_per_block`),
+    loops with traced bounds: for s < num_seqs, for each block of its query rows, over the key
+    blocks its rows can see (`key_block_range`; the interior blocks unmasked). q_blocks: query
+    tokens per block, ascending; a sequence takes the first >= its q_len, else the last. Arguments
+    as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        if k_scales is not None:
+            k_scales, v_scales = k_scales[None], v_scales[None]
+    num_tokens, nh, d = q.shape
+    page_size, kvh = k_pages.shape[2], k_pages.shape[3]
+    per_block = pages_per_block or default_pages_per_block(page_size)
+    block_k = per_block * page_size
+    # Pad the table so a block's slice of it never runs off the end (dynamic_slice would clamp it
+    # onto other pages); the padding's keys are past kv_len, masked.
+    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % per_block)))
+    g = nh // kvh
+    scale = default_sm_scale(d) if sm_scale is None else sm_scale
+    q_blocks = tuple(min(b, num_tokens) for b in q_blocks)
+    large = q_blocks[-1]
+    # Scale (and rotate, for a rotated format) once; pad so every block's slice is in range.
+    qr = rotate(q.astype(jnp.float32), kv_quant) * scale
+    qr = jnp.pad(qr, ((0, large), (0, 0), (0, 0)))
+    out = jnp.zeros_like(qr)
+
+    def read_block(stored, scales, pages):
+        """Key block of `pages` [per_block] of one layer, gathered from the pool (not a copy of the
+        layer): f32 [1, block_k, kvh, d]."""
+        block = stored[layer, pages].reshape(1, block_k, kvh, stored.shape[-1])
+        if kv_quant is None:
+            return block.astype(jnp.float32)
+        if scales is not None:
+            scales = scales[layer, pages].reshape(1, block_k, kvh, scales.shape[-1])
+        return dequantize(block, scales, kv_quant)
+
+    def sequence(s, out, block_q: int):
+        q_start = cu_q_lens[s]
+        q_len = cu_q_lens[s + 1] - q_start
+        kv_len = kv_lens[s]
+        first_pos = kv_len - q_len
+
+        def query_block(i, out):
+            t0 = q_start + i * block_q
+            rows_valid = jnp.minimum(block_q, q_len - i * block_q)  # tokens of s in this block
+            qb = to_rows(lax.dynamic_slice_in_dim(qr, t0, block_q)[None], kvh)  # [1, kvh, block_q * g, d]
+            block_pos = first_pos + i * block_q
+            q_pos = block_pos + jnp.arange(block_q * g, dtype=jnp.int32)[None, :] // g  # [1, rows]
+            lo, full_lo, full_hi, hi = key_block_range(block_pos[None], kv_len[None], 0, rows_valid * g - 1, g,
+                                                       block_k, sliding_window)
+
+            def key_block(j, carry, masked: bool):
+                pages = lax.dynamic_slice_in_dim(page_table[s], j * per_block, per_block)
+                kb, vb = read_block(k_pages, k_scales, pages), read_block(v_pages, v_scales, pages)
+                mask = key_valid = None
+                if masked:
+                    k_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+                    mask = visible(q_pos[:, :, None], k_pos[None, None, :], kv_len, sliding_window)
+                    key_valid = (k_pos < kv_len)[None]
+                return attend_key_block(carry, qb, kb, vb, mask=mask, key_valid=key_valid, soft_cap=soft_cap)
+
+            masked = functools.partial(key_block, masked=True)
+            carry = online_softmax_init(1, kvh, block_q * g, d)
+            carry = lax.fori_loop(full_lo, full_hi, functools.partial(key_block, masked=False), carry)
+            carry = lax.fori_loop(lo, full_lo, masked, carry)
+            o = from_rows(online_softmax_result(lax.fori_loop(full_hi, hi, masked, carry)), block_q, nh)[0]
+            # A block may run past s into its neighbours' rows: keep only s's own.
+            old = lax.dynamic_slice_in_dim(out, t0, block_q)
+            mine = (jnp.arange(block_q) < rows_valid)[:, None, None]
+            return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, o, old), t0, 0)
+
+        return lax.fori_loop(0, cdiv(q_len, block_q), query_block, out)
+
+    def each_sequence(s, out):
+        q_len = cu_q_lens[s + 1] - cu_q_lens[s]
+        tier = sum((q_len > b).astype(jnp.int32) for b in q_blocks[:-1])
+        return lax.switch(tier, [functools.partial(sequence, block_q=b) for b in q_blocks], s, out)
+
+    out = lax.fori_loop(0, num_seqs, each_sequence, out)[:num_tokens]
+    return rotate(out, kv_quant).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- the op
+# Every backend function has the op's signature (less impl); see `paged_attention` for the arguments.
+def _xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs):
+    return paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs)
+
+
+def _reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs):
+    return paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("xla", _xla, supports_everything,
+            "per-sequence online softmax over its pages (XLA loops, traced bounds): every call, cost "
+            "follows q_len and kv_len"),
+    Backend("reference", _reference, supports_everything,
+            "gather each sequence's pages, full masked attention in f32 (the oracle)", auto_platforms=()),
+)}
+IMPLS = impl_names(BACKENDS)  # the valid impl= values: "auto" and the backend names
+
+
+def paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
+                    sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
+                    v_scales=None, impl="auto"):
+    """Attention of a flat, ragged batch of query rows against paged K/V (layout: module docstring).
+
+    q [tokens, heads, head_dim]; k_pages, v_pages [num_pages, page_size, kv_heads, stored_dim], or the
+    whole pool [layers, num_pages, ...] with a traced `layer`; cu_q_lens [max_seqs + 1], kv_lens
+    [max_seqs], page_table [max_seqs, pages_per_seq], num_seqs [] (int32, traced). kv_quant: the pool's
+    format (a `KVQuant` or its name; None: plain floats), with k_scales / v_scales shaped like the
+    pages with last dim head_dim / 32 for the integer formats. soft_cap: logits = c * tanh(s / c).
+    Returns [tokens, heads, head_dim] in q.dtype; padding rows are zeros. The caller guarantees the
+    contents (host checks: page ids in range, kv_len within the pages, q_len <= kv_len): gathers are
+    clamped, never checked, on the device.
+    impl: "auto" or a `BACKENDS` name; ValueError when that backend cannot take the call.
+    """
+    if kv_quant is not None:
+        kv_quant = kv_quant_spec(kv_quant)
+    args = (q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs)
+    kwargs = dict(layer=layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
+    check_paged_inputs(*args, **kwargs)
+    return choose_backend(BACKENDS, impl, *args, **kwargs).fn(*args, **kwargs)
