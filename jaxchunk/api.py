@@ -74,7 +74,9 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
         pallas_kernels.attention.BACKENDS ("pallas", "native_cpu", "xla", "reference").
     cache_dtype: KV-cache format: "f32", "bf16", "fp8_e4m3", "fp8_e5m2", "q8", "q6", "q4" (blocks
         of 32, Hadamard-rotated, float16 absmax scales; "*_norot" without the rotation); default:
-        `dtype`. See jaxchunk.cache and experiments/cache_quant.py for what each costs.
+        `dtype`. Keys and values apart: "k8v4" (q8 keys, q4 values; k<bits>v<bits> over 8 / 6 / 4),
+        "bf16/q4" (KEY/VALUE), or a (key, value) tuple (jaxchunk.cache.resolve_cache_formats).
+        See jaxchunk.cache and experiments/cache_quant.py for what each costs.
     max_seq_len: KV-cache capacity (prompt + generated tokens); default min(model context, 8192).
     """
     from jaxchunk.fetch import resolve_model
@@ -86,13 +88,13 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
     import jax
 
     from jaxchunk import compilation_cache
-    from jaxchunk.cache import resolve_cache_dtype
+    from jaxchunk.cache import resolve_cache_formats
 
     compilation_cache.enable()  # before the first compile of the process, or JAX never looks at it
 
     _check_attention_impl(attention_impl)
     cache_dtype = dtype if cache_dtype is None else cache_dtype
-    resolve_cache_dtype(cache_dtype)  # InputError for an unknown name, before the slow part
+    resolve_cache_formats(cache_dtype)  # InputError for an unknown name, before the slow part
     config, params, metadata, tokenizer, add_bos = _load_files(path, dtype, weights)
 
     if max_seq_len is None:

@@ -5,9 +5,16 @@ plain f32 / bf16, fp8 (e4m3, e5m2), or exllamav2-style q8 / q6 / q4 (blocks of 3
 Hadamard-rotated, one float16 absmax scale per block, codes packed into uint8). K/V are quantized
 as they are written (`write_kv`, inside `jaxchunk.model.model_step`) and dequantized as attention
 reads them (pallas_kernels), so the cache never exists in full precision.
+
+Keys and values each have their own format (llama.cpp's --cache-type-k / --cache-type-v): one name
+sets both, "k8v4" (k<bits>v<bits>, over q8 / q6 / q4) or "bf16/q4" (KEY/VALUE, any two names) or a
+(key, value) tuple sets them apart; see `resolve_cache_formats`. Keys carry most of the loss (an
+error in a score is exponentiated by the softmax, one in a value is averaged), so q8 keys with q4
+values cost about what q8 does at nearly q4's size.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import jax
@@ -23,18 +30,24 @@ ALIASES = {"float32": "f32", "bfloat16": "bf16"}
 CACHE_DTYPES = tuple(KV_QUANTS)
 
 
+INT_BITS = {8: "q8", 6: "q6", 4: "q4"}  # the k<bits>v<bits> shorthand ("k8v4" = q8 keys, q4 values)
+SHORT_NAME = re.compile(r"k(\d+)v(\d+)")
+
+
 @struct.dataclass
 class KVCache:
     """Keys/values of every layer for `batch` rows of up to `max_seq_len` tokens.
 
-    keys, values: [layers, batch, max_seq_len, kv_heads, stored_dim] in quant.dtype
+    keys:         [layers, batch, max_seq_len, kv_heads, key stored_dim] in key_quant.dtype
                   (stored_dim = head_dim, or head_dim * bits / 8 for the packed integer formats;
                   bf16 / fp8 as raw bits in uint16 / uint8, see pallas_kernels/kv_quant.py).
-    key_scales, value_scales: [layers, batch, max_seq_len, kv_heads, head_dim / 32] float16 for the
-                  integer formats, None otherwise.
+    values:       the same in value_quant's format (its own stored_dim and dtype).
+    key_scales, value_scales: [layers, batch, max_seq_len, kv_heads, head_dim / 32] float16 for an
+                  integer key / value format, None otherwise (each side on its own).
     lengths:      [batch] int32, tokens already written per row (the next write position).
-    quant:        the storage format (static: part of the pytree structure, not a leaf); None
-                  for plain float arrays of any dtype (a cache built by hand).
+    key_quant, value_quant: the storage formats of keys and values (static: part of the pytree
+                  structure, not leaves); None for plain float arrays of any dtype (a cache built by
+                  hand).
     """
 
     keys: jax.Array
@@ -42,7 +55,13 @@ class KVCache:
     lengths: jax.Array
     key_scales: Optional[jax.Array] = None
     value_scales: Optional[jax.Array] = None
-    quant: Optional[KVQuant] = struct.field(pytree_node=False, default=None)
+    key_quant: Optional[KVQuant] = struct.field(pytree_node=False, default=None)
+    value_quant: Optional[KVQuant] = struct.field(pytree_node=False, default=None)
+
+    @property
+    def kv_quant(self) -> tuple[Optional[KVQuant], Optional[KVQuant]]:
+        """(key format, value format): the attention ops' `kv_quant`."""
+        return self.key_quant, self.value_quant
 
     @property
     def batch(self) -> int:
@@ -54,9 +73,9 @@ class KVCache:
 
     @property
     def dtype(self):
-        """The element format of the cached values (bfloat16 for a bf16 cache, whose arrays hold the
-        raw bits as uint16; uint8 for the packed integer formats)."""
-        return self.keys.dtype if self.quant is None else self.quant.element_dtype
+        """The element format of the cached keys (bfloat16 for a bf16 cache, whose arrays hold the
+        raw bits as uint16; uint8 for the packed integer formats). Values: `value_quant`."""
+        return self.keys.dtype if self.key_quant is None else self.key_quant.element_dtype
 
     @property
     def nbytes(self) -> int:
@@ -77,7 +96,9 @@ def resolve_cache_dtype(dtype) -> KVQuant:
     if isinstance(dtype, str):
         name = ALIASES.get(dtype, dtype)
         if name not in KV_QUANTS:
-            raise InputError(f"unknown cache dtype {dtype!r}; choose one of {list(CACHE_DTYPES)}")
+            raise InputError(f"unknown cache dtype {dtype!r}; choose one of {list(CACHE_DTYPES)}, a "
+                             f"k<bits>v<bits> pair such as 'k8v4' (bits {sorted(INT_BITS, reverse=True)}), "
+                             f"or KEY/VALUE such as 'bf16/q4'")
         return KV_QUANTS[name]
     try:
         dtype = jnp.dtype(dtype)
@@ -89,29 +110,63 @@ def resolve_cache_dtype(dtype) -> KVQuant:
     raise InputError(f"unsupported cache dtype {dtype}; choose one of {list(CACHE_DTYPES)}")
 
 
+def resolve_cache_formats(cache_dtype) -> tuple[KVQuant, KVQuant]:
+    """(key format, value format) for a `cache_dtype`:
+      - one format for both: a name, `KVQuant` or float dtype (`resolve_cache_dtype`);
+      - "k<bits>v<bits>": q<bits> keys and values, bits in 8 / 6 / 4 ("k8v4": q8 keys, q4 values);
+      - "KEY/VALUE": any two names ("bf16/q4", "q8_norot/q4");
+      - a (key, value) tuple or list of any two of the above single formats.
+    InputError naming the problem otherwise."""
+    if isinstance(cache_dtype, (tuple, list)):
+        if len(cache_dtype) != 2:
+            raise InputError(f"a cache dtype pair is (key format, value format), got {cache_dtype!r}")
+        return resolve_cache_dtype(cache_dtype[0]), resolve_cache_dtype(cache_dtype[1])
+    if isinstance(cache_dtype, str) and "/" in cache_dtype:
+        parts = cache_dtype.split("/")
+        if len(parts) != 2:
+            raise InputError(f"cache dtype {cache_dtype!r}: KEY/VALUE takes exactly two formats")
+        return resolve_cache_formats(tuple(parts))
+    if isinstance(cache_dtype, str) and (short := SHORT_NAME.fullmatch(cache_dtype)):
+        bits = [int(b) for b in short.groups()]
+        bad = [f"{side} bits {b}" for side, b in zip(("key", "value"), bits) if b not in INT_BITS]
+        if bad:
+            raise InputError(f"cache dtype {cache_dtype!r}: {', '.join(bad)} not one of "
+                             f"{sorted(INT_BITS, reverse=True)} (k<bits>v<bits> names q8 / q6 / q4 pairs)")
+        return KV_QUANTS[INT_BITS[bits[0]]], KV_QUANTS[INT_BITS[bits[1]]]
+    spec = resolve_cache_dtype(cache_dtype)
+    return spec, spec
+
+
+def zero_cache_arrays(lead: tuple[int, ...], head_dim: int, key_quant: KVQuant, value_quant: KVQuant):
+    """Zeroed (keys, values, key_scales, value_scales) of shape [*lead, stored_dim] (scales
+    [*lead, head_dim / 32] float16, None for a float format), each side in its own format.
+    InputError when a format does not fit head_dim."""
+    arrays = []
+    for spec in (key_quant, value_quant):
+        try:
+            stored_dim = spec.stored_dim(head_dim)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        scales = jnp.zeros((*lead, spec.num_scales(head_dim)), SCALE_DTYPE) if spec.scaled else None
+        arrays.append((jnp.zeros((*lead, stored_dim), spec.dtype), scales))
+    (keys, key_scales), (values, value_scales) = arrays
+    return keys, values, key_scales, value_scales
+
+
 def init_cache(config: LlamaConfig, batch: int, max_seq_len: int, dtype="f32") -> KVCache:
     """A zeroed cache. `max_seq_len` may not exceed the model's context (RoPE was trained up to it).
-    `dtype`: the storage format, see `resolve_cache_dtype`."""
+    `dtype`: the storage format of keys and values, see `resolve_cache_formats`."""
     for name, value in (("batch", batch), ("max_seq_len", max_seq_len)):
         if not isinstance(value, int) or value <= 0:
             raise InputError(f"{name} must be a positive int, got {value!r}")
     if max_seq_len > config.max_position_embeddings:
         raise InputError(f"max_seq_len={max_seq_len} exceeds the model's context length "
                          f"{config.max_position_embeddings}")
-    spec = resolve_cache_dtype(dtype)
-    try:
-        stored_dim = spec.stored_dim(config.head_dim)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    key_quant, value_quant = resolve_cache_formats(dtype)
     lead = (config.num_layers, batch, max_seq_len, config.num_kv_heads)
-    scales = None
-    if spec.scaled:
-        scales = jnp.zeros((*lead, spec.num_scales(config.head_dim)), SCALE_DTYPE)
-    return KVCache(keys=jnp.zeros((*lead, stored_dim), spec.dtype),
-                   values=jnp.zeros((*lead, stored_dim), spec.dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32),
-                   key_scales=scales, value_scales=None if scales is None else jnp.zeros_like(scales),
-                   quant=spec)
+    keys, values, key_scales, value_scales = zero_cache_arrays(lead, config.head_dim, key_quant, value_quant)
+    return KVCache(keys=keys, values=values, lengths=jnp.zeros((batch,), jnp.int32), key_scales=key_scales,
+                   value_scales=value_scales, key_quant=key_quant, value_quant=value_quant)
 
 
 def write_kv(stored: jax.Array, scales, x: jax.Array, layer, rows, positions, spec: KVQuant):

@@ -90,7 +90,8 @@ def _add_model_flags(parser: argparse.ArgumentParser,
     parser.add_argument("--cache-dtype", default=None,
                         help="KV-cache format: f32, bf16, fp8_e4m3, fp8_e5m2, q8, q6, q4 (integer formats: "
                              "blocks of 32 with f16 scales, Hadamard-rotated; see experiments/cache_quant.py "
-                             "for what each costs in perplexity) (default: --dtype)")
+                             "for what each costs in perplexity); keys and values apart as k8v4 (q8 keys, "
+                             "q4 values; k<bits>v<bits> over 8/6/4) or KEY/VALUE, e.g. bf16/q4 (default: --dtype)")
     # No `choices`: the names live in the kernels' table (pallas_kernels.attention.IMPLS), and
     # importing it imports JAX, which --help and fetch avoid; loading the model checks the name.
     parser.add_argument("--attention-impl", default="auto",

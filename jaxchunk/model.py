@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.cache import KVCache, resolve_cache_dtype, write_kv
+from jaxchunk.cache import KVCache, resolve_cache_dtype, resolve_cache_formats, write_kv
 from jaxchunk.config import LlamaConfig
 from jaxchunk.weights.bf16 import BF16Weight, as_array, dynamic_slice_in_dim
 from jaxchunk.weights.quantized import QuantizedWeight, embed_rows, quantized_linear
@@ -212,12 +212,15 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
     kv_quant: a cache format (name or `KVQuant`, see jaxchunk.cache): K and V go through that format
     and back (quantize, dequantize) before attention, as a quantized cache would give them; the
     reference for chunked prefill into a quantized cache. A (keys, values) pair of formats (either
-    may be None) quantizes them differently (what experiments/cache_quant.py's ablation uses).
+    may be None), or a pair's name ("k8v4", "bf16/q4", see `resolve_cache_formats`), quantizes
+    them differently.
     None: exact K/V.
     """
     ids = jnp.asarray(ids, jnp.int32)
-    k_spec, v_spec = kv_quant if isinstance(kv_quant, tuple) else (kv_quant, kv_quant)
-    k_spec, v_spec = (None if s is None else resolve_cache_dtype(s) for s in (k_spec, v_spec))
+    if isinstance(kv_quant, tuple):  # either side may be None (exact)
+        k_spec, v_spec = (None if s is None else resolve_cache_dtype(s) for s in kv_quant)
+    else:
+        k_spec, v_spec = (None, None) if kv_quant is None else resolve_cache_formats(kv_quant)
     inv_freq = rope_inv_freq(config)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     x = embed(params, ids, compute_dtype(params))
@@ -262,7 +265,7 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     rows = jnp.arange(batch)[:, None]
     inv_freq = rope_inv_freq(config)
     x = embed(params, tokens, compute_dtype(params))
-    spec = kv_cache.quant
+    key_quant, value_quant = kv_cache.kv_quant
 
     def layer_fn(carry, layer, index):
         x, cache_arrays = carry
@@ -271,10 +274,10 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
             keys, values, key_scales, value_scales = cache_arrays
             # Quantized on write (the chunk's own queries already see the stored K/V), dequantized
             # on read inside attention.
-            keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, spec)
-            values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, spec)
+            keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, key_quant)
+            values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, value_quant)
             attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl,
-                             kv_quant=spec, k_scales=key_scales, v_scales=value_scales)
+                             kv_quant=(key_quant, value_quant), k_scales=key_scales, v_scales=value_scales)
             return attn, (keys, values, key_scales, value_scales)
 
         x, cache_arrays = decoder_layer(layer, config, x, positions, inv_freq, attend)

@@ -2,8 +2,8 @@
 tokens of many sequences together (the serving step of vLLM / SGLang / jax's ragged paged attention).
 
 - `PagedKVCache`: one pool of pages `[layers, num_pages, page_size, kv_heads, stored_dim]` in any of
-  the contiguous cache's formats (`jaxchunk.cache.resolve_cache_dtype`), scale arrays for the
-  integer ones. It holds no lengths and no page ownership: those are the scheduler's, and arrive
+  the contiguous cache's formats, keys and values each in its own (`jaxchunk.cache.resolve_cache_formats`),
+  scale arrays for the integer ones. It holds no lengths and no page ownership: those are the scheduler's, and arrive
   with each step.
 - `MixedStep`: what one step runs, with static shapes (token budget T, max sequences S,
   pages_per_seq P) and traced contents, laid out as `pallas_kernels.paged_attention` describes.
@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxchunk.cache import resolve_cache_dtype, write_kv
+from jaxchunk.cache import resolve_cache_formats, write_kv, zero_cache_arrays
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
 from jaxchunk.model import (LogitsMode, compute_dtype, decoder_layer, embed, lm_head, rope_inv_freq,
                             scan_layers)
-from pallas_kernels.kv_quant import SCALE_DTYPE, KVQuant
+from pallas_kernels.kv_quant import KVQuant
 from pallas_kernels.paged_attention import paged_attention, token_sequences
 
 __all__ = ["PagedKVCache", "init_paged_cache", "MixedStep", "StepSequence", "build_step", "check_step",
@@ -45,18 +45,25 @@ __all__ = ["PagedKVCache", "init_paged_cache", "MixedStep", "StepSequence", "bui
 class PagedKVCache:
     """Keys/values of every layer in one pool of pages.
 
-    keys, values: [layers, num_pages, page_size, kv_heads, stored_dim] in quant.dtype (as `KVCache`:
-                  stored_dim = head_dim, or head_dim * bits / 8 for the packed integer formats).
-    key_scales, value_scales: [layers, num_pages, page_size, kv_heads, head_dim / 32] float16 for the
-                  integer formats, None otherwise.
-    quant:        the storage format (static).
+    keys, values: [layers, num_pages, page_size, kv_heads, stored_dim] in key_quant.dtype /
+                  value_quant.dtype (as `KVCache`: stored_dim = head_dim, or head_dim * bits / 8 for
+                  the packed integer formats; each side its own).
+    key_scales, value_scales: [layers, num_pages, page_size, kv_heads, head_dim / 32] float16 for an
+                  integer key / value format, None otherwise.
+    key_quant, value_quant: the storage formats of keys and values (static).
     """
 
     keys: jax.Array
     values: jax.Array
     key_scales: Optional[jax.Array] = None
     value_scales: Optional[jax.Array] = None
-    quant: Optional[KVQuant] = struct.field(pytree_node=False, default=None)
+    key_quant: Optional[KVQuant] = struct.field(pytree_node=False, default=None)
+    value_quant: Optional[KVQuant] = struct.field(pytree_node=False, default=None)
+
+    @property
+    def kv_quant(self) -> tuple[Optional[KVQuant], Optional[KVQuant]]:
+        """(key format, value format): the paged attention op's `kv_quant`."""
+        return self.key_quant, self.value_quant
 
     @property
     def num_pages(self) -> int:
@@ -72,24 +79,16 @@ class PagedKVCache:
 
 
 def init_paged_cache(config: LlamaConfig, *, num_pages: int, page_size: int, dtype="f32") -> PagedKVCache:
-    """A zeroed pool of `num_pages` pages of `page_size` tokens; `dtype` a cache format name
-    (`jaxchunk.cache.resolve_cache_dtype`)."""
+    """A zeroed pool of `num_pages` pages of `page_size` tokens; `dtype` the format of keys and values
+    (`jaxchunk.cache.resolve_cache_formats`: one name, "k8v4", "bf16/q4" or a (key, value) tuple)."""
     for name, value in (("num_pages", num_pages), ("page_size", page_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise InputError(f"{name} must be a positive int, got {value!r}")
-    spec = resolve_cache_dtype(dtype)
-    try:
-        stored_dim = spec.stored_dim(config.head_dim)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    key_quant, value_quant = resolve_cache_formats(dtype)
     lead = (config.num_layers, num_pages, page_size, config.num_kv_heads)
-    scales = None
-    if spec.scaled:
-        scales = jnp.zeros((*lead, spec.num_scales(config.head_dim)), SCALE_DTYPE)
-    return PagedKVCache(keys=jnp.zeros((*lead, stored_dim), spec.dtype),
-                        values=jnp.zeros((*lead, stored_dim), spec.dtype),
-                        key_scales=scales, value_scales=None if scales is None else jnp.zeros_like(scales),
-                        quant=spec)
+    keys, values, key_scales, value_scales = zero_cache_arrays(lead, config.head_dim, key_quant, value_quant)
+    return PagedKVCache(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales,
+                        key_quant=key_quant, value_quant=value_quant)
 
 
 # ----------------------------------------------------------------------------- the step description
@@ -255,7 +254,7 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
     write_slot = (pos % page_size)[None, :]                       # [1, T]
     positions = pos[None, :]
     inv_freq = rope_inv_freq(config)
-    spec = paged_cache.quant
+    key_quant, value_quant = paged_cache.kv_quant
     x = embed(params, step.tokens[None, :], compute_dtype(params))  # [1, T, hidden]
 
     def layer_fn(carry, layer, index):
@@ -264,10 +263,10 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
         def attend(q, k, v):
             keys, values, key_scales, value_scales = pool
             # The pool as a cache of `num_pages` rows: a token's (row, position) is (page, slot).
-            keys, key_scales = write_kv(keys, key_scales, k, index, write_page, write_slot, spec)
-            values, value_scales = write_kv(values, value_scales, v, index, write_page, write_slot, spec)
+            keys, key_scales = write_kv(keys, key_scales, k, index, write_page, write_slot, key_quant)
+            values, value_scales = write_kv(values, value_scales, v, index, write_page, write_slot, value_quant)
             attn = paged_attention(q[0], keys, values, step.cu_q_lens, step.kv_lens, step.page_table,
-                                   step.num_seqs, layer=index, kv_quant=spec, k_scales=key_scales,
+                                   step.num_seqs, layer=index, kv_quant=(key_quant, value_quant), k_scales=key_scales,
                                    v_scales=value_scales, impl=attention_impl)
             return attn[None], (keys, values, key_scales, value_scales)
 

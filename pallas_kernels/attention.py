@@ -27,7 +27,7 @@ from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.common import check_inputs, default_sm_scale
 from pallas_kernels.decode_attention import decode_attention, decode_attention_supports
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.kv_quant import kv_quant_spec
+from pallas_kernels.kv_quant import kv_quant_pair
 
 NATIVE_STORAGE = {"float32": "float32", "bfloat16": "uint16"}  # cache format -> array dtype
 
@@ -36,8 +36,8 @@ def _one_layer(layer, k, v, k_scales, v_scales):
     """The cache of `layer` when k, v (and scales) are the whole stacked cache; else as given."""
     if layer is None:
         return k, v, k_scales, v_scales
-    if k_scales is not None:
-        k_scales, v_scales = k_scales[layer], v_scales[layer]
+    k_scales = None if k_scales is None else k_scales[layer]
+    v_scales = None if v_scales is None else v_scales[layer]
     return k[layer], v[layer], k_scales, v_scales
 
 
@@ -66,15 +66,20 @@ def _native_cpu(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding
 
 
 def _native_cpu_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) -> str | None:
-    del v, q_offset, kv_len, unused
+    del q_offset, kv_len, unused
     platform = jax.default_backend()
     if platform != "cpu":
         return f"the native kernel runs on the CPU backend, this is {platform!r}"
     if (why := decode_attention_supports(q)) is not None:
         return why
-    spec = None if kv_quant is None else kv_quant_spec(kv_quant)
+    k_quant, v_quant = kv_quant_pair(kv_quant)
+    k_name, v_name = ("float" if s is None else s.name for s in (k_quant, v_quant))
+    if k_name != v_name and {k_name, v_name} != {"float", "f32"}:
+        return (f"keys {k_name} and values {v_name}: the native kernel reads keys and values in one "
+                f"plain f32 / bf16 format, not two formats")
+    spec = k_quant
     storage = "float32" if spec is None else spec.storage
-    if storage not in NATIVE_STORAGE or str(k.dtype) != NATIVE_STORAGE[storage]:
+    if storage not in NATIVE_STORAGE or str(k.dtype) != NATIVE_STORAGE[storage] or v.dtype != k.dtype:
         cache = "float" if spec is None else spec.name
         return (f"cache {cache} stored as {k.dtype}: the native kernel takes a plain f32 / bf16 cache "
                 f"(float32, or bf16 as uint16 bits)")
@@ -142,10 +147,12 @@ def attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, impl="aut
     kv_quant: a `pallas_kernels.kv_quant.KVQuant` (or its name) when k, v hold that cache
     format: last dim stored_dim, and for the integer formats k_scales / v_scales shaped like k
     with last dim head_dim / 32 (also per layer when `layer` is given). Every backend
-    dequantizes on read; None means plain float K/V.
+    dequantizes on read; None means plain float K/V. A (key format, value format) pair stores
+    keys and values each in its own format (q8 keys, q4 values; either side None for plain
+    floats), each with its own scales (or None for a float side); see `kv_quant.kv_quant_pair`.
     """
     if kv_quant is not None:
-        kv_quant = kv_quant_spec(kv_quant)
+        kv_quant = kv_quant_pair(kv_quant)
     args = (q, k, v, q_offset, kv_len)
     kwargs = dict(layer=layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   block_sizes=block_sizes, interpret=interpret, kv_quant=kv_quant,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import cap_logits, check_inputs, default_sm_scale, visible
-from pallas_kernels.kv_quant import decode
+from pallas_kernels.kv_quant import decode, kv_quant_pair
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant"))
@@ -24,12 +24,14 @@ def attention_reference(q, k, v, q_offset, kv_len, *, sm_scale=None,
     int32. Returns [b, q_len, heads, d] in q.dtype (rows seeing no key -> 0).
 
     kv_quant: a `KVQuant` spec when k, v are stored in that format ([b, max_seq, kv_heads,
-    stored_dim], with k_scales / v_scales [b, max_seq, kv_heads, d / 32] for the integer formats).
+    stored_dim], with k_scales / v_scales [b, max_seq, kv_heads, d / 32] for the integer formats),
+    or a (key format, value format) pair (`kv_quant.kv_quant_pair`); each side decoded with its own.
     """
     q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
                                     kv_quant, k_scales, v_scales)
-    if kv_quant is not None:
-        k, v = decode(k, k_scales, kv_quant), decode(v, v_scales, kv_quant)
+    k_quant, v_quant = kv_quant_pair(kv_quant)
+    k = k if k_quant is None else decode(k, k_scales, k_quant)
+    v = v if v_quant is None else decode(v, v_scales, v_quant)
     b, ql, nh, d = q.shape
     max_seq, kvh = k.shape[1], k.shape[2]
     scale = default_sm_scale(d) if sm_scale is None else sm_scale

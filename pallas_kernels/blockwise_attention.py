@@ -9,8 +9,9 @@ GQA: q is regrouped to rows [b, kv_heads, q_len*G, d] so one batched matmul per
 KV head serves its G query heads; K/V are never repeated.
 
 Quantized cache (pallas_kernels.kv_quant): each key block is dequantized as it is read (codes and
-its scales sliced straight from the whole cache); with a rotated format q is rotated once before
-the loop and the output once after it, so the blocks are never un-rotated.
+its scales sliced straight from the whole cache), keys and values each with their own format; with
+a rotated key format q is rotated once before the loop, with a rotated value format the output once
+after it, so the blocks are never un-rotated.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from jax import lax
 
 from pallas_kernels.common import (BlockSizes, cap_logits, cdiv, check_inputs,
                                     default_sm_scale, from_rows, to_rows, visible)
-from pallas_kernels.kv_quant import dequantize, rotate
+from pallas_kernels.kv_quant import dequantize, kv_quant_pair, rotate
 
 
 def key_block_range(q_offset, kv_len, first_row: int, last_row: int, group: int,
@@ -94,22 +95,24 @@ def online_softmax_result(carry):
 def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, sliding_window,
                  soft_cap, kv_quant=None, k_scales=None, v_scales=None):
     """Online softmax for one row tile. qr [b, kvh, r, d] f32 (pre-scaled, and rotated for a
-    rotated cache format); q_pos [b, r] absolute positions; k, v [layers, b, max_seq, kvh,
-    stored_dim] (+ scales [layers, b, max_seq, kvh, d / 32]) read at `layer`; block_range from
-    `key_block_range`; returns [b, kvh, r, d] f32 (in the rotated basis for a rotated format)."""
+    rotated key format); q_pos [b, r] absolute positions; k, v [layers, b, max_seq, kvh,
+    stored_dim] (+ scales [layers, b, max_seq, kvh, d / 32]) read at `layer`, in the formats of
+    kv_quant (`kv_quant_pair`); block_range from `key_block_range`; returns [b, kvh, r, d] f32 (in
+    the rotated basis for a rotated value format)."""
+    k_quant, v_quant = kv_quant_pair(kv_quant)
     b, kvh, r, d = qr.shape
     max_seq = k.shape[2]
     kv_len_b = kv_len[:, None]
 
-    def read_block(stored, scales, start_idx):
+    def read_block(stored, scales, spec, start_idx):
         """One key block of one layer straight from the whole cache (no layer copy), as f32
         [b, bk, kvh, d]."""
         block = lax.dynamic_slice(stored, start_idx, (1, b, block_k, kvh, stored.shape[-1]))[0]
-        if kv_quant is None:
+        if spec is None:
             return block.astype(jnp.float32)
         if scales is not None:
             scales = lax.dynamic_slice(scales, start_idx, (1, b, block_k, kvh, scales.shape[-1]))[0]
-        return dequantize(block, scales, kv_quant)
+        return dequantize(block, scales, spec)
 
     def body(j, carry, masked: bool):
         acc, m, l = carry
@@ -118,10 +121,10 @@ def _attend_tile(qr, q_pos, k, v, layer, kv_len, block_range, *, block_k, slidin
         # which keys we got, and mask the ones a previous block already counted.
         load = jnp.minimum(start, max_seq - block_k)
         start_idx = (layer, 0, load, 0, 0)
-        kb = read_block(k, k_scales, start_idx)  # [b, bk, kvh, d] f32
+        kb = read_block(k, k_scales, k_quant, start_idx)  # [b, bk, kvh, d] f32
         # f32 PV (not bf16 p): this is the CPU path, where bf16 dots are slower
         # than upcasting the block (bench: 97 -> 63 ms at q 512 / kv 2048).
-        vb = read_block(v, v_scales, start_idx)
+        vb = read_block(v, v_scales, v_quant, start_idx)
         mask = key_valid = None
         if masked:
             k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
@@ -150,7 +153,8 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     kv_len int32 [b]. -> [b, q_len, heads, d] in q.dtype.
 
     kv_quant: a `KVQuant` spec when k, v are stored in that format (last dim stored_dim, with
-    k_scales / v_scales [..., max_seq, kv_heads, d / 32] for the integer formats, laid out like k).
+    k_scales / v_scales [..., max_seq, kv_heads, d / 32] for the integer formats, laid out like k),
+    or a (key format, value format) pair (`kv_quant_pair`; either side None for plain floats).
 
     block_sizes.block_k: keys per loop step; block_sizes.block_q: query rows per
     tile (rows = q_len * G). Tiling rows lets early tiles stop at their own causal
@@ -158,8 +162,8 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     """
     if layer is None:
         k, v, layer = k[None], v[None], 0
-        if k_scales is not None:
-            k_scales, v_scales = k_scales[None], v_scales[None]
+        k_scales = None if k_scales is None else k_scales[None]
+        v_scales = None if v_scales is None else v_scales[None]
     q_offset, kv_len = check_inputs(
         q, k[0], v[0], q_offset, kv_len, sliding_window, soft_cap, kv_quant,
         None if k_scales is None else k_scales[0], None if v_scales is None else v_scales[0])
@@ -170,8 +174,9 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     block_k = min(bs.block_k, max_seq)
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
 
-    # Scale (and rotate, for a rotated cache) once, not per block.
-    qr = to_rows(rotate(q.astype(jnp.float32), kv_quant), kvh) * scale
+    k_quant, v_quant = kv_quant_pair(kv_quant)
+    # Scale (and rotate, for rotated keys) once, not per block.
+    qr = to_rows(rotate(q.astype(jnp.float32), k_quant), kvh) * scale
     rows = ql * g
     q_pos = q_offset[:, None] + jnp.arange(rows, dtype=jnp.int32)[None, :] // g
     tiles = []
@@ -184,4 +189,4 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
                                   sliding_window=sliding_window, soft_cap=soft_cap,
                                   kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales))
     o = tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=2)
-    return rotate(from_rows(o, ql, nh), kv_quant).astype(q.dtype)
+    return rotate(from_rows(o, ql, nh), v_quant).astype(q.dtype)

@@ -84,11 +84,12 @@ def visible(q_pos, k_pos, kv_len, sliding_window: int | None):
 
 def check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap, kv_quant=None,
                  k_scales=None, v_scales=None):
-    """Validates shapes (k, v as stored: see kv_quant.check_quantized_cache); returns
+    """Validates shapes (k, v as stored in kv_quant's formats: see kv_quant.check_quantized_cache); returns
     (q_offset, kv_len) as int32 [batch]."""
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+    # k and v agree but for the last dim, which each side's format sets (q8 keys, q4 values).
+    if q.ndim != 4 or k.ndim != 4 or v.shape[:-1] != k.shape[:-1]:
         raise ValueError(
-            f"expected q [b, q_len, heads, d] and k == v [b, max_seq, kv_heads, d];"
+            f"expected q [b, q_len, heads, d] and k, v [b, max_seq, kv_heads, stored_dim];"
             f" got q {q.shape}, k {k.shape}, v {v.shape}")
     b, _, nh, d = q.shape
     if k.shape[0] != b:

@@ -23,9 +23,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (BlockSizes, cdiv, check_inputs, check_triton_blocks,
                                     default_sm_scale, from_rows, next_pow2, to_rows)
 from pallas_kernels.compat import default_interpret, triton_compiler_params
-from pallas_kernels.flash_attention import (cache_specs, load_kv_tile, online_softmax_step,
+from pallas_kernels.flash_attention import (cache_operands, load_kv_tile, online_softmax_step,
                                             pad_cache, split_scale_refs)
-from pallas_kernels.kv_quant import rotate
+from pallas_kernels.kv_quant import kv_quant_pair, rotate
 
 MAX_DECODE_Q_LEN = 8  # beyond this the flash prefill kernel has enough rows
 
@@ -42,8 +42,8 @@ def decode_attention_supports(q, *args, **kwargs) -> str | None:
 
 
 def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scale,
-                   sliding_window, soft_cap, block_k, split_len, group, num_rows, kv_quant):
-    ks_ref, vs_ref, (acc_ref, m_ref, l_ref) = split_scale_refs(refs, kv_quant)
+                   sliding_window, soft_cap, block_k, split_len, group, num_rows, k_quant, v_quant):
+    ks_ref, vs_ref, (acc_ref, m_ref, l_ref) = split_scale_refs(refs, k_quant, v_quant)
     rows, d = q_ref.shape
     max_seq = k_ref.shape[0]
     split = pl.program_id(2)
@@ -65,8 +65,8 @@ def _decode_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, sm_scal
         start = j * block_k
         load = jnp.minimum(start, max_seq - block_k)
         k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
-        k = load_kv_tile(k_ref, ks_ref, load, block_k, kv_quant, q.dtype)
-        v = load_kv_tile(v_ref, vs_ref, load, block_k, kv_quant, q.dtype)
+        k = load_kv_tile(k_ref, ks_ref, load, block_k, k_quant, q.dtype)
+        v = load_kv_tile(v_ref, vs_ref, load, block_k, v_quant, q.dtype)
         return online_softmax_step(q, k, v, q_pos, k_pos, start, kv_len, carry,
                                    sm_scale=sm_scale, sliding_window=sliding_window,
                                    soft_cap=soft_cap)
@@ -118,8 +118,9 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
     block_k = bs.block_k
     if not interpret:
         check_triton_blocks(bs.block_q, block_k)
+    k_quant, v_quant = kv_quant_pair(kv_quant)
     k, v, k_scales, v_scales, dp = pad_cache(k, v, block_k, k_scales, v_scales, kv_quant,
-                                             interpret)
+                                             interpret, head_dim=d)
     max_seq = k.shape[1]
     n_blocks = pl.cdiv(max_seq, block_k)
     k_splits = max(1, min(k_splits, n_blocks))
@@ -128,22 +129,22 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
 
     rows = ql * g
     rows_p = max(bs.block_q, next_pow2(rows))
-    qr = jnp.pad(to_rows(rotate(q, kv_quant), kvh),
+    qr = jnp.pad(to_rows(rotate(q, k_quant), kvh),
                  ((0, 0), (0, 0), (0, rows_p - rows), (0, dp - d)))
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=scale, sliding_window=sliding_window,
         soft_cap=soft_cap, block_k=block_k, split_len=split_len, group=g,
-        num_rows=rows, kv_quant=kv_quant)
+        num_rows=rows, k_quant=k_quant, v_quant=v_quant)
     scalar_spec = pl.BlockSpec((None, 1), lambda i, h, s: (i, 0))
-    scales = [] if k_scales is None else [k_scales, v_scales]
+    cache_specs, cache_arrays = cache_operands(k, v, k_scales, v_scales, lambda i, h, s: (i, 0, h, 0))
     part = (b, kvh, k_splits, rows_p)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(b, kvh, k_splits),
         in_specs=[scalar_spec, scalar_spec,
                   pl.BlockSpec((None, None, rows_p, dp), lambda i, h, s: (i, h, 0, 0)),
-                  *cache_specs(k, k_scales, lambda i, h, s: (i, 0, h, 0))],
+                  *cache_specs],
         out_specs=[
             pl.BlockSpec((None, None, None, rows_p, dp), lambda i, h, s: (i, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows_p), lambda i, h, s: (i, h, s, 0)),
@@ -156,7 +157,7 @@ def decode_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window
                                                num_stages=num_stages),
         interpret=interpret,
         name="jaxchunk_flash_decode",
-    )(q_offset[:, None], kv_len[:, None], qr, k, v, *scales)
+    )(q_offset[:, None], kv_len[:, None], qr, *cache_arrays)
     o = merge_splits(acc, m, l)
-    return rotate(from_rows(o[..., :d], ql, nh), kv_quant).astype(q.dtype)
+    return rotate(from_rows(o[..., :d], ql, nh), v_quant).astype(q.dtype)
 

@@ -26,7 +26,7 @@ from pallas_kernels.common import (BlockSizes, cap_logits, cdiv, check_inputs,
                                     check_triton_blocks, default_sm_scale, from_rows,
                                     next_pow2, to_rows, visible)
 from pallas_kernels.compat import default_interpret, triton_compiler_params
-from pallas_kernels.kv_quant import dequantize_fields, float_values, rotate
+from pallas_kernels.kv_quant import dequantize_fields, float_values, kv_quant_pair, rotate
 
 
 def _dot_nt(a, b):
@@ -76,17 +76,18 @@ def load_kv_tile(ref, scale_ref, start, block_k: int, kv_quant, dtype):
     return dequantize_fields(fields, scale_ref[rows, :], kv_quant, dtype)
 
 
-def split_scale_refs(refs, kv_quant):
-    """(k_scale_ref, v_scale_ref, *outputs) -> (k_scale_ref, v_scale_ref, outputs); the scale
-    refs are present only for a scaled format."""
-    if kv_quant is not None and kv_quant.scaled:
-        return refs[0], refs[1], refs[2:]
-    return None, None, refs
+def split_scale_refs(refs, k_quant, v_quant):
+    """(k_scale_ref?, v_scale_ref?, *outputs) -> (k_scale_ref, v_scale_ref, outputs); each scale
+    ref is present only when its side's format is scaled (None otherwise)."""
+    refs = list(refs)
+    k_scale_ref = refs.pop(0) if k_quant is not None and k_quant.scaled else None
+    v_scale_ref = refs.pop(0) if v_quant is not None and v_quant.scaled else None
+    return k_scale_ref, v_scale_ref, refs
 
 
 def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
-                  sm_scale, sliding_window, soft_cap, block_k, group, num_rows, kv_quant):
-    ks_ref, vs_ref, (o_ref,) = split_scale_refs(refs, kv_quant)
+                  sm_scale, sliding_window, soft_cap, block_k, group, num_rows, k_quant, v_quant):
+    ks_ref, vs_ref, (o_ref,) = split_scale_refs(refs, k_quant, v_quant)
     block_q = q_ref.shape[0]
     max_seq = k_ref.shape[0]
     tile = pl.program_id(2)
@@ -109,8 +110,8 @@ def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
         start = j * block_k
         load = jnp.minimum(start, max_seq - block_k)  # wrapper ensures max_seq >= bk
         k_pos = load + jnp.arange(block_k, dtype=jnp.int32)
-        k = load_kv_tile(k_ref, ks_ref, load, block_k, kv_quant, q.dtype)
-        v = load_kv_tile(v_ref, vs_ref, load, block_k, kv_quant, q.dtype)
+        k = load_kv_tile(k_ref, ks_ref, load, block_k, k_quant, q.dtype)
+        v = load_kv_tile(v_ref, vs_ref, load, block_k, v_quant, q.dtype)
         return online_softmax_step(q, k, v, q_pos, k_pos, start, kv_len, carry,
                                    sm_scale=sm_scale, sliding_window=sliding_window,
                                    soft_cap=soft_cap)
@@ -126,38 +127,36 @@ def _flash_kernel(q_offset_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
 
 
 def pad_cache(k, v, block_k: int, k_scales=None, v_scales=None, kv_quant=None,
-              interpret: bool = True):
+              interpret: bool = True, *, head_dim: int):
     """Pads head_dim to a power of two (Triton tiles) and the cache to >= block_k
     keys (the clamped tile load needs one full tile). Both are no-ops for the
     usual shapes (head_dim 64/128, max_seq >= block_k); padding head_dim copies
     the cache, so keep head_dim a power of two for speed. Packed (integer) formats
-    are never padded along head_dim: compiled, they need a power-of-two head_dim.
-    Returns (k, v, k_scales, v_scales, padded head_dim)."""
-    max_seq, d = k.shape[1], k.shape[3]
+    are never padded along head_dim (nor is the other side, so K, V and q keep one
+    width): compiled, they need a power-of-two head_dim. kv_quant: see
+    `kv_quant_pair`. Returns (k, v, k_scales, v_scales, padded head_dim)."""
+    max_seq, d = k.shape[1], head_dim
     pad_s = max(0, block_k - max_seq)
-    packed = kv_quant is not None and kv_quant.packed
-    if packed:
-        d = d * 8 // kv_quant.bits
-        if not interpret and d != next_pow2(d):
-            raise ValueError(f"the compiled kernels read a {kv_quant.name!r} cache only with a "
-                             f"power-of-two head_dim, got {d}")
+    packed = [spec for spec in kv_quant_pair(kv_quant) if spec is not None and spec.packed]
+    if packed and not interpret and d != next_pow2(d):
+        raise ValueError(f"the compiled kernels read a {packed[0].name!r} cache only with a "
+                         f"power-of-two head_dim, got {d}")
     pad_d = 0 if packed else next_pow2(d) - d
     if pad_d or pad_s:
         widths = ((0, 0), (0, pad_s), (0, 0), (0, pad_d))
+        seq_only = ((0, 0), (0, pad_s), (0, 0), (0, 0))
         k, v = jnp.pad(k, widths), jnp.pad(v, widths)
-        if k_scales is not None:
-            seq_only = ((0, 0), (0, pad_s), (0, 0), (0, 0))
-            k_scales, v_scales = jnp.pad(k_scales, seq_only), jnp.pad(v_scales, seq_only)
+        k_scales = None if k_scales is None else jnp.pad(k_scales, seq_only)
+        v_scales = None if v_scales is None else jnp.pad(v_scales, seq_only)
     return k, v, k_scales, v_scales, d + pad_d
 
 
-def cache_specs(k, k_scales, index_map):
-    """BlockSpecs for k, v (and their scales): one head's whole [max_seq, last dim]."""
-    spec = pl.BlockSpec((None, k.shape[1], None, k.shape[3]), index_map)
-    if k_scales is None:
-        return [spec, spec]
-    scale_spec = pl.BlockSpec((None, k.shape[1], None, k_scales.shape[3]), index_map)
-    return [spec, spec, scale_spec, scale_spec]
+def cache_operands(k, v, k_scales, v_scales, index_map):
+    """(BlockSpecs, arrays) for k, v and whichever scales exist (the order `split_scale_refs`
+    reads): one head's whole [max_seq, last dim] of each."""
+    arrays = [x for x in (k, v, k_scales, v_scales) if x is not None]
+    specs = [pl.BlockSpec((None, x.shape[1], None, x.shape[3]), index_map) for x in arrays]
+    return specs, arrays
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -169,7 +168,8 @@ def flash_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=
     """q [b, q_len, heads, d]; k, v [b, max_seq, kv_heads, d]; q_offset, kv_len
     int32 [b] -> [b, q_len, heads, d] in q.dtype. block_q counts query rows
     (q_len * G of them per KV head); on GPU both block sizes must be powers of 2.
-    kv_quant / k_scales / v_scales: a quantized cache, as in `blockwise_attention`."""
+    kv_quant / k_scales / v_scales: a quantized cache, as in `blockwise_attention` (keys and values
+    may each have their own format)."""
     q_offset, kv_len = check_inputs(q, k, v, q_offset, kv_len, sliding_window, soft_cap,
                                     kv_quant, k_scales, v_scales)
     b, ql, nh, d = q.shape
@@ -185,28 +185,28 @@ def flash_attention(q, k, v, q_offset, kv_len, *, sm_scale=None, sliding_window=
     block_k = bs.block_k
     if not interpret:
         check_triton_blocks(bs.block_q, block_k)
+    k_quant, v_quant = kv_quant_pair(kv_quant)
     k, v, k_scales, v_scales, dp = pad_cache(k, v, block_k, k_scales, v_scales, kv_quant,
-                                             interpret)
-    qr = to_rows(rotate(q, kv_quant), kvh)
+                                             interpret, head_dim=d)
+    qr = to_rows(rotate(q, k_quant), kvh)
     n_tiles = pl.cdiv(rows, block_q)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, n_tiles * block_q - rows), (0, dp - d)))
 
     kernel = functools.partial(
         _flash_kernel, sm_scale=scale, sliding_window=sliding_window,
-        soft_cap=soft_cap, block_k=block_k, group=g, num_rows=rows, kv_quant=kv_quant)
+        soft_cap=soft_cap, block_k=block_k, group=g, num_rows=rows, k_quant=k_quant, v_quant=v_quant)
     scalar_spec = pl.BlockSpec((None, 1), lambda i, h, t: (i, 0))
     rows_spec = pl.BlockSpec((None, None, block_q, dp), lambda i, h, t: (i, h, t, 0))
-    scales = [] if k_scales is None else [k_scales, v_scales]
+    cache_specs, cache_arrays = cache_operands(k, v, k_scales, v_scales, lambda i, h, t: (i, 0, h, 0))
     out = pl.pallas_call(
         kernel,
         grid=(b, kvh, n_tiles),
-        in_specs=[scalar_spec, scalar_spec, rows_spec,
-                  *cache_specs(k, k_scales, lambda i, h, t: (i, 0, h, 0))],
+        in_specs=[scalar_spec, scalar_spec, rows_spec, *cache_specs],
         out_specs=rows_spec,
         out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
         compiler_params=triton_compiler_params(
             num_warps=num_warps or (4 if dp <= 64 else 8), num_stages=num_stages),
         interpret=interpret,
         name="jaxchunk_flash_prefill",
-    )(q_offset[:, None], kv_len[:, None], qr, k, v, *scales)
-    return rotate(from_rows(out[..., :d], ql, nh), kv_quant)
+    )(q_offset[:, None], kv_len[:, None], qr, *cache_arrays)
+    return rotate(from_rows(out[..., :d], ql, nh), v_quant)

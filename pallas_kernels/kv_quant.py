@@ -39,6 +39,11 @@ defeat the donated in-place update. A bitcast is free on every backend (Triton: 
 Rotation: H = Hadamard(32) / sqrt(32) is symmetric and orthonormal, so H @ H = I (the rotation is
 its own inverse) and (Hq).(Hk) = q.k. The kernels therefore never un-rotate the cache: they rotate
 q, attend to the stored (rotated) K/V, and rotate the output once (sum_j p_j H v_j = H sum_j p_j v_j).
+
+Keys and values may each have their own format (llama.cpp's --cache-type-k / --cache-type-v): an
+attention op's `kv_quant` is one format for both or a (key format, value format) pair, see
+`kv_quant_pair`. The rotation then follows each tensor: q is rotated iff the key format rotates,
+the output iff the value format does.
 """
 from __future__ import annotations
 
@@ -172,6 +177,19 @@ def kv_quant_spec(kind) -> KVQuant:
     if kind not in KV_QUANTS:
         raise ValueError(f"unknown KV cache format {kind!r}; choose one of {list(KV_QUANTS)}")
     return KV_QUANTS[kind]
+
+
+def kv_quant_pair(kv_quant) -> tuple[KVQuant | None, KVQuant | None]:
+    """(key format, value format) of an attention op's `kv_quant`: None (plain float K and V), one
+    format for both (a `KVQuant` or its name), or a (keys, values) pair of them, either side None
+    for plain floats. ValueError for anything else."""
+    if isinstance(kv_quant, (tuple, list)):
+        if len(kv_quant) != 2:
+            raise ValueError(f"kv_quant pair must be (key format, value format), got {kv_quant!r}")
+        k_quant, v_quant = kv_quant
+    else:
+        k_quant = v_quant = kv_quant
+    return tuple(None if s is None else kv_quant_spec(s) for s in (k_quant, v_quant))
 
 
 # ----------------------------------------------------------------------------- rotation
@@ -309,25 +327,36 @@ def fake_quantize(x: jax.Array, spec: KVQuant) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- checks
-def check_quantized_cache(spec: KVQuant | None, head_dim: int, k, v, k_scales, v_scales) -> None:
-    """Shapes of a (possibly quantized) cache against q's head_dim; ValueError naming the problem.
-    k, v: [..., max_seq, kv_heads, stored_dim]; scales: [..., max_seq, kv_heads, head_dim / 32]."""
+def check_stored(spec: KVQuant | None, head_dim: int, x, scales, name: str) -> None:
+    """One cached tensor (`name`: "k" or "v") as stored in `spec` against q's head_dim; ValueError
+    naming the problem. x: [..., max_seq, kv_heads, stored_dim]; scales: [..., head_dim / 32]."""
+    scales_name = f"{name}_scales"
     if spec is None:
-        if k.shape[-1] != head_dim:
-            raise ValueError(f"batch/head_dim mismatch: q head_dim {head_dim}, k {k.shape}")
-        if k_scales is not None or v_scales is not None:
-            raise ValueError("k_scales / v_scales given without a kv_quant spec")
+        if x.shape[-1] != head_dim:
+            raise ValueError(f"batch/head_dim mismatch: q head_dim {head_dim}, {name} {x.shape}")
+        if scales is not None:
+            raise ValueError(f"{scales_name} given without a kv_quant format for {name}")
         return
     stored = spec.stored_dim(head_dim)
-    if k.shape[-1] != stored or k.dtype != spec.dtype or v.dtype != spec.dtype:
+    if x.shape[-1] != stored or x.dtype != spec.dtype:
         raise ValueError(f"cache format {spec.name!r} stores {spec.dtype} [..., {stored}] for "
-                         f"head_dim {head_dim}; got k {k.dtype}{list(k.shape)}, v {v.dtype}")
+                         f"head_dim {head_dim}; got {name} {x.dtype}{list(x.shape)}")
     if not spec.scaled:
-        if k_scales is not None or v_scales is not None:
-            raise ValueError(f"cache format {spec.name!r} has no scales, but k_scales/v_scales were given")
+        if scales is not None:
+            raise ValueError(f"cache format {spec.name!r} has no scales, but {scales_name} was given")
         return
-    want = (*k.shape[:-1], spec.num_scales(head_dim))
-    for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
-        if s is None or tuple(s.shape) != want:
-            raise ValueError(f"cache format {spec.name!r} needs {name} of shape {list(want)}, got "
-                             f"{None if s is None else list(s.shape)}")
+    want = (*x.shape[:-1], spec.num_scales(head_dim))
+    if scales is None or tuple(scales.shape) != want:
+        raise ValueError(f"cache format {spec.name!r} needs {scales_name} of shape {list(want)}, got "
+                         f"{None if scales is None else list(scales.shape)}")
+
+
+def check_quantized_cache(kv_quant, head_dim: int, k, v, k_scales, v_scales) -> None:
+    """Shapes of a (possibly quantized) cache against q's head_dim; ValueError naming the problem.
+    kv_quant: see `kv_quant_pair`. k, v: [..., max_seq, kv_heads, stored_dim] (stored_dim per
+    format); scales: [..., max_seq, kv_heads, head_dim / 32] for the integer formats."""
+    k_quant, v_quant = kv_quant_pair(kv_quant)
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must hold the same positions and heads: k {k.shape}, v {v.shape}")
+    check_stored(k_quant, head_dim, k, k_scales, "k")
+    check_stored(v_quant, head_dim, v, v_scales, "v")

@@ -13,7 +13,8 @@ Query i of s sits at position kv_lens[s] - q_len[s] + i (bottom-right aligned) a
 j <= its position (and, with a window, j > position - sliding_window). Rows past
 cu_q_lens[num_seqs] (padding) see nothing and give zeros. Pages hold [num_pages, page_size,
 kv_heads, stored_dim] (or the whole pool [layers, ...] with a traced `layer`) in any
-`kv_quant` cache format, dequantized on read.
+`kv_quant` cache format (keys and values each in its own, see kv_quant.kv_quant_pair), dequantized
+on read.
 
 `BACKENDS`, in the order impl="auto" tries them:
   "xla"        - per sequence, per query block (`Q_BLOCKS`: 1, 8 or 128 tokens by q_len), an
@@ -38,7 +39,7 @@ from pallas_kernels.backends import Backend, choose_backend, impl_names, support
 from pallas_kernels.blockwise_attention import (attend_key_block, key_block_range, online_softmax_init,
                                                 online_softmax_result)
 from pallas_kernels.common import cap_logits, cdiv, default_sm_scale, from_rows, to_rows, visible
-from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_spec, rotate
+from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_pair, rotate
 
 # Query tokens per block of the XLA backend: a sequence takes the smallest block >= its q_len (the
 # largest for longer ones), so a decode row costs one token's scores, not a block of 8 or 128
@@ -59,9 +60,10 @@ def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_
     pool_rank = 4 if layer is None else 5
     if q.ndim != 3:
         raise ValueError(f"q must be [tokens, heads, head_dim], got {q.shape}")
-    if k_pages.ndim != pool_rank or v_pages.shape != k_pages.shape:
+    # k and v pages agree but for the last dim, which each side's format sets.
+    if k_pages.ndim != pool_rank or v_pages.shape[:-1] != k_pages.shape[:-1]:
         what = "[num_pages, page_size, kv_heads, d]" if layer is None else "[layers, num_pages, page_size, kv_heads, d]"
-        raise ValueError(f"k_pages == v_pages must be {what}; got k {k_pages.shape}, v {v_pages.shape}")
+        raise ValueError(f"k_pages, v_pages must be {what}; got k {k_pages.shape}, v {v_pages.shape}")
     # One layer's shapes (no slicing: this also runs on ShapeDtypeStructs).
     one = (lambda a: a) if layer is None else (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
     check_quantized_cache(kv_quant, q.shape[-1], one(k_pages), one(v_pages),
@@ -103,23 +105,24 @@ def paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tabl
     against its own sequence's keys. Arguments as `paged_attention`; returns [tokens, heads, d]."""
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
-        if k_scales is not None:
-            k_scales, v_scales = k_scales[layer], v_scales[layer]
+        k_scales = None if k_scales is None else k_scales[layer]
+        v_scales = None if v_scales is None else v_scales[layer]
+    k_quant, v_quant = kv_quant_pair(kv_quant)
     num_tokens, nh, d = q.shape
     max_seqs, pages_per_seq = page_table.shape
     page_size, kvh = k_pages.shape[1], k_pages.shape[2]
     context = pages_per_seq * page_size
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
 
-    def gather(pages, scales):
+    def gather(pages, scales, spec):
         x = pages[page_table].reshape(max_seqs, context, kvh, pages.shape[-1])
-        if kv_quant is None:
+        if spec is None:
             return x.astype(jnp.float32)
         if scales is not None:
             scales = scales[page_table].reshape(max_seqs, context, kvh, scales.shape[-1])
-        return decode(x, scales, kv_quant)
+        return decode(x, scales, spec)
 
-    k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)  # [S, context, kvh, d] f32
+    k, v = gather(k_pages, k_scales, k_quant), gather(v_pages, v_scales, v_quant)  # [S, context, kvh, d] f32
     seq, pos, real = token_sequences(cu_q_lens, kv_lens, num_seqs, num_tokens)
     k_pos = jnp.arange(context)
     hi = lax.Precision.HIGHEST  # no TF32 on GPU: this is the oracle
@@ -151,8 +154,9 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-        if k_scales is not None:
-            k_scales, v_scales = k_scales[None], v_scales[None]
+        k_scales = None if k_scales is None else k_scales[None]
+        v_scales = None if v_scales is None else v_scales[None]
+    k_quant, v_quant = kv_quant_pair(kv_quant)
     num_tokens, nh, d = q.shape
     page_size, kvh = k_pages.shape[2], k_pages.shape[3]
     per_block = pages_per_block or default_pages_per_block(page_size)
@@ -164,20 +168,20 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
     q_blocks = tuple(min(b, num_tokens) for b in q_blocks)
     large = q_blocks[-1]
-    # Scale (and rotate, for a rotated format) once; pad so every block's slice is in range.
-    qr = rotate(q.astype(jnp.float32), kv_quant) * scale
+    # Scale (and rotate, for rotated keys) once; pad so every block's slice is in range.
+    qr = rotate(q.astype(jnp.float32), k_quant) * scale
     qr = jnp.pad(qr, ((0, large), (0, 0), (0, 0)))
     out = jnp.zeros_like(qr)
 
-    def read_block(stored, scales, pages):
+    def read_block(stored, scales, spec, pages):
         """Key block of `pages` [per_block] of one layer, gathered from the pool (not a copy of the
         layer): f32 [1, block_k, kvh, d]."""
         block = stored[layer, pages].reshape(1, block_k, kvh, stored.shape[-1])
-        if kv_quant is None:
+        if spec is None:
             return block.astype(jnp.float32)
         if scales is not None:
             scales = scales[layer, pages].reshape(1, block_k, kvh, scales.shape[-1])
-        return dequantize(block, scales, kv_quant)
+        return dequantize(block, scales, spec)
 
     def sequence(s, out, block_q: int):
         q_start = cu_q_lens[s]
@@ -196,7 +200,7 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 
             def key_block(j, carry, masked: bool):
                 pages = lax.dynamic_slice_in_dim(page_table[s], j * per_block, per_block)
-                kb, vb = read_block(k_pages, k_scales, pages), read_block(v_pages, v_scales, pages)
+                kb, vb = read_block(k_pages, k_scales, k_quant, pages), read_block(v_pages, v_scales, v_quant, pages)
                 mask = key_valid = None
                 if masked:
                     k_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -222,7 +226,7 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
         return lax.switch(tier, [functools.partial(sequence, block_q=b) for b in q_blocks], s, out)
 
     out = lax.fori_loop(0, num_seqs, each_sequence, out)[:num_tokens]
-    return rotate(out, kv_quant).astype(q.dtype)
+    return rotate(out, v_quant).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -253,15 +257,16 @@ def paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seq
     q [tokens, heads, head_dim]; k_pages, v_pages [num_pages, page_size, kv_heads, stored_dim], or the
     whole pool [layers, num_pages, ...] with a traced `layer`; cu_q_lens [max_seqs + 1], kv_lens
     [max_seqs], page_table [max_seqs, pages_per_seq], num_seqs [] (int32, traced). kv_quant: the pool's
-    format (a `KVQuant` or its name; None: plain floats), with k_scales / v_scales shaped like the
-    pages with last dim head_dim / 32 for the integer formats. soft_cap: logits = c * tanh(s / c).
+    format (a `KVQuant` or its name; None: plain floats), or a (key format, value format) pair
+    (`kv_quant_pair`), with k_scales / v_scales shaped like the pages with last dim head_dim / 32 for
+    each integer side (None for a float side). soft_cap: logits = c * tanh(s / c).
     Returns [tokens, heads, head_dim] in q.dtype; padding rows are zeros. The caller guarantees the
     contents (host checks: page ids in range, kv_len within the pages, q_len <= kv_len): gathers are
     clamped, never checked, on the device.
     impl: "auto" or a `BACKENDS` name; ValueError when that backend cannot take the call.
     """
     if kv_quant is not None:
-        kv_quant = kv_quant_spec(kv_quant)
+        kv_quant = kv_quant_pair(kv_quant)
     args = (q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs)
     kwargs = dict(layer=layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)

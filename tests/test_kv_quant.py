@@ -302,14 +302,14 @@ def prompt(length, seed=1):
 
 def cache_kv(cache: KVCache, n: int):
     """The K/V the cache holds for row 0's first n tokens, decoded (float32, original basis):
-    [layers, 1, n, kv_heads, head_dim] each."""
-    spec = cache.quant
+    [layers, 1, n, kv_heads, head_dim] each, each side decoded with its own format."""
 
-    def read(stored, scales):
+    def read(stored, scales, spec):
         return jnp.asarray(numpy_decode(stored[:, :1, :n], None if scales is None else scales[:, :1, :n],
                                         spec), jnp.float32)
 
-    return read(cache.keys, cache.key_scales), read(cache.values, cache.value_scales)
+    return (read(cache.keys, cache.key_scales, cache.key_quant),
+            read(cache.values, cache.value_scales, cache.value_quant))
 
 
 def teacher_forced_forward(params, ids, keys, values):
@@ -340,9 +340,10 @@ def assert_close_logits(got, want, rel=1e-4):
 
 def assert_codes_are_the_full_forward_quantization(cache, own_k, own_v, n):
     """The cache holds quantize(K/V of the full forward) up to rounding ties: mismatching values
-    are rare and each is at most one quantization level (or one fp8 / bf16 ulp) away."""
-    spec = cache.quant
-    for stored, scales, own in ((cache.keys, cache.key_scales, own_k), (cache.values, cache.value_scales, own_v)):
+    are rare and each is at most one quantization level (or one fp8 / bf16 ulp) away. Keys and
+    values each against their own format."""
+    for stored, scales, own, spec in ((cache.keys, cache.key_scales, own_k, cache.key_quant),
+                                      (cache.values, cache.value_scales, own_v, cache.value_quant)):
         want = np.asarray(fake_quantize(own, spec), np.float64)
         got = numpy_decode(stored[:, :1, :n], None if scales is None else scales[:, :1, :n], spec)
         own64 = np.asarray(own, np.float64)
@@ -431,10 +432,10 @@ def compiled_step(params, cache, chunk_len):
 def test_quantized_cache_is_donated_and_updated_in_place(params, name):
     cache = init_cache(CONFIG, 1, 512, name)
     old = jax.tree.leaves(cache)
-    assert len(old) == (5 if cache.quant.scaled else 3)  # keys, values, lengths (+ two scale arrays)
+    assert len(old) == (5 if cache.key_quant.scaled else 3)  # keys, values, lengths (+ two scale arrays)
     cache, _ = prefill_chunk(params, cache, prompt(32)[None], config=CONFIG)
     assert all(x.is_deleted() for x in old), "the cache (or one of its scale arrays) was not donated"
-    assert cache.quant.name == name and int(cache.lengths[0]) == 32
+    assert cache.key_quant.name == cache.value_quant.name == name and int(cache.lengths[0]) == 32
     # Aliased in full, and the step's temporaries do not grow with the cache: no copy of the codes,
     # the scales, or one layer of them per chunk.
     small, large = (compiled_step(params, init_cache(CONFIG, 1, n, name), 32) for n in (512, 2048))
@@ -448,3 +449,205 @@ def test_load_rejects_unknown_cache_dtype(smollm2_gguf):
     from jaxchunk.api import load
     with pytest.raises(InputError, match="unknown cache dtype 'int3'.*'q4'"):
         load(smollm2_gguf, cache_dtype="int3")
+
+
+# ----------------------------------------------------------------------------- separate key and value formats
+# (key format, value format) pairs: integer keys / values of different widths, a float side with an
+# integer one (scales on one side only), a rotated side with an unrotated one (the rotation of q and
+# of the output then differ), and fp8 keys with q6 values.
+MIXED_PAIRS = [("q8", "q4"), ("bf16", "q4"), ("q4", "f32"), ("q4_norot", "q8"), ("q8", "q6_norot"),
+               ("fp8_e4m3", "q6")]
+FAST_MIXED = {("q8", "q4"), ("bf16", "q4"), ("q4", "f32"), ("q4_norot", "q8")}
+
+
+def mixed_case_inputs(case, key_format, value_format, seed=0):
+    """make_inputs(...) with K stored in `key_format` and V in `value_format` (garbage past kv_len
+    as in `quantized_case_inputs`): (q, k, v, q_offset, kv_len, k_scales, v_scales)."""
+    q, k, v, qo, kl = make_inputs(case, "float32", seed=seed)
+    k_stored, k_scales = quantize(k, KV_QUANTS[key_format])
+    v_stored, v_scales = quantize(v, KV_QUANTS[value_format])
+    return q, k_stored, v_stored, qo, kl, k_scales, v_scales
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("case, pair", [
+    pytest.param(c, p, id=f"{c.id}-k_{p[0]}-v_{p[1]}",
+                 marks=[] if p in FAST_MIXED else [pytest.mark.slow])
+    for c in (CASES[0], CASES[5]) for p in MIXED_PAIRS])
+def test_backends_read_separate_key_and_value_formats(case, pair, backend):
+    """Every backend (Pallas: the decode kernel for the q_len 1 case, flash for the q_len 64 window
+    case, interpret mode) with keys and values in different formats, against the float64 oracle on
+    K and V each decoded by the independent NumPy decoder with its own format. Tolerance: the
+    single-format one (2e-5): both sides see identical K/V values, only summation order differs."""
+    k_spec, v_spec = (KV_QUANTS[n] for n in pair)
+    q, k, v, qo, kl, ks, vs = mixed_case_inputs(case, *pair)
+    assert (ks is None) == (not k_spec.scaled) and (vs is None) == (not v_spec.scaled)
+    out = attention(q, k, v, qo, kl, kv_quant=pair, k_scales=ks, v_scales=vs,
+                    sliding_window=case.sliding_window, soft_cap=case.soft_cap, **BACKENDS[backend])
+    want, sees_any = numpy_attention(q, numpy_decode(k, ks, k_spec), numpy_decode(v, vs, v_spec),
+                                     np.asarray(qo), np.asarray(kl),
+                                     sliding_window=case.sliding_window, soft_cap=case.soft_cap)
+    out = np.asarray(out)
+    assert np.isfinite(out).all()
+    assert (out[~sees_any] == 0).all()
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
+def test_layer_index_into_stacked_mixed_cache(impl):
+    """The whole cache [layers, ...] with a traced layer, bf16 keys (no scales) and q4 values
+    (scales): each side is sliced / read in place on its own."""
+    case, pair = CASES[1], ("bf16", "q4")
+    per_layer = [mixed_case_inputs(case, *pair, seed=s) for s in range(3)]
+    q, _, _, qo, kl, _, _ = per_layer[1]
+    k_stack, v_stack, vs_stack = (jnp.stack([x[i] for x in per_layer]) for i in (1, 2, 6))
+    extra = dict(block_sizes=TEST_BLOCKS, interpret=True) if impl == "pallas" else {}
+    run = jax.jit(lambda layer: attention(q, k_stack, v_stack, qo, kl, layer=layer, impl=impl, kv_quant=pair,
+                                          v_scales=vs_stack, **extra))
+    _, k, v, _, _, _, vs = per_layer[1]
+    want, _ = numpy_attention(q, numpy_decode(k, None, KV_QUANTS["bf16"]), numpy_decode(v, vs, KV_QUANTS["q4"]),
+                              np.asarray(qo), np.asarray(kl))
+    np.testing.assert_allclose(run(jnp.int32(1)), want, atol=2e-5, rtol=2e-5)
+
+
+def test_mixed_formats_check_each_side_and_native_cpu_refuses_them():
+    from pallas_kernels.attention import BACKENDS as ATTENTION_BACKENDS
+    from pallas_kernels.backends import choose_backend
+    case = CASES[0]
+    q, k, v, qo, kl, ks, vs = mixed_case_inputs(case, "q8", "q4")
+    with pytest.raises(ValueError, match="'q4' needs v_scales"):
+        attention(q, k, v, qo, kl, kv_quant=("q8", "q4"), k_scales=ks)
+    with pytest.raises(ValueError, match="'q4' stores uint8.*got k uint8"):  # the sides swapped
+        attention(q, k, v, qo, kl, kv_quant=("q4", "q8"), k_scales=ks, v_scales=vs)
+    with pytest.raises(ValueError, match="kv_quant pair must be"):
+        attention(q, k, v, qo, kl, kv_quant=("q8", "q4", "q4"), k_scales=ks, v_scales=vs)
+    # The native CPU kernel reads one plain format for both: f32 keys with bf16 values is refused,
+    # with its reason; auto then takes the blockwise XLA backend.
+    qf, kf, vf, _, _ = make_inputs(case, "float32")
+    v_bits = quantize(vf, KV_QUANTS["bf16"])[0]
+    why = ATTENTION_BACKENDS["native_cpu"].supports(qf, kf, v_bits, qo, kl, kv_quant=("f32", "bf16"))
+    assert why is not None and "keys f32 and values bf16" in why, why
+    with pytest.raises(ValueError, match="cannot take this call: keys f32 and values bf16"):
+        attention(qf, kf, v_bits, qo, kl, kv_quant=("f32", "bf16"), impl="native_cpu")
+    assert choose_backend(ATTENTION_BACKENDS, "auto", qf, kf, v_bits, qo, kl, kv_quant=("f32", "bf16")).name == "xla"
+    # A pair of one format is that format: the native kernel still takes it.
+    assert ATTENTION_BACKENDS["native_cpu"].supports(qf, kf, kf, qo, kl, kv_quant=("f32", None)) is None
+
+
+@pytest.mark.parametrize("pair", [("q8", "q4"), ("bf16", "q4"), ("q4", "fp8_e5m2")])
+def test_mixed_format_pallas_kernels_lower_to_triton(pair):
+    from pallas_kernels.decode_attention import decode_attention
+    from pallas_kernels.flash_attention import flash_attention
+    for case in (CASES[0], CASES[3]):
+        q, k, v, qo, kl, ks, vs = mixed_case_inputs(case, *pair)
+        kw = dict(kv_quant=pair, interpret=False)
+        fns = [lambda *a: flash_attention(*a[:5], k_scales=a[5], v_scales=a[6], **kw)]
+        if case.q_len == 1:
+            fns.append(lambda *a: decode_attention(*a[:5], k_scales=a[5], v_scales=a[6], **kw))
+        for fn in fns:
+            assert "xla.gpu.triton" in lower_for_cuda(fn, q, k, v, qo, kl, ks, vs)
+
+
+def test_cache_format_names_and_bytes():
+    from jaxchunk.cache import resolve_cache_formats
+    q = KV_QUANTS
+    assert resolve_cache_formats("k8v4") == (q["q8"], q["q4"])
+    assert resolve_cache_formats("k6v4") == (q["q6"], q["q4"])
+    assert resolve_cache_formats("k4v8") == (q["q4"], q["q8"])
+    assert resolve_cache_formats("k8v8") == (q["q8"], q["q8"])
+    assert resolve_cache_formats(("bf16", "q4")) == (q["bf16"], q["q4"])
+    assert resolve_cache_formats(["q8_norot", q["q4"]]) == (q["q8_norot"], q["q4"])
+    assert resolve_cache_formats("bf16/q4") == (q["bf16"], q["q4"])
+    assert resolve_cache_formats(("float32", jnp.bfloat16)) == (q["f32"], q["bf16"])
+    for single in ("q4", "bf16", "f32", q["fp8_e4m3"], jnp.float32):  # one format: both sides
+        spec = resolve_cache_dtype(single)
+        assert resolve_cache_formats(single) == (spec, spec)
+    for bad, pattern in [("k5v4", r"'k5v4': key bits 5 not one of \[8, 6, 4\]"),
+                         ("k8v3", r"'k8v3': value bits 3 not one of"),
+                         ("k2v2", r"key bits 2, value bits 2"),
+                         (("q8",), r"pair is \(key format, value format\)"),
+                         (("q8", "q4", "q4"), r"pair is \(key format, value format\)"),
+                         (("q8", "q3"), r"unknown cache dtype 'q3'"),
+                         ("q8/q4/f32", r"KEY/VALUE takes exactly two formats"),
+                         ("bf16/zz", r"unknown cache dtype 'zz'"),
+                         ("k8", r"unknown cache dtype 'k8'.*'k8v4'")]:
+        with pytest.raises(InputError, match=pattern):
+            resolve_cache_formats(bad)
+        with pytest.raises(InputError, match=pattern):
+            init_cache(CONFIG, 1, 16, bad)
+    # Bytes per token (K and V, all layers) = the sum of the two formats' bytes, by hand.
+    per_head = {"f32": 64 * 4, "bf16": 64 * 2, "fp8_e4m3": 64, "q8": 64 + 2 * 2, "q6": 48 + 2 * 2,
+                "q4": 32 + 2 * 2}
+    per_token = lambda k, v: CONFIG.num_layers * CONFIG.num_kv_heads * (per_head[k] + per_head[v])
+    for dtype, (k, v) in [("k8v4", ("q8", "q4")), ("k8v6", ("q8", "q6")), ("k6v4", ("q6", "q4")),
+                          (("bf16", "q4"), ("bf16", "q4")), ("q4/f32", ("q4", "f32")),
+                          (("fp8_e4m3", "q8"), ("fp8_e4m3", "q8"))]:
+        cache = init_cache(CONFIG, 2, 16, dtype)
+        assert cache.bytes_per_token == per_token(k, v), dtype
+        assert (cache.key_quant.name, cache.value_quant.name) == (k, v)
+        lead = (CONFIG.num_layers, 2, 16, CONFIG.num_kv_heads)
+        assert cache.keys.shape == (*lead, KV_QUANTS[k].stored_dim(64)) and cache.keys.dtype == KV_QUANTS[k].dtype
+        assert cache.values.shape == (*lead, KV_QUANTS[v].stored_dim(64))
+        assert cache.values.dtype == KV_QUANTS[v].dtype
+        for scales, name in ((cache.key_scales, k), (cache.value_scales, v)):
+            assert (scales is None) == (not KV_QUANTS[name].scaled)
+    # One name keeps its single-format cache exactly: both sides that format.
+    single = init_cache(CONFIG, 1, 16, "q4")
+    assert single.key_quant == single.value_quant == KV_QUANTS["q4"] and single.kv_quant == (q["q4"], q["q4"])
+
+
+def test_forward_takes_pair_names(params):
+    ids = prompt(40)[None]
+    by_name = np.asarray(forward(params, CONFIG, ids, kv_quant="k8v4"))
+    by_pair = np.asarray(forward(params, CONFIG, ids, kv_quant=("q8", "q4")))
+    np.testing.assert_array_equal(by_name, by_pair)
+    assert not np.array_equal(by_pair, np.asarray(forward(params, CONFIG, ids, kv_quant="q4")))
+
+
+MIXED_MODEL_CASES = [("k8v4", 64), (("bf16", "q4"), 7), (("q4", "f32"), 300)]
+SLOW_MIXED_MODEL_CASES = [("k6v4", 64), ("k8v6", 300), (("q4_norot", "q8"), 64), (("q8", "q4"), 7)]
+
+
+@pytest.mark.parametrize("dtype, chunk_size", MIXED_MODEL_CASES + [
+    pytest.param(n, c, marks=pytest.mark.slow) for n, c in SLOW_MIXED_MODEL_CASES], ids=str)
+def test_chunked_prefill_into_mixed_format_cache_equals_full_forward(params, dtype, chunk_size):
+    """As the single-format test: given the codes the chunked prefill stored (keys and values each
+    decoded with its own format), its logits equal a full causal forward over those K/V to float32
+    tolerance, and the codes are the full forward's K / V each quantized in its own format."""
+    ids = prompt(300)
+    cache = init_cache(CONFIG, 1, 400, dtype)
+    assert cache.key_quant != cache.value_quant
+    cache, logits = prefill(params, CONFIG, cache, [ids], chunk_size=chunk_size, all_logits=True)
+    keys, values = cache_kv(cache, len(ids))
+    want, (own_k, own_v) = teacher_forced_forward(params, ids, keys, values)
+    assert_close_logits(logits[0], want[0])
+    np.testing.assert_array_equal(logits[0].argmax(-1), np.asarray(want[0]).argmax(-1))
+    assert_codes_are_the_full_forward_quantization(cache, own_k, own_v, len(ids))
+    assert not np.any(np.asarray(cache.keys[:, 0, len(ids):]))
+    assert not np.any(np.asarray(cache.values[:, 0, len(ids):]))
+
+
+def test_decode_after_prefill_with_mixed_cache(params):
+    ids = prompt(100, seed=5)
+    cache = init_cache(CONFIG, 1, 128, "k8v4")
+    cache, logits = prefill(params, CONFIG, cache, [ids], chunk_size=32)
+    seq = list(ids)
+    for _ in range(2):
+        seq.append(int(np.asarray(logits)[0].argmax()))
+        cache, logits = decode_step(params, cache, np.array([seq[-1]]), config=CONFIG)
+        keys, values = cache_kv(cache, len(seq))
+        want, _ = teacher_forced_forward(params, np.array(seq), keys, values)
+        assert_close_logits(np.asarray(logits)[0], want[0, -1])
+
+
+def test_mixed_cache_is_donated_and_updated_in_place(params):
+    """bf16 keys (raw bits, no scales) and q4 values (codes + scales): four arrays, all donated."""
+    cache = init_cache(CONFIG, 1, 512, "bf16/q4")
+    old = jax.tree.leaves(cache)
+    assert len(old) == 4  # keys, values, lengths, value_scales
+    cache, _ = prefill_chunk(params, cache, prompt(32)[None], config=CONFIG)
+    assert all(x.is_deleted() for x in old), "the cache (or its scale array) was not donated"
+    assert (cache.key_quant.name, cache.value_quant.name) == ("bf16", "q4") and cache.key_scales is None
+    small, large = (compiled_step(params, init_cache(CONFIG, 1, n, "bf16/q4"), 32) for n in (512, 2048))
+    assert large.alias_size_in_bytes >= init_cache(CONFIG, 1, 2048, "bf16/q4").nbytes - 4
+    assert large.temp_size_in_bytes == small.temp_size_in_bytes
