@@ -183,11 +183,12 @@ def test_all_logits():
         np.testing.assert_array_equal(np.asarray(logits[rows]).argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("dtype", ["q4", "bf16"])
+@pytest.mark.parametrize("dtype", ["q4", "bf16", "k8v4", "bf16/q4"])
 def test_quantized_pool_matches_quantized_forward(dtype):
     """A quantized pool gives the logits of `forward(kv_quant=dtype)` (K/V through the format and
     back), as the contiguous quantized cache does; looser than f32 (1e-3 of the range) because a
-    code may round the other way when K differs by float noise."""
+    code may round the other way when K differs by float noise. "k8v4" / "bf16/q4": keys and values
+    each in its own format, in the pool and in the reference."""
     rng = np.random.default_rng(6)
     ids = rng.integers(0, CONFIG.vocab_size, 40)
     cache = init_paged_cache(CONFIG, num_pages=24, page_size=16, dtype=dtype)
@@ -217,8 +218,9 @@ def test_one_compile_for_every_step_of_a_shape():
     assert mixed_step._cache_size() == before + 1
 
 
-def test_pool_is_donated_and_updated_in_place():
-    cache = init_paged_cache(CONFIG, num_pages=8, page_size=16, dtype="q8")
+@pytest.mark.parametrize("dtype", ["q8", "bf16/q4"])
+def test_pool_is_donated_and_updated_in_place(dtype):
+    cache = init_paged_cache(CONFIG, num_pages=8, page_size=16, dtype=dtype)
     old = jax.tree.leaves(cache)
     addresses = [a.unsafe_buffer_pointer() for a in old]
     new, _ = mixed_step(PARAMS, cache, step_of([([1, 2, 3], 0, [6])], num_pages=8), config=CONFIG)
@@ -300,6 +302,21 @@ def test_init_paged_cache_checks():
     cache = init_paged_cache(CONFIG, num_pages=4, page_size=16, dtype="q4")
     assert cache.keys.shape == (CONFIG.num_layers, 4, 16, CONFIG.num_kv_heads, CONFIG.head_dim // 2)
     assert cache.key_scales.shape == (CONFIG.num_layers, 4, 16, CONFIG.num_kv_heads, CONFIG.head_dim // 32)
+    # Keys and values apart: each side its own arrays; the pool's bytes are the two formats' sum.
+    with pytest.raises(InputError, match="key bits 5"):
+        init_paged_cache(CONFIG, num_pages=4, page_size=16, dtype="k5v4")
+    lead = (CONFIG.num_layers, 4, 16, CONFIG.num_kv_heads)
+    for dtype in ("k8v4", ("bf16", "q4"), "q4/f32"):
+        mixed = init_paged_cache(CONFIG, num_pages=4, page_size=16, dtype=dtype)
+        k_spec, v_spec = mixed.kv_quant
+        assert k_spec != v_spec
+        assert mixed.keys.shape == (*lead, k_spec.stored_dim(CONFIG.head_dim)) and mixed.keys.dtype == k_spec.dtype
+        assert mixed.values.shape == (*lead, v_spec.stored_dim(CONFIG.head_dim))
+        assert mixed.values.dtype == v_spec.dtype
+        assert (mixed.key_scales is None) == (not k_spec.scaled)
+        assert (mixed.value_scales is None) == (not v_spec.scaled)
+        per_token = sum(spec.bytes_per_vector(CONFIG.head_dim) for spec in (k_spec, v_spec))
+        assert mixed.nbytes == np.prod(lead) * per_token
 
 
 # ----------------------------------------------------------------------------- backends vs a float64 oracle
@@ -350,6 +367,17 @@ PAGED_TOL = {
     "q8": dict(atol=5e-5, rtol=5e-5),
     "q4": dict(atol=5e-5, rtol=5e-5),
 }
+# Keys and values in two formats ("KEY/VALUE"): the looser of the two sides' tolerances (each side
+# adds only its own arithmetic: a rotated key format rotates q, a rotated value format the output).
+MIXED_FORMATS = ("q8/q4", "bf16/q4", "q4/f32")
+for _fmt in MIXED_FORMATS:
+    PAGED_TOL[_fmt] = max((PAGED_TOL[side] for side in _fmt.split("/")), key=lambda tol: tol["atol"])
+
+
+def format_pair(fmt: str):
+    """(key spec, value spec) of a test format: one name for both, or "KEY/VALUE"."""
+    names = fmt.split("/") if "/" in fmt else (fmt, fmt)
+    return tuple(KV_QUANTS[n] for n in names)
 
 
 def make_paged_inputs(case: PagedCase, fmt: str, seed: int = 0):
@@ -363,7 +391,7 @@ def make_paged_inputs(case: PagedCase, fmt: str, seed: int = 0):
     num_pages = n * P + 2
     perm = rng.permutation(num_pages)
     page_table = rng.integers(0, num_pages, (S, P)).astype(np.int32)
-    spec = KV_QUANTS[fmt]
+    specs = format_pair(fmt)
     k_all = rng.standard_normal((num_pages, ps, case.kv_heads, HEAD_DIM)).astype(np.float32)
     v_all = rng.standard_normal((num_pages, ps, case.kv_heads, HEAD_DIM)).astype(np.float32)
     owned = np.zeros((num_pages, ps), bool)
@@ -373,18 +401,21 @@ def make_paged_inputs(case: PagedCase, fmt: str, seed: int = 0):
         page_table[s, :used] = pages[:used]
         for j in range(kv_len):
             owned[pages[j // ps], j % ps] = True
-    k_stored, k_scales = quantize(jnp.asarray(k_all), spec)
-    v_stored, v_scales = quantize(jnp.asarray(v_all), spec)
-    k_stored, v_stored = np.array(k_stored), np.array(v_stored)
-    if spec.scaled:
-        k_scales, v_scales = np.array(k_scales), np.array(v_scales)
-        k_scales[~owned], v_scales[~owned] = np.nan, np.nan
-    elif fmt in ("f32", "bf16"):
-        nan_bits = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(np.nan, spec.element_dtype), spec.dtype)) \
-            if fmt == "bf16" else np.float32(np.nan)
-        k_stored[~owned], v_stored[~owned] = nan_bits, nan_bits
-    held_k = np.asarray(decode(jnp.asarray(k_stored), None if not spec.scaled else jnp.asarray(k_scales), spec))
-    held_v = np.asarray(decode(jnp.asarray(v_stored), None if not spec.scaled else jnp.asarray(v_scales), spec))
+    pool, held = [], []  # per side (keys, values): (stored, scales), and the decoded values
+    for x, spec in zip((k_all, v_all), specs):
+        stored, scales = quantize(jnp.asarray(x), spec)
+        stored = np.array(stored)
+        if spec.scaled:
+            scales = np.array(scales)
+            scales[~owned] = np.nan
+        elif spec.name in ("f32", "bf16"):
+            nan_bits = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(np.nan, spec.element_dtype), spec.dtype)) \
+                if spec.name == "bf16" else np.float32(np.nan)
+            stored[~owned] = nan_bits
+        pool.append((jnp.asarray(stored), None if scales is None else jnp.asarray(scales)))
+        held.append(np.asarray(decode(*pool[-1], spec)))
+    (k_stored, k_scales), (v_stored, v_scales) = pool
+    held_k, held_v = held
     seq_kv = []
     for s, kv_len in enumerate(case.kv_lens):
         j = np.arange(kv_len)
@@ -396,8 +427,7 @@ def make_paged_inputs(case: PagedCase, fmt: str, seed: int = 0):
     kv_lens = np.zeros(S, np.int32)
     kv_lens[:n] = case.kv_lens
     q = (rng.standard_normal((case.tokens, case.heads, HEAD_DIM)) * case.q_gain).astype(np.float32)
-    scales = (jnp.asarray(k_scales), jnp.asarray(v_scales)) if spec.scaled else (None, None)
-    inputs = (jnp.asarray(q), jnp.asarray(k_stored), jnp.asarray(v_stored), *scales, jnp.asarray(cu),
+    inputs = (jnp.asarray(q), k_stored, v_stored, k_scales, v_scales, jnp.asarray(cu),
               jnp.asarray(kv_lens), jnp.asarray(page_table), jnp.int32(n))
     return inputs, seq_kv
 
@@ -428,8 +458,8 @@ def numpy_paged_attention(q, cu, seq_kv, case: PagedCase):
 
 
 BACKEND_PARAMS = [(b, c, "f32") for c in PAGED_CASES for b in BACKENDS] + \
-                 [(b, c, f) for c in PAGED_CASES if c.id in FORMAT_CASES for f in ("bf16", "fp8_e4m3", "q8", "q4")
-                  for b in BACKENDS]
+                 [(b, c, f) for c in PAGED_CASES if c.id in FORMAT_CASES
+                  for f in ("bf16", "fp8_e4m3", "q8", "q4", *MIXED_FORMATS) for b in BACKENDS]
 
 
 @pytest.mark.parametrize("backend, case, fmt", BACKEND_PARAMS,
@@ -438,7 +468,7 @@ def test_backend_against_float64_oracle(backend, case, fmt):
     inputs, seq_kv = make_paged_inputs(case, fmt)
     q, k, v, ks, vs, cu, kv_lens, page_table, num_seqs = inputs
     out = paged_attention(q, k, v, cu, kv_lens, page_table, num_seqs, sliding_window=case.sliding_window,
-                          soft_cap=case.soft_cap, kv_quant=None if fmt == "f32" else fmt, k_scales=ks,
+                          soft_cap=case.soft_cap, kv_quant=None if fmt == "f32" else format_pair(fmt), k_scales=ks,
                           v_scales=vs, impl=backend)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out)
