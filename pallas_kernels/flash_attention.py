@@ -10,8 +10,9 @@ prefill against a fixed-shape KV cache:
     cdiv(last position in tile + 1, bk));
   * optional soft-cap; cache garbage (NaN/inf) past kv_len never leaks;
   * quantized cache (pallas_kernels.kv_quant): the codes and their scales come in as
-    extra refs and each K/V tile is dequantized as it is loaded (`load_kv_tile`); a
-    rotated format is handled by rotating q before and the output after the kernel.
+    extra refs and each K/V tile is dequantized as it is loaded (`load_kv_tile`), keys
+    and values each in its own format; rotated keys are handled by rotating q before
+    the kernel, rotated values by rotating the output after it.
 """
 from __future__ import annotations
 

@@ -58,6 +58,8 @@ def test_help_explains_every_flag():
     (["bench", "--prompt-lengths", "128,0"], r"--prompt-lengths"),
     (["generate", "--dtype", "f16", "--prompt", "x"], r"--dtype: invalid choice"),
     (["generate", "--cache-dtype", "q3", "--prompt", "x"], r"unknown cache dtype 'q3'; choose one of .*q4"),
+    (["generate", "--cache-dtype", "k5v4", "--prompt", "x"], r"cache dtype 'k5v4': key bits 5 not one of"),
+    (["generate", "--cache-dtype", "bf16/q3", "--prompt", "x"], r"unknown cache dtype 'q3'"),
     (["frobnicate"], r"invalid choice"),
 ])
 def test_bad_flag_values(args, pattern):
