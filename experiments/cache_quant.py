@@ -191,9 +191,12 @@ def plot(df, out: Path) -> list[Path]:
         ax.scatter(group["bytes_per_token"], group["ppl_delta_pct"], marker=marker, s=40 + 40 * i,
                    facecolors="none" if i else f"C{i}", edgecolors=f"C{i}", label=f"chunk size {chunk}")
         if chunk == df["chunk_size"].min():
-            for _, row in group.iterrows():
+            # Formats of equal size (q6 and k8v4) share an x: stack their labels, not overprint them.
+            nth_at_x: dict = {}
+            for _, row in group.sort_values("ppl_delta_pct").iterrows():
+                k = nth_at_x[row["bytes_per_token"]] = nth_at_x.get(row["bytes_per_token"], -1) + 1
                 ax.annotate(row["cache_dtype"], (row["bytes_per_token"], row["ppl_delta_pct"]),
-                            textcoords="offset points", xytext=(5, 4), fontsize=8)
+                            textcoords="offset points", xytext=(5, 4 + 10 * k), fontsize=8)
     common.log2_axis(ax, df["bytes_per_token"], "x")
     ax.tick_params(axis="x", labelrotation=45)  # neighbouring formats (fp8, q8) sit close
     ax.set_xlabel("KV cache bytes per token (all layers, K + V, scales included; log2)")

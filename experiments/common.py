@@ -345,7 +345,9 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
     fig, axes = plt.subplots(1, len(facets), figsize=(5.5 * len(facets) + 1, 4.2), squeeze=False,
                              sharey=True)
     styles = ["-", "--", ":", "-."]
-    colors = {key: f"C{i}" for i, key in enumerate(sorted(df[line].unique()))}  # same color in every panel
+    keys = sorted(df[line].unique())
+    # Same color in every panel; past the 10 default colors (which would repeat), tab20's 20.
+    colors = {key: f"C{i}" if len(keys) <= 10 else plt.cm.tab20(i % 20) for i, key in enumerate(keys)}
     for ax, value in zip(axes[0], facets):
         part = df if facet is None else df[df[facet] == value]
         for key, group in sorted(part.groupby(line), key=lambda kv: kv[0]):
