@@ -331,51 +331,55 @@ def bench_llama_cpp(args, ids) -> dict | None:
 
 # ----------------------------------------------------------------------------- output
 def plot(df, path: Path, title: str) -> Path:
+    """One panel per section, the ratios the goals are about (linear axes): paged / contiguous tok/s
+    per page size with whiskers from min / max (contiguous min / paged max .. contiguous max /
+    paged min), the 0.9x goal and 1x drawn; the mixed step's time over the sum of its parts'."""
     plt = common.pyplot()
-    sections = [("prefill", "chunk", "pure prefill, 1 sequence", "chunk C (tokens, log2)"),
-                ("decode", "batch", "pure decode, 1 token per sequence", "batch (sequences, log2)"),
-                ("mixed", "page_size", "mixed step vs sum of its parts", "page size (tokens, log2)")]
+    sections = [("prefill", "chunk", "pure prefill, 1 sequence: paged / contiguous tok/s", "chunk C (tokens, log2)"),
+                ("decode", "batch", "pure decode, 1 token per sequence: paged / contiguous tok/s",
+                 "batch (sequences, log2)"),
+                ("mixed", "page_size", "mixed step time / sum of its parts' times", "page size (tokens, log2)")]
     sections = [s for s in sections if (df.kind == s[0]).any()]
-    fig, axes = plt.subplots(1, len(sections), figsize=(5.6 * len(sections), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(sections), figsize=(5.6 * len(sections), 5.0), squeeze=False)
     for ax, (kind, x, sub, xlabel) in zip(axes[0], sections):
         part = df[df.kind == kind]
         if kind == "mixed":
             part = part.sort_values("page_size")
-            ax.plot(part.page_size, part.paged_tok_s, "-o", color="C0", label="mixed step (paged)")
-            ax.plot(part.page_size, part.contig_tok_s, "--s", color="C3", label="sum of parts (paged)")
-            for _, r in part.iterrows():
-                ax.annotate(f"{1 / r.ratio:.2f}x", (r.page_size, r.paged_tok_s), textcoords="offset points",
-                            xytext=(0, 7), ha="center", fontsize=8, color="C0")
-            ax.set_ylabel("tokens / s (median; mixed = all its tokens)")
-            sub += "\n(annotation: mixed time / sum of parts' times)"
+            y = part.paged_median_s / part.sum_parts_median_s
+            ax.plot(part.page_size, y, "-o", color="C0", label="mixed step / (decodes step + chunk step)")
+            for px, py in zip(part.page_size, y):
+                ax.annotate(f"{py:.2f}x", (px, py), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+            ax.axhline(1.0, color="black", lw=1, ls="--", label="1x: goal is below")
+            ax.set_ylabel("time ratio\n(median seconds; < 1: mixed wins)")
+            ax.set_ylim(min(0.8, y.min() - 0.05), max(1.1, y.max() + 0.05))
         else:
             for i, (ps, g) in enumerate(sorted(part.groupby("page_size"), key=lambda kv: kv[0])):
                 g = g.sort_values(x)
-                ax.plot(g[x], g.paged_tok_s, "-o", color=f"C{i}", label=f"paged, page {ps}")
-                if i == len(part.page_size.unique()) - 1:
-                    for _, r in g.iterrows():
-                        ax.annotate(f"{r.ratio:.2f}x", (r[x], r.paged_tok_s), textcoords="offset points",
-                                    xytext=(0, -13), ha="center", fontsize=8, color=f"C{i}")
-            # The contiguous path has no page size: one line (its timing from the largest page size's run).
-            ref = part[part.page_size == part.page_size.max()].sort_values(x)
-            ax.plot(ref[x], ref.contig_tok_s, "--s", color="black", label="contiguous (auto impl)")
-            if kind == "decode" and "contig_xla_tok_s" in ref:
-                ax.plot(ref[x], ref.contig_xla_tok_s, ":^", color="grey", label="contiguous, impl=xla")
+                lo = g.contig_min_s / g.paged_max_s
+                hi = g.contig_max_s / g.paged_min_s
+                xs = g[x] * 2 ** ((i - 1) * 0.06)  # small horizontal offset per page size: whiskers apart
+                ax.errorbar(xs, g.ratio, yerr=[g.ratio - lo, hi - g.ratio], fmt="-o", color=f"C{i}", capsize=3,
+                            label=f"page {int(ps)}")
+                for px, py in zip(xs, g.ratio):
+                    ax.annotate(f"{py:.2f}", (px, py), textcoords="offset points", xytext=(7, -3), fontsize=7,
+                                color=f"C{i}")
+            ax.axhline(1.0, color="black", lw=1, ls="--", label="1x: as fast as contiguous")
+            ax.axhline(0.9, color="C3", lw=1, ls=":", label="0.9x: the goal")
+            ax.set_ylabel("paged / contiguous tokens/s\n(median; whiskers: min-max)")
+            if kind == "decode":
                 llama = df[df.kind == "llama.cpp"]
-                if len(llama):
-                    ax.scatter([1], llama.contig_tok_s, marker="*", s=120, color="C6", zorder=5,
-                               label="llama.cpp b1 (Q4_1 weights)")
-            common.log2_axis(ax, part[x], "x")
-            ax.set_yscale("log")
-            ax.set_ylabel("tokens / s (median, log)")
-            sub += f"\n(annotation: paged / contiguous, page {int(part.page_size.max())})"
+                b1 = part[(part.batch == 1) & (part.page_size == part.page_size.max())]
+                if len(llama) and len(b1):
+                    ax.text(0.02, 0.03, f"batch 1: paged {b1.paged_tok_s.iloc[0]:.1f} tok/s (f32), llama.cpp "
+                            f"{llama.contig_tok_s.iloc[0]:.1f} tok/s (Q4_1)", transform=ax.transAxes, fontsize=7)
+        ticks = sorted(int(v) for v in part[x].unique())
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(part[x].unique()), [str(int(v)) for v in sorted(part[x].unique())])
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_title(sub, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3)
     fig.suptitle(title, fontsize=10)
     return common.save_figure(fig, path)
 
@@ -406,6 +410,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_time_split(df, num_layers: int):
+    """Where a step's paged-vs-contiguous gap goes: on each attention row, the whole step's gap
+    (paged - contiguous median seconds; decode: that batch's step, prefill: the prompt's last chunk
+    estimated as the step's time / its number of chunks) next to num_layers x the attention op's gap
+    alone at the same shape (page size of the attention row)."""
+    df["step_gap_s"] = np.nan
+    df["attention_gap_x_layers_s"] = np.nan
+    for i, r in df[df.kind == "attention"].iterrows():
+        if r.chunk == 1:
+            step = df[(df.kind == "decode") & (df.batch == r.batch) & (df.page_size == r.page_size)]
+        else:
+            step = df[(df.kind == "prefill") & (df.chunk == r.chunk) & (df.page_size == r.page_size)]
+        if len(step):
+            s = step.iloc[0]
+            df.loc[i, "step_gap_s"] = (s.paged_median_s - s.contig_median_s) / s.steps
+        df.loc[i, "attention_gap_x_layers_s"] = num_layers * (r.paged_median_s - r.contig_median_s)
+    return df
+
+
 COLUMNS = ["kind", "config", "page_size", "paged_tok_s", "contig_tok_s", "ratio", "contig_xla_tok_s",
            "ratio_vs_contig_xla", "paged_median_s", "paged_min_s", "paged_max_s", "contig_median_s", "contig_min_s",
            "contig_max_s", "sum_parts_median_s", "host_build_ms_per_step", "warmup_compiles", "timed_compiles"]
@@ -425,9 +448,8 @@ def main(argv=None):
     if "mixed" in args.sections:
         runs += [("mixed", None, ps) for ps in args.page_sizes]
     if "attention" in args.sections:
-        ps = max(args.page_sizes)
-        runs += [("attention", ("decode", b), ps) for b in args.batches]
-        runs += [("attention", ("prefill", c), ps) for c in args.chunk_sizes]
+        runs += [("attention", ("decode", b), ps) for b in args.batches for ps in args.page_sizes]
+        runs += [("attention", ("prefill", c), ps) for c in args.chunk_sizes for ps in args.page_sizes]
     if "llama.cpp" in args.sections and args.model != common.TINY_MODEL:
         runs.append(("llama.cpp", None, None))
     rows = []
@@ -454,13 +476,20 @@ def main(argv=None):
                            "jitted steps called directly on device inputs (host checks excluded, build_step "
                            "timed apart); caches random-filled; pages a random permutation of the pool",
                     mixed_ratio="sum of parts' median seconds / mixed step's median seconds (> 1: mixed wins)")
-    df = common.write_results(args.out, rows, settings, machine)
+    import pandas as pd
+    df = add_time_split(pd.DataFrame(rows), model.config.num_layers)
+    df = common.write_results(args.out, df.to_dict("records"), settings, machine)
     png = plot(df, args.out / "paged_step.png",
                f"Paged mixed_step vs contiguous steps: {args.model} {args.dtype}, cache {args.cache_dtype}, "
                f"{machine['usable_cores']} cores, load {machine['load_average_1_5_15'][0]}"
                f"->{machine['load_average_after_1_5_15'][0]}")
     common.print_table(df, COLUMNS, title=f"\nload average before {machine['load_average_1_5_15']}, "
                                           f"after {machine['load_average_after_1_5_15']}")
+    split = df[df.kind == "attention"]
+    if len(split):
+        common.print_table(split, ["config", "step_gap_s", "attention_gap_x_layers_s"],
+                           title=f"\nwhere the paged step's time goes: step gap (paged - contiguous, per step) vs "
+                                 f"{model.config.num_layers} layers x the attention op's gap alone")
     bad = df[df.timed_compiles.fillna(0) > 0]
     print(f"\ncompiles during timed calls: {int(df.timed_compiles.fillna(0).sum())}"
           + (f" (in {list(bad.config)})" if len(bad) else " (none)"))
