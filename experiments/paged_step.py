@@ -330,7 +330,7 @@ def bench_llama_cpp(args, ids) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- output
-def plot(df, path: Path, title: str) -> Path:
+def plot(df, path: Path, title: str) -> Path | None:
     """One panel per section, the ratios the goals are about (linear axes): paged / contiguous tok/s
     per page size with whiskers from min / max (contiguous min / paged max .. contiguous max /
     paged min), the 0.9x goal and 1x drawn; the mixed step's time over the sum of its parts'."""
@@ -340,6 +340,8 @@ def plot(df, path: Path, title: str) -> Path:
                  "batch (sequences, log2)"),
                 ("mixed", "page_size", "mixed step time / sum of its parts' times", "page size (tokens, log2)")]
     sections = [s for s in sections if (df.kind == s[0]).any()]
+    if not sections:  # e.g. --sections attention: a table, nothing to plot
+        return None
     fig, axes = plt.subplots(1, len(sections), figsize=(5.6 * len(sections), 5.0), squeeze=False)
     for ax, (kind, x, sub, xlabel) in zip(axes[0], sections):
         part = df[df.kind == kind]
@@ -493,7 +495,7 @@ def main(argv=None):
     bad = df[df.timed_compiles.fillna(0) > 0]
     print(f"\ncompiles during timed calls: {int(df.timed_compiles.fillna(0).sum())}"
           + (f" (in {list(bad.config)})" if len(bad) else " (none)"))
-    common.print_written(args.out, [png], settings["wall_s"])
+    common.print_written(args.out, [png] if png else [], settings["wall_s"])
     return df
 
 
