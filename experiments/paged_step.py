@@ -14,9 +14,10 @@ Sections (each a set of `kind` rows in results.csv):
              chunk (after --mixed-chunk-cached cached tokens) in a token budget --mixed-budget, vs
              the sum of its parts run separately as paged steps (the decodes in T = S = decodes,
              the chunk in T = chunk, S = 1); per --page-sizes.
-- attention: the attention op alone for one layer at the decode and prefill shapes: paged
-             (`paged_attention`, auto = xla) vs contiguous (`attention`, auto), to say where a
-             slower step loses its time.
+- attention: the attention op alone for one layer at the decode and prefill shapes, per page
+             size: paged (`paged_attention`, auto = xla; and the xla backend with
+             pages_per_block=1, one page per key block) vs contiguous (`attention`, auto), to say
+             where a slower step loses its time (`step_gap_s` vs `attention_gap_x_layers_s`).
 - llama.cpp: (SmolLM2 only, --llama-cpp) llama.cpp's greedy decode at batch 1 after
              --decode-context prompt tokens, run by `experiments.compare_peers`' worker in its own
              process (its Q4_1 GGUF weights, not f32: a reference point, not a like-for-like).
@@ -269,7 +270,7 @@ def bench_attention(model, args, batch: int, q_len: int, kv_len: int, page_size:
     import jax.numpy as jnp
 
     from pallas_kernels.attention import attention
-    from pallas_kernels.paged_attention import paged_attention
+    from pallas_kernels.paged_attention import paged_attention, paged_attention_xla
     config = model.config
     h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
     per_seq = -(-kv_len // page_size)
@@ -290,12 +291,18 @@ def bench_attention(model, args, batch: int, q_len: int, kv_len: int, page_size:
     layer = jnp.int32(0)
     paged_fn = jax.jit(lambda q, kp, vp, t: paged_attention(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
                                                             jnp.int32(batch), layer=layer))
+    # The XLA backend with one page per key block (its default: KEYS_PER_BLOCK = 256 keys per block,
+    # i.e. 16 pages at page 16, gathered together): which block a decode row should read.
+    one_page_fn = jax.jit(lambda q, kp, vp, t: paged_attention_xla(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
+                                                                   jnp.int32(batch), layer=layer, pages_per_block=1))
     contig_fn = jax.jit(lambda q, k, v: attention(q, k, v, offset, kv_lens, layer=layer))
     table = jnp.asarray(table)
     out_p = paged_fn(q, pages_k, pages_v, table).reshape(q.shape)
     out_c = contig_fn(q, k, v)
     err = float(jnp.max(jnp.abs(out_p - out_c)))
+    err = max(err, float(jnp.max(jnp.abs(one_page_fn(q, pages_k, pages_v, table).reshape(q.shape) - out_c))))
     timings, warm, timed = interleaved({"paged": (lambda: paged_fn(q, pages_k, pages_v, table), tuple),
+                                        "paged_1page": (lambda: one_page_fn(q, pages_k, pages_v, table), tuple),
                                         "contiguous": (lambda: contig_fn(q, k, v), tuple)}, args.repeats)
     n = batch * q_len
     row = dict(kind="attention", config=f"1 layer, batch {batch} x q_len {q_len}, kv_len {kv_len}", chunk=q_len,
@@ -303,7 +310,9 @@ def bench_attention(model, args, batch: int, q_len: int, kv_len: int, page_size:
                warmup_compiles=sum(warm.values()), timed_compiles=timed)
     row.update(timing_cols(timings["paged"], n, "paged"))
     row.update(timing_cols(timings["contiguous"], n, "contig"))
+    row.update(timing_cols(timings["paged_1page"], n, "paged_1page"))
     row["ratio"] = row["paged_tok_s"] / row["contig_tok_s"]
+    row["ratio_1page"] = row["paged_1page_tok_s"] / row["contig_tok_s"]
     return row
 
 
@@ -489,7 +498,8 @@ def main(argv=None):
                                           f"after {machine['load_average_after_1_5_15']}")
     split = df[df.kind == "attention"]
     if len(split):
-        common.print_table(split, ["config", "step_gap_s", "attention_gap_x_layers_s"],
+        common.print_table(split, ["config", "page_size", "paged_median_s", "paged_1page_median_s", "contig_median_s",
+                                   "ratio", "ratio_1page", "step_gap_s", "attention_gap_x_layers_s"],
                            title=f"\nwhere the paged step's time goes: step gap (paged - contiguous, per step) vs "
                                  f"{model.config.num_layers} layers x the attention op's gap alone")
     bad = df[df.timed_compiles.fillna(0) > 0]

@@ -41,6 +41,7 @@ def test_paged_step_experiment_writes_every_configuration(tmp_path):
     assert sorted(zip(attention.batch, attention.chunk, attention.page_size)) == sorted(
         [(b, 1, p) for b in (1, 4) for p in (16, 64)] + [(1, c, p) for c in (32, 128) for p in (16, 64)])
     assert attention.step_gap_s.notna().all() and attention.attention_gap_x_layers_s.notna().all()
+    assert (attention.paged_1page_median_s > 0).all() and (attention.ratio_1page > 0).all()
     assert "llama.cpp" not in set(df.kind)  # the tiny model has no GGUF
     timed = df[df.kind != "attention"]
     for col in ("paged_median_s", "paged_min_s", "paged_max_s", "paged_tok_s", "contig_tok_s", "ratio"):
