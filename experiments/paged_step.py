@@ -51,10 +51,11 @@ from experiments import common
 
 FULL = dict(prompt_len=2048, chunk_sizes=[128, 512, 2048], decode_context=512, batches=[1, 8, 32],
             page_sizes=[16, 64, 256], mixed_decodes=16, mixed_chunk=240, mixed_chunk_cached=256,
-            mixed_budget=256, repeats=5)
-QUICK = dict(prompt_len=512, chunk_sizes=[128, 512], decode_context=256, batches=[1, 8],
+            mixed_budget=256, repeats=5, sections=["prefill", "decode", "mixed", "attention", "llama.cpp"])
+# ~2 minutes on SmolLM2 (2 shared cores): no attention section (`--sections attention` runs it alone).
+QUICK = dict(prompt_len=256, chunk_sizes=[64, 256], decode_context=256, batches=[1, 8],
              page_sizes=[16, 256], mixed_decodes=8, mixed_chunk=120, mixed_chunk_cached=128,
-             mixed_budget=128, repeats=3)
+             mixed_budget=128, repeats=3, sections=["prefill", "decode", "mixed", "llama.cpp"])
 DECODE_ROOM = 64  # capacity past the decode context, both caches (the contiguous max_seq_len, the pages)
 
 
@@ -411,7 +412,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-budget", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--sections", type=lambda s: common.parse_list(s, str),
-                   default=["prefill", "decode", "mixed", "attention", "llama.cpp"])
+                   help="comma-separated, from prefill, decode, mixed, attention, llama.cpp")
     p.add_argument("--llama-decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (JAX uses all cores)")
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")

@@ -14,7 +14,8 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny-random", "--quick", "--prompt-len", "128", "--chunk-sizes", "32,128", "--decode-context",
         "64", "--batches", "1,4", "--page-sizes", "16,64", "--mixed-decodes", "4", "--mixed-chunk", "28",
-        "--mixed-chunk-cached", "16", "--mixed-budget", "32", "--repeats", "2"]
+        "--mixed-chunk-cached", "16", "--mixed-budget", "32", "--repeats", "2",
+        "--sections", "prefill,decode,mixed,attention,llama.cpp"]
 
 
 def test_paged_step_experiment_writes_every_configuration(tmp_path):
