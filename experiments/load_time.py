@@ -20,8 +20,8 @@ Start-up of the command line (`--generate-runs N`, default 2): the wall time of 
 `python -m jaxchunk.cli generate --prompt "The capital of France is" --max-new-tokens 8` process
 (interpreter start, imports, load, compiles, generation), run twice on an empty persistent
 compilation cache directory (`first`: everything compiles and is written; `second`: the
-executables are read back), and once with the cache off (`JAXCHUNK_COMPILATION_CACHE=0`). N rounds,
-each on a fresh directory.
+executables are read back), and once with the cache off (`JAXCHUNK_COMPILATION_CACHE=0`); with
+--baseline-root also once with that checkout's jaxchunk. N rounds, each on a fresh directory.
 
 llama.cpp is optional (`pip install llama-cpp-python`, the `bench` extra); without it only
 jaxchunk is timed.
@@ -121,18 +121,25 @@ GENERATE_ARGS = ("generate", "--prompt", "The capital of France is", "--max-new-
 CACHE_RUNS = ("first", "second")  # on the same, initially empty, compilation cache directory
 
 
-def time_generate(model: Path, weights: str, rounds: int) -> list[dict]:
+BASELINE_RUN = "baseline checkout"
+
+
+def time_generate(model: Path, weights: str, rounds: int, baseline_root: Path | None = None) -> list[dict]:
     """Wall time of whole `jaxchunk generate` processes: per round, first and second on a fresh
-    compilation cache directory, then one with the cache off. Rows: run, round, wall_s, text."""
+    compilation cache directory, then one with the cache off (and one of the baseline checkout's
+    jaxchunk, if given). Rows: run, round, wall_s, text."""
     rows = []
     command = [sys.executable, "-m", "jaxchunk.cli", *GENERATE_ARGS, "--model", str(model), "--weights", weights]
     for index in range(rounds):
         with tempfile.TemporaryDirectory(prefix="jaxchunk-xla-") as directory:
-            for run, setting in (*((name, directory) for name in CACHE_RUNS), ("cache off", "0")):
-                env = dict(os.environ, JAXCHUNK_COMPILATION_CACHE=setting)
+            runs = [*((name, directory, common.ROOT) for name in CACHE_RUNS), ("cache off", "0", common.ROOT)]
+            if baseline_root is not None:
+                runs.append((BASELINE_RUN, "0", baseline_root.resolve()))
+            for run, setting, root in runs:
+                env = dict(os.environ, JAXCHUNK_COMPILATION_CACHE=setting,
+                           PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
                 start = time.perf_counter()
-                proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=common.ROOT,
-                                      timeout=600)
+                proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root, timeout=600)
                 wall = time.perf_counter() - start
                 if proc.returncode != 0:
                     raise RuntimeError(f"jaxchunk generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -145,22 +152,24 @@ def plot_generate(rows: list[dict], llama_load_s: float | None, path: Path, titl
     """Bars: median wall time of each run kind (min-max whiskers), the second / first ratio on the
     second bar; a line at llama.cpp's median load time for scale."""
     plt = common.pyplot()
-    kinds = [k for k in (*CACHE_RUNS, "cache off") if any(r["run"] == k for r in rows)]
+    kinds = [k for k in (*CACHE_RUNS, "cache off", BASELINE_RUN) if any(r["run"] == k for r in rows)]
     walls = {k: [r["wall_s"] for r in rows if r["run"] == k] for k in kinds}
     medians = {k: statistics.median(v) for k, v in walls.items()}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for x, kind in enumerate(kinds):
         m = medians[kind]
-        ax.bar(x, m, 0.6, color={"first": "C1", "second": "C0", "cache off": "C7"}[kind],
+        ax.bar(x, m, 0.6, color={"first": "C1", "second": "C0", "cache off": "C7", BASELINE_RUN: "C3"}[kind],
                yerr=[[m - min(walls[kind])], [max(walls[kind]) - m]], capsize=4)
         label = f"{m:.2f} s"
         if kind == "second":
             label += f"\n{m / medians['first']:.2f}x first"
+            if BASELINE_RUN in medians:
+                label += f"\n{m / medians[BASELINE_RUN]:.2f}x baseline"
         ax.text(x, max(walls[kind]) * 1.02, label, ha="center", va="bottom", fontsize=8)
     if llama_load_s is not None:
         ax.axhline(llama_load_s, color="C2", linestyle=":", linewidth=1)
-        ax.text(len(kinds) - 0.5, llama_load_s, f"llama.cpp load {llama_load_s:.2f} s", color="C2", fontsize=8,
-                ha="right", va="bottom")
+        ax.text(-0.45, llama_load_s, f"llama.cpp load {llama_load_s:.2f} s", color="C2", fontsize=8,
+                ha="left", va="bottom")
     ax.set_xticks(range(len(kinds)), [f"{k}\n({len(walls[k])} runs)" for k in kinds])
     ax.set_ylim(0, 1.2 * max(max(v) for v in walls.values()))
     ax.set_ylabel("wall time of the whole process (s)")
@@ -299,7 +308,8 @@ def main(argv=None):
         result = run_worker(worker, worker_spec, worker_root)
         rows.append({"system": system, "weights": mode, "import_s": result["import_s"], "load_s": result["load_s"],
                      "total_s": result["import_s"] + result["load_s"], "module": result["module"]})
-    generate_rows = time_generate(model, args.generate_weights, args.generate_runs) if args.generate_runs else []
+    generate_rows = (time_generate(model, args.generate_weights, args.generate_runs, args.baseline_root)
+                     if args.generate_runs else [])
     breakdown = []
     for mode in args.weights:
         steps = run_worker(BREAKDOWN_WORKER, dict(spec, weights=mode), root)
@@ -326,7 +336,8 @@ def main(argv=None):
         pngs.append(plot_generate(
             generate_rows, llama_load, args.out / "generate.png",
             f"Wall time of `jaxchunk generate --max-new-tokens 8` (weights={args.generate_weights}), a new "
-            f"process each\non an empty compilation cache (first), again (second), cache off; "
+            f"process each\non an empty compilation cache (first), again (second), cache off"
+            f"{', the baseline checkout' if args.baseline_root else ''}; "
             f"{machine['cpu']}, load {load[0]}"))
         common.print_table(generate_df, ["run", "round", "weights", "wall_s"], title="\njaxchunk generate (s)")
     common.print_table(summary_df, ["system", "weights", "runs", "import_s_median", "load_s_median", "load_s_min",
