@@ -211,3 +211,37 @@ def test_cache_quant_on_smollm2(tmp_path):
     assert df.loc["q8", "bytes_per_token"] == 30 * 3 * 2 * 68 and df.loc["q4", "bytes_per_token"] == 30 * 3 * 2 * 36
     assert abs(df.loc["q8", "ppl_delta_pct"]) < 1 and df.loc["q8", "top1_agreement"] > 0.95
     assert df.loc["q4", "max_abs_logit_diff"] > df.loc["q8", "max_abs_logit_diff"] > 0
+
+
+def test_roofline_limits_follow_the_flop_count():
+    """SmolLM2-135M by hand: 30 layers x (2 * 576^2 + 2 * 576 * 192 + 3 * 576 * 1536) = 106,168,320
+    matrix weights; at 8100 tokens attention adds 4 * 30 * 9 * 64 * 8101 / 2 FLOPs a token. At 175
+    GFLOP/s for both that is ~357 tok/s (the figure issue 20 quotes)."""
+    from experiments import roofline
+    from jaxchunk.config import LlamaConfig
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64)
+    assert roofline.matmul_weights(config) == 106_168_320
+    assert roofline.attention_flops_per_token(config, 8100) == 4 * 30 * 9 * 64 * 8101 / 2
+    limits = roofline.Roofline(matmul_flops={"f32": 175e9}, attention_flops={"f32": 175e9}, bandwidth_bytes=40e9,
+                               chunk_size=512, cpu="test", flags=())
+    assert limits.prefill_tok_s(config, 8100) == pytest.approx(175e9 / (2 * 106_168_320 + 4 * 30 * 576 * 8101 / 2))
+    assert 350 < limits.prefill_tok_s(config, 8100) < 365
+    # decode: f32 weights (matrices + one 49152 x 576 head) and an f32 cache of 30 layers x 3 heads x 64 x (K, V)
+    wbytes = roofline.weight_bytes(config, "f32")
+    assert wbytes == 4 * (106_168_320 + 49152 * 576)
+    assert roofline.kv_bytes_per_token(config, "f32") == 30 * 3 * 64 * 4 * 2
+    assert roofline.kv_bytes_per_token(config, "q8") == 30 * 3 * 64 * (1 + 2 / 32) * 2
+    assert limits.decode_tok_s(wbytes, 0, 0) == pytest.approx(40e9 / wbytes)
+
+
+def test_roofline_quick_writes_everything(tmp_path):
+    from experiments import roofline
+    df = roofline.main(["--quick", "--model", "tiny-random", "--chunk-size", "64", "--out", str(tmp_path)])
+    for name in ("results.csv", "results.json", "roofline.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    limits = df[df.kind == "prefill_limit"].sort_values("prompt_len")
+    assert (limits.tok_s > 0).all()
+    for _, group in limits.groupby("dtype"):  # longer prompts cost more attention per token
+        assert group.tok_s.is_monotonic_decreasing
+    assert (df[df.kind == "bandwidth"].gb_s > 0.1).all()
