@@ -31,15 +31,14 @@ from jaxchunk.config import LlamaConfig, RopeScaling
 from jaxchunk.errors import ModelFileError, UnsupportedError
 from jaxchunk.weights.convert import LINEAR_KEYS, aligned_empty, assemble_params, check_tensors, expected_keys
 from jaxchunk.weights.gguf_file import GGUFFile, RawTensor, read_gguf
+from jaxchunk.weights.gguf_quants import QUANT_TYPES, dequantize_blocks
 
 PathLike = Union[str, os.PathLike]
 
 SUPPORTED_VERSIONS = (2, 3)
-# Tensor types the loader dequantizes (all through gguf.quants). Others (IQ*, TQ*, ...) would
-# dequantize too, but nothing in this project is checked against them.
-SUPPORTED_QTYPES = frozenset(GGMLQuantizationType[n] for n in (
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+# Tensor types the loader dequantizes: the floats, and every block type of gguf_quants.QUANT_TYPES
+# (decoded there, bit-identical to gguf.quants). Others (IQ*, TQ*, ...) are refused.
+SUPPORTED_QTYPES = frozenset(GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", *QUANT_TYPES))
 
 # params key -> llama.cpp tensor name (layer keys get a "blk.{i}." prefix).
 GGUF_NAMES = {
@@ -136,25 +135,34 @@ def _check_qtype(raw: RawTensor, path) -> None:
                                f"{', '.join(sorted(q.name for q in SUPPORTED_QTYPES))}")
 
 
-# Bytes of one 32-weight block of the types dequantized here rather than by gguf.quants.
-_BLOCK_BYTES = {"Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16, "Q8_0": 2 + 32}
+# Bytes of one 32-weight block of the types `dequantize_blocks_into` writes straight into a
+# (transposed) output: one pass over the packed bytes, no per-chunk temporaries.
+_BLOCK_BYTES = {name: QUANT_TYPES[name].type_size for name in ("Q4_0", "Q4_1", "Q8_0")}
 
 
 def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>", transpose: bool = False) -> np.ndarray:
     """float32 array of `raw.shape` (file layout: [out, in]), or with `transpose` of the reversed
     shape ([in, out], C-contiguous: params orientation, built directly rather than by a copy).
 
-    Q4_0 / Q4_1 / Q8_0 / F32 / F16 are dequantized here, vectorised over the whole tensor with
-    the same float32 arithmetic as gguf.quants (so bit-identical: d * q (+ m)); the other types
-    by gguf.quants.
+    Block types are dequantized by `gguf_quants.dequantize_blocks` (one table, QUANT_TYPES, every
+    type vectorised over the whole tensor and bit-identical to gguf.quants), Q4_0 / Q4_1 / Q8_0
+    matrices by `dequantize_blocks_into` (the same values, one pass straight into the output);
+    F32 / F16 / BF16 by a cast.
     """
     _check_qtype(raw, path)
+    if transpose and len(raw.shape) != 2:
+        raise ValueError(f"transpose takes a 2-D tensor, {raw.name!r} is {raw.shape}")
+    shape = raw.shape[::-1] if transpose else raw.shape
     if raw.qtype in _BLOCK_BYTES and len(raw.shape) == 2:
-        shape = raw.shape[::-1] if transpose else raw.shape
         return dequantize_blocks_into(raw, aligned_empty(shape), transpose)
+    if raw.qtype in QUANT_TYPES:
+        out = aligned_empty(shape)
+        rows_view = out.T if transpose else out.reshape(-1, raw.shape[-1])
+        dequantize_blocks(raw.qtype, raw.blocks.reshape(-1, raw.blocks.shape[-1]), rows_view)
+        return out
     if raw.qtype in ("F32", "F16"):
         w = raw.blocks.view(np.float32 if raw.qtype == "F32" else np.float16).reshape(raw.shape)
-    else:
+    else:  # BF16
         w = np.asarray(_gguf_dequantize(raw.blocks, GGMLQuantizationType[raw.qtype]),
                        dtype=np.float32).reshape(raw.shape)
     w = w.T if transpose else w
