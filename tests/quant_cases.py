@@ -56,6 +56,31 @@ def make_weight(case: Case, qtype: str, seed: int = 0):
     return pack_gguf_rows(blocks, qtype, (case.n, case.k), case.tile), dequant
 
 
+# Byte offsets of each type's f16 fields within a block, from ggml-common.h (written out here, not
+# taken from the code under test).
+F16_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+def random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int = 0, log2_range=(-20, 2)) -> np.ndarray:
+    """uint8 [rows, blocks_per_row * type_size] of GGUF type `qtype`: random bytes, and random finite
+    f16 super-scales of magnitude 2**log2_range (default down to f16 subnormals, < 2**-14); the
+    first three are 0, -0 and the smallest subnormal."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+    rng = np.random.default_rng(seed)
+    block_size, type_size = GGML_QUANT_SIZES[Q[qtype]]
+    b = rng.integers(0, 256, (rows * blocks_per_row, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        mag = np.exp2(rng.uniform(*log2_range, b.shape[0]))
+        scale = (mag * rng.choice([-1.0, 1.0], b.shape[0])).astype(np.float16)
+        scale[:3] = [0.0, -0.0, np.float16(6e-8)]  # zero, negative zero, the smallest subnormal
+        b[:, off:off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)
+
+
 def kernel_args(qw) -> list:
     """The packed leaves of a QuantizedWeight as the kernels take them: [qs, scales, mins or None]."""
     import jax.numpy as jnp

@@ -1,9 +1,10 @@
 """GGUF block types decoded by jaxchunk.weights.gguf_quants: bit-exact against `gguf.quants`
 (the `gguf` package's NumPy port of llama.cpp's reference dequantization, not this project's).
 
-Random blocks are random bytes everywhere except the f16 super-scales, which are set to random
-finite f16 values (normal and subnormal, both signs): every bit pattern of the quants, the packed
-6-bit scales and the high-bit planes is reachable, so every decoding step is exercised.
+Random blocks (quant_cases.random_blocks) are random bytes everywhere except the f16 super-scales,
+which are set to random finite f16 values (normal and subnormal, both signs): every bit pattern of
+the quants, the packed 6-bit scales and the high-bit planes is reachable, so every decoding step is
+exercised.
 """
 import os
 from pathlib import Path
@@ -14,28 +15,10 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
+from quant_cases import F16_FIELDS, random_blocks
 from jaxchunk.weights.gguf_quants import QUANT_TYPES, decode_blocks, dequantize_blocks
 
-# Byte offsets of each type's f16 fields within a block, from ggml-common.h (written out here, not
-# taken from the code under test).
-F16_FIELDS = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-}
 GEMMA3_TYPES = {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}  # what gemma-3-270m-q4_k_m.gguf's matrices use
-
-
-def random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int = 0) -> np.ndarray:
-    """uint8 [rows, blocks_per_row * type_size]: random bytes, finite random f16 scales."""
-    rng = np.random.default_rng(seed)
-    block_size, type_size = GGML_QUANT_SIZES[Q[qtype]]
-    b = rng.integers(0, 256, (rows * blocks_per_row, type_size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        mag = np.exp2(rng.uniform(-20, 2, b.shape[0]))  # down to f16 subnormals (< 2**-14)
-        scale = (mag * rng.choice([-1.0, 1.0], b.shape[0])).astype(np.float16)
-        scale[:3] = [0.0, -0.0, np.float16(6e-8)]  # zero, negative zero, the smallest subnormal
-        b[:, off:off + 2] = scale.view(np.uint8).reshape(-1, 2)
-    return b.reshape(rows, -1)
 
 
 def test_table_covers_the_types_and_sizes_of_gguf():

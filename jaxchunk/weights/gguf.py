@@ -316,15 +316,17 @@ def config_from_gguf(reader: GGUFFile) -> LlamaConfig:
         raise ModelFileError(f"{path}: inconsistent metadata: {e}") from None
 
 
-def _quantized_keys(config: LlamaConfig, raw: dict[str, RawTensor]) -> set[str]:
-    """The params keys of matrices a quantized load keeps quantized: every layer (or the one global
-    tensor) stored in the same one of Q4_0 / Q4_1 / Q8_0."""
-    from jaxchunk.weights.quantized import QTYPES  # imports JAX: only for quantized loads
+def quantized_formats(config: LlamaConfig, raw: dict[str, RawTensor]) -> dict[str, tuple[Any, str]]:
+    """The matrices a quantized load keeps quantized, as params key -> (ResidentFormat, label):
+    every linear weight and the embedding whose layers are all stored in block types (any mix of
+    them: the format is the one that holds them all, the label their names, "Q4_K+Q6_K")."""
+    from jaxchunk.weights.quantized import QTYPES, resident_format  # imports JAX: only for quantized loads
     types: dict[str, set[str]] = collections.defaultdict(set)
     for key, layer in expected_keys(config):
         if key in LINEAR_KEYS or key == "embed":
             types[key].add(raw[gguf_tensor_name(key, layer)].qtype)
-    return {key for key, found in types.items() if len(found) == 1 and found <= set(QTYPES)}
+    return {key: (resident_format(sorted(found)), "+".join(sorted(found)))
+            for key, found in types.items() if found <= set(QTYPES)}
 
 
 def file_type_name(file_type: Optional[int]) -> str:
@@ -344,11 +346,12 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
     weights [in, out], Q/K rows in Hugging Face order); metadata is a small dict of strings:
     format, path, architecture, name, file_type, gguf_version, tensor_types.
 
-    quantized=True keeps Q4_0 / Q4_1 / Q8_0 matrices (the linear weights, and the embedding, which
+    quantized=True keeps block-quantized matrices (the linear weights, and the embedding, which
     then becomes the LM head's [hidden, vocab] matrix) quantized, as
-    `jaxchunk.weights.quantized.QuantizedWeight`s repacked from the file's bytes without
-    dequantizing; a matrix kind whose layers are not all one of those types, and the norms, are
-    dequantized to `dtype` as usual.
+    `jaxchunk.weights.quantized.QuantizedWeight`s repacked from the file's blocks without
+    dequantizing (`quantized_formats`: layers of different types share the layout that holds
+    them all); a matrix kind with a float layer (F32 / F16 / BF16), and the norms, are dequantized
+    to `dtype` as usual.
     """
     reader = path if isinstance(path, GGUFFile) else open_gguf(path)
     path, raw = reader.path, reader.tensors
@@ -356,7 +359,7 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
     check_tensors(path, config, gguf_tensor_name, {name: t.shape for name, t in raw.items()})
     for key, layer in expected_keys(config):  # fail before dequantizing anything
         _check_qtype(raw[gguf_tensor_name(key, layer)], path)
-    keep = _quantized_keys(config, raw) if quantized else set()
+    keep = quantized_formats(config, raw) if quantized else {}
 
     def stored(key: str, layer: Optional[int]) -> RawTensor:
         """The tensor's blocks, Q/K rows already in Hugging Face order (whole rows of quant blocks
@@ -391,7 +394,8 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
         from jaxchunk.weights.quantized import pack_gguf_rows
         # [out, in] rows -> W [in, out]. For the embedding [vocab, hidden] that is the LM head's
         # W [hidden, vocab], whose columns are the token rows.
-        return pack_gguf_rows(t.blocks, t.qtype, t.shape)
+        fmt, label = keep[key]
+        return pack_gguf_rows(t.blocks, t.qtype, t.shape, fmt=fmt, label=label)
 
     params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path, pack=pack, fill=fill)
     file_type = gguf_field(reader, path, "general.file_type", int, None)
