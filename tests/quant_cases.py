@@ -81,6 +81,22 @@ def random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int = 0, log
     return b.reshape(rows, -1)
 
 
+def gemma3_gguf_path():
+    """gemma-3-270m-q4_k_m.gguf: fetched into the cache where jaxchunk.fetch knows the model, else
+    the path in $JAXCHUNK_GEMMA3_GGUF; the calling test is skipped (with this reason) otherwise."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from jaxchunk.fetch import MODELS, fetch_model
+    if "gemma3-270m" in MODELS:
+        return fetch_model("gemma3-270m", quiet=True)
+    if os.environ.get("JAXCHUNK_GEMMA3_GGUF"):
+        return Path(os.environ["JAXCHUNK_GEMMA3_GGUF"])
+    pytest.skip("no gemma3-270m in jaxchunk.fetch.MODELS and no $JAXCHUNK_GEMMA3_GGUF")
+
+
 def kernel_args(qw) -> list:
     """The packed leaves of a QuantizedWeight as the kernels take them: [qs, scales, mins or None]."""
     import jax.numpy as jnp

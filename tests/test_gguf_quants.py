@@ -6,7 +6,6 @@ which are set to random finite f16 values (normal and subnormal, both signs): ev
 the quants, the packed 6-bit scales and the high-bit planes is reachable, so every decoding step is
 exercised.
 """
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from quant_cases import F16_FIELDS, random_blocks
+from quant_cases import F16_FIELDS, gemma3_gguf_path, random_blocks
 from jaxchunk.weights.gguf_quants import QUANT_TYPES, decode_blocks, dequantize_blocks
 
 GEMMA3_TYPES = {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}  # what gemma-3-270m-q4_k_m.gguf's matrices use
@@ -69,14 +68,7 @@ def test_bad_row_length():
 
 @pytest.fixture(scope="module")
 def gemma3_gguf() -> Path:
-    """gemma-3-270m-q4_k_m.gguf: fetched into the cache where the registry knows it, else the path
-    in $JAXCHUNK_GEMMA3_GGUF; skipped (with this reason) otherwise."""
-    from jaxchunk.fetch import MODELS, fetch_model
-    if "gemma3-270m" in MODELS:
-        return fetch_model("gemma3-270m", quiet=True)
-    if os.environ.get("JAXCHUNK_GEMMA3_GGUF"):
-        return Path(os.environ["JAXCHUNK_GEMMA3_GGUF"])
-    pytest.skip("no gemma3-270m in jaxchunk.fetch.MODELS and no $JAXCHUNK_GEMMA3_GGUF")
+    return gemma3_gguf_path()
 
 
 @pytest.mark.model

@@ -19,7 +19,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from quant_cases import TOL, kernel_args, q8_activations, random_blocks
+from quant_cases import TOL, gemma3_gguf_path, kernel_args, q8_activations, random_blocks
 from jaxchunk.weights.gguf_file import RawTensor
 from jaxchunk.weights.quantized import (QuantizedWeight, ResidentFormat, pack_gguf_rows, pack_stacked,
                                         resident_format)
@@ -203,3 +203,68 @@ def test_quantized_gguf_load_keeps_mixed_layers_quantized(tmp_path):
         assert np.array_equal(np.asarray(dequantize_weight(qw)), floats["layers"][key]), key
     assert quant["embed"].qtype == "Q8_0"
     assert np.array_equal(np.asarray(dequantize_weight(quant["embed"])).T, floats["embed"])
+
+
+def test_resident_bytes_experiment_on_a_mixed_file(tmp_path):
+    """experiments/kquant_resident.py: groups, layouts, byte counts and the exactness check, on a
+    tiny GGUF of the Gemma mix (written here, so the byte counts are known)."""
+    import json
+
+    from test_gguf_loader import permuted, tiny_hf_weights, tiny_metadata, write_gguf
+
+    from experiments import kquant_resident
+    weights = permuted(tiny_hf_weights(np.random.default_rng(6)))
+    qtypes = {name: Q.Q5_0 for name, w in weights.items() if w.ndim == 2}
+    qtypes.update({"token_embd.weight": Q.Q8_0, "blk.0.ffn_down.weight": Q.Q6_K, "blk.1.ffn_down.weight": Q.Q4_K})
+    path = write_gguf(tmp_path / "mixed.gguf", weights, tiny_metadata(), qtypes=qtypes)
+    df = kquant_resident.main(["--gguf", str(path), "--verify", "--out", str(tmp_path / "out")])
+    down = df[df.group == "ffn_down.weight"].iloc[0]
+    # [256 out, 512 in] x 2 layers; file: 2 super-blocks a row of 210 (Q6_K) / 144 (Q4_K) bytes.
+    assert down.types == "Q4_K+Q6_K" and down.file_bytes == 256 * 2 * (210 + 144)
+    assert down.resident_bytes == 2 * 256 * 512 * (8 + 64 / 16) / 8  # int8 + f32 scale and min per 16
+    up = df[df.group == "ffn_up.weight"].iloc[0]
+    assert up.file_bytes == 2 * 512 * 8 * 22 and up.resident_bytes == 2 * 512 * 256 * (8 + 16 / 32) / 8
+    total = df[df.group == "total"].iloc[0]
+    assert total.resident_bytes == df[df.group != "total"].resident_bytes.sum()
+    assert (tmp_path / "out" / "resident_bytes.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["verify"] is True
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf():
+    return gemma3_gguf_path()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_gemma3_resident_weights_exact_and_within_budget(gemma3_gguf):
+    """Every matrix stack of gemma-3-270m-q4_k_m.gguf packed for weights="q4" (layers of different
+    types in one layout) holds exactly gguf.quants' values, and the whole stays <= 1.25x the file."""
+    import re
+
+    from gguf import GGUFReader
+
+    from jaxchunk.weights.gguf import open_gguf
+    ours = open_gguf(gemma3_gguf).tensors
+    ref = {t.name: t for t in GGUFReader(gemma3_gguf).tensors}
+    stacks: dict = {}
+    for name, t in ours.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        stacks.setdefault(m.group(2) if m else name, []).append(t)
+    resident, labels = 0, {}
+    for key, tensors in stacks.items():
+        if tensors[0].qtype == "F32":
+            resident += sum(t.blocks.nbytes for t in tensors)
+            continue
+        qw = pack_stacked(tensors)
+        resident, labels[key] = resident + qw.nbytes, qw.qtype
+        tiles = min(qw.qs.shape[-3], max(1, 4096 // qw.qs.shape[-1]))  # the embedding: its first 4096 tokens
+        cols = tiles * qw.qs.shape[-1]
+        for i, t in enumerate(tensors):
+            layer = jax.tree.map(lambda a: a[i, :tiles], qw)
+            r = ref[t.name]
+            want = dequantize(r.data[:cols], r.tensor_type).reshape(cols, t.shape[1]).T
+            assert np.array_equal(np.asarray(dequantize_weight(layer)), want), t.name
+    file_size = gemma3_gguf.stat().st_size
+    assert labels["ffn_down.weight"] == "Q4_K+Q6_K" and labels["attn_v.weight"] == "Q5_0+Q8_0"
+    assert resident <= 1.25 * file_size, f"resident {resident} B vs file {file_size} B"
