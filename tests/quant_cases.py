@@ -81,6 +81,30 @@ def random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int = 0, log
     return b.reshape(rows, -1)
 
 
+# GGUF types (and mixed stacks: Gemma 3 Q4_K_M's ffn_down and attn_v) beyond QTYPES, kept quantized
+# in the layouts of jaxchunk.weights.quantized.resident_format.
+KQUANT_SPECS = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K+Q6_K", "Q5_0+Q8_0")
+
+
+def make_stack(spec: str, k: int = 512, n: int = 400, tile: int = 200, seed: int = 0):
+    """(stacked QuantizedWeight [layers, k, n] with NumPy leaves, float64 W [layers, k, n] per gguf):
+    one layer per type named in `spec` ("Q4_K" or "Q4_K+Q6_K"), random blocks with f16 super-scales
+    of 2**-12..2**-6. Default shape: 2 tiles of 200 columns (the native kernel's 128-column blocks
+    and a 72-column edge per tile)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    from jaxchunk.weights.gguf_file import RawTensor
+    from jaxchunk.weights.quantized import pack_stacked
+    raws, ws = [], []
+    for i, qtype in enumerate(spec.split("+")):
+        block = 256 if qtype.endswith("_K") else 32
+        blocks = random_blocks(qtype, n, k // block, seed=seed + i, log2_range=(-12, -6))
+        raws.append(RawTensor(f"layer{i}", qtype, (n, k), blocks))
+        ws.append(dequantize(blocks, Q[qtype]).reshape(n, k).T.astype(np.float64))
+    return pack_stacked(raws, tile), np.stack(ws)
+
+
 def gemma3_gguf_path():
     """gemma-3-270m-q4_k_m.gguf: fetched into the cache where jaxchunk.fetch knows the model, else
     the path in $JAXCHUNK_GEMMA3_GGUF; the calling test is skipped (with this reason) otherwise."""

@@ -19,7 +19,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from quant_cases import TOL, gemma3_gguf_path, kernel_args, q8_activations, random_blocks
+from quant_cases import KQUANT_SPECS as STACKS
+from quant_cases import TOL, gemma3_gguf_path, kernel_args, make_stack, q8_activations, random_blocks
 from jaxchunk.weights.gguf_file import RawTensor
 from jaxchunk.weights.quantized import (QuantizedWeight, ResidentFormat, pack_gguf_rows, pack_stacked,
                                         resident_format)
@@ -27,21 +28,7 @@ from jaxchunk.weights.quantized import dequantize as dequantize_weight
 from pallas_kernels import native_cpu
 from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_pallas, quant_matmul_xla
 
-NEW_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-STACKS = NEW_TYPES + ("Q4_K+Q6_K", "Q5_0+Q8_0")
-K, N, TILE = 512, 400, 200  # 2 tiles; native: one 128-column block + a 72-column edge per tile
-
-
-def make_stack(spec: str, k: int = K, n: int = N, tile: int = TILE, seed: int = 0):
-    """(stacked QuantizedWeight [layers, k, n] with NumPy leaves, float64 W [layers, k, n] per gguf):
-    one layer per type named in `spec` ("Q4_K" or "Q4_K+Q6_K")."""
-    raws, ws = [], []
-    for i, qtype in enumerate(spec.split("+")):
-        block = 256 if qtype.endswith("_K") else 32
-        blocks = random_blocks(qtype, n, k // block, seed=seed + i, log2_range=(-12, -6))
-        raws.append(RawTensor(f"layer{i}", qtype, (n, k), blocks))
-        ws.append(dequantize(blocks, Q[qtype]).reshape(n, k).T.astype(np.float64))
-    return pack_stacked(raws, tile), np.stack(ws)
+K, N = 512, 400  # make_stack's default shape
 
 
 def layer_args(qw: QuantizedWeight) -> list:
