@@ -308,3 +308,15 @@ def test_model_with_kquant_weights_matches_dequantized_model(tmp_path):
     for i in range(20, 22):
         cache, last = decode_step(qparams, cache, ids[:, i], config=config)
         np.testing.assert_allclose(np.asarray(last), expected[:, i], atol=tol)
+
+
+@pytest.mark.parametrize("spec", ["Q4_K", "Q6_K", "Q2_K", "Q5_0"])
+def test_quantized_embedding_rows(spec):
+    """A k-quant embedding (llama.cpp's Q4_K_M files often store token_embd as Q6_K / Q4_K), held as
+    the LM head's W [hidden, vocab] in 2 tiles: the looked-up rows are exactly gguf's values."""
+    from jaxchunk.model import embed
+    qw, w = make_stack(spec, k=256, n=96, tile=48)  # W [hidden 256, vocab 96]
+    table = jax.tree.map(lambda a: a[0], qw)
+    tokens = jnp.array([[0, 47, 48, 95], [13, 5, 5, 60]])
+    got = embed({"embed": table}, tokens, jnp.float32)
+    assert np.array_equal(np.asarray(got), w[0].T.astype(np.float32)[np.asarray(tokens)])
