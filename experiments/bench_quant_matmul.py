@@ -193,11 +193,12 @@ def main(argv=None):
         table = part.pivot_table(index="matrix", columns="formulation", values="gmacs_per_s")
         table = table.reindex([s[0] for s in shapes])
         table.plot.bar(ax=ax, rot=0 if args.shapes == "smollm2" else 60)
+        ax.set_ylim(0, 1.4 * float(np.nanmax(table.to_numpy())))  # room for the legend above the bars
         ax.set_ylabel("multiply-adds per second (10^9/s, higher is better)")
         ax.set_xlabel(f"matrix ({'SmolLM2-135M' if args.shapes == 'smollm2' else 'Gemma 3 270M'} shape"
                       f"{'' if args.shapes == 'smollm2' else ': GGUF type'})")
         ax.set_title(f"rows = {rows} ({'decode' if rows <= 16 else 'prefill chunk'})", fontsize=10)
-        ax.legend(title="formulation", fontsize=8)
+        ax.legend(title="formulation", fontsize=8, ncol=len(table.columns))
         ax.grid(True, axis="y", alpha=0.3)
     common.save_figure(fig, args.out / "quant_matmul.png")
     common.print_table(df, ["matrix", "rows", "formulation", "ms_per_matrix", "gweights_per_s", "gmacs_per_s",
