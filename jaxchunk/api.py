@@ -412,7 +412,11 @@ class Model:
 
     def stop_token_ids(self, stops: Sequence[str] = ()) -> list[int]:
         """EOS, plus stop strings that are exactly one token: those can stop the device loop early
-        (the text check below stays the authority)."""
+        (the text check below stays the authority). Without a tokenizer: the config's EOS."""
+        if self.tokenizer is None:
+            if stops:
+                raise InputError("stop strings need a tokenizer; this model has none")
+            return [] if self.config.eos_token_id is None else [self.config.eos_token_id]
         eos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.config.eos_token_id
         ids = [] if eos is None else [eos]
         for s in stops:

@@ -23,6 +23,7 @@ not the page table's width, so one pages-per-sequence bucket (the most a job may
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -44,6 +45,7 @@ from jaxchunk.steps import count_compiles, describe_arrays, describing_call
 __all__ = ["Job", "Event", "Generator", "sample_rows"]
 
 MB = 1024 ** 2
+LOG_LENGTH = 100_000  # steps / calls kept in Generator.step_log / call_log
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
@@ -177,7 +179,9 @@ class Generator:
         self._jobs: dict[Hashable, _Active] = {}
         self._pending: list[Event] = []
         self._ids = itertools.count()
-        self.step_times: list[dict] = []  # per step: host scheduling and model-call seconds, tokens
+        # The last steps' and calls' records (host scheduling vs call seconds, what each call held).
+        self.step_log: collections.deque[dict] = collections.deque(maxlen=LOG_LENGTH)
+        self.call_log: collections.deque[dict] = collections.deque(maxlen=LOG_LENGTH)
 
     # ---- configuration ----------------------------------------------------------------------
     @property
@@ -235,8 +239,6 @@ class Generator:
             raise InputError(f"job {job.id!r}: prompt ids must lie in [0, {self.config.vocab_size})")
         sampling = SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, min_p=job.min_p)
         stops = stop_list(job.stop)
-        if stops and self.model.tokenizer is None:
-            raise InputError(f"job {job.id!r}: stop strings need a tokenizer; this model has none")
         stop_ids = self._stop_ids(job, stops)
         request = Request(id=job.id, tokens=list(ids), prompt_len=len(ids), max_tokens=len(ids) + job.max_new_tokens)
         self.scheduler.add(request)  # InputError if it can never fit the pool
@@ -245,12 +247,7 @@ class Generator:
         return job
 
     def _stop_ids(self, job: Job, stops: list[str]) -> frozenset:
-        if job.stop_ids is not None:
-            ids = [int(i) for i in job.stop_ids]
-        elif self.model.tokenizer is not None:
-            ids = self.model.stop_token_ids(stops)
-        else:
-            ids = [] if self.config.eos_token_id is None else [self.config.eos_token_id]
+        ids = [int(i) for i in job.stop_ids] if job.stop_ids is not None else self.model.stop_token_ids(stops)
         if any(not 0 <= i < self.config.vocab_size for i in ids):
             raise InputError(f"job {job.id!r}: stop_ids {ids} must lie in [0, {self.config.vocab_size})")
         return frozenset(ids)
@@ -288,9 +285,8 @@ class Generator:
         for call in calls:
             device_s += self._run_call(call, events)
         if calls:
-            self.step_times.append({"host_s": host_s, "call_s": device_s, "calls": len(calls),
-                                    "tokens": sum(c.num_tokens for call in calls for c in call),
-                                    "seqs": sum(len(call) for call in calls)})
+            self.step_log.append({"host_s": host_s, "call_s": device_s, "calls": len(calls),
+                                  "tokens": sum(c.num_tokens for call in calls for c in call)})
         return events
 
     def _shape(self, call: list[Chunk]) -> tuple[int, int]:
@@ -311,6 +307,10 @@ class Generator:
                                         for a, c in zip(actives, call)])
         elapsed = time.perf_counter() - start
         now = time.perf_counter()
+        decode_rows = sum(c.request.is_decode for c in call)
+        self.call_log.append({"s": elapsed, "token_bucket": token_budget, "decode_rows": decode_rows,
+                              "prefill_tokens": sum(c.num_tokens for c in call) - decode_rows,
+                              "kv_tokens": sum(c.start + c.num_tokens for c in call), "seqs": len(call)})
         for row, (chunk, active) in enumerate(zip(call, actives)):
             self.scheduler.commit(chunk)
             if active.started is None:
