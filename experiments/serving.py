@@ -40,12 +40,13 @@ FULL = dict(workloads=["W1", "W2", "W3", "W4", "batch"], policies=["b32", "b64",
                                                                     "b2048", "prefill_first", "exllamav2"],
             rates=[0.5, 1.0, 2.0, 4.0], requests=32, prompt_len=512, output_len=64, w2_background=8,
             w2_prompt_len=4096, w2_long=2, w2_output_len=128, w3_short=128, w3_long=2048, w3_short_frac=0.8,
-            w4_prefix=1024, w4_suffix=32, batch_jobs=32, batch_prompt=64, batch_output=64, page_size=256,
-            max_seqs=32, exl_chunk=2048, slo_tbt=0.5)
+            w4_prefix=1024, w4_suffix=32, batch_jobs=32, batch_prompt=64, batch_output=64, batch_budget=256,
+            page_size=256, max_seqs=32, exl_chunk=2048, slo_tbt=0.5)
 QUICK = dict(workloads=["W1", "W2", "W3", "W4", "batch"], policies=["b16", "b64", "prefill_first", "exllamav2"],
              rates=[4.0, 16.0], requests=8, prompt_len=48, output_len=8, w2_background=3, w2_prompt_len=256,
              w2_long=1, w2_output_len=24, w3_short=16, w3_long=160, w3_short_frac=0.75, w4_prefix=64, w4_suffix=8,
-             batch_jobs=8, batch_prompt=16, batch_output=16, page_size=16, max_seqs=8, exl_chunk=64, slo_tbt=0.5)
+             batch_jobs=8, batch_prompt=16, batch_output=16, batch_budget=64, page_size=16, max_seqs=8, exl_chunk=64,
+             slo_tbt=0.5)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -157,14 +158,17 @@ def run_policy(model, workload: str, requests, policy: str, args) -> tuple[dict,
 
 
 def run_batch(model, args, vocab: int) -> dict:
-    """--batch-jobs jobs decoding together: the generator vs Model.generate on one batch (tok/s)."""
+    """--batch-jobs jobs decoding together: the generator (budget --batch-budget) vs Model.generate's
+    code on one batch (prefill + decode, tok/s of generated tokens; best of 2 interleaved rounds), and
+    the generator's decode phase alone."""
+    import jaxchunk
     from jaxchunk.cache import init_cache
     from jaxchunk.generate import generate_ids
     from jaxchunk.generator import Generator
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, vocab, args.batch_prompt).tolist() for _ in range(args.batch_jobs)]
     n = args.batch_output
-    gen = Generator(model, token_budget=max(args.batch_jobs, 16), max_seqs=args.batch_jobs,
+    gen = Generator(model, token_budget=args.batch_budget, max_seqs=args.batch_jobs,
                     page_size=args.page_size, num_pages=args.batch_jobs * -(-(args.batch_prompt + n) // args.page_size))
     gen.warmup()
 
@@ -174,18 +178,25 @@ def run_batch(model, args, vocab: int) -> dict:
 
     batch()  # warm-up (compiles)
     times = {"generator": [], "model_generate": []}
+    decode_tok_s = []
     for _ in range(2):  # interleaved rounds
+        jobs = [gen.enqueue(jaxchunk.Job(p, max_new_tokens=n, stop_ids=())) for p in prompts]
         start = time.perf_counter()
-        gen.generate(prompts, max_new_tokens=n, stop_ids=(), return_ids=True)
+        gen.run()
         times["generator"].append(time.perf_counter() - start)
+        # decode phase alone: from the last job's first token to the end, the tokens after each first
+        first = max(j.timings["ttft_s"] for j in jobs)
+        end = max(j.timings["total_s"] for j in jobs)
+        decode_tok_s.append(len(jobs) * (n - 1) / (end - first))
         start = time.perf_counter()
         batch()
         times["model_generate"].append(time.perf_counter() - start)
     tokens = args.batch_jobs * n
     gen_tok_s, ref_tok_s = tokens / min(times["generator"]), tokens / min(times["model_generate"])
-    return {"workload": "batch", "policy": f"b{max(args.batch_jobs, 16)}", "requests": args.batch_jobs,
+    return {"workload": "batch", "policy": f"b{args.batch_budget}", "requests": args.batch_jobs,
             "output_tokens": tokens, "token_throughput": gen_tok_s, "model_generate_tok_s": ref_tok_s,
-            "ratio_vs_model_generate": gen_tok_s / ref_tok_s}
+            "ratio_vs_model_generate": gen_tok_s / ref_tok_s, "generator_decode_tok_s": max(decode_tok_s),
+            "batch_seconds": times}
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -265,7 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", type=lambda s: common.parse_list(s, float), help="W1 requests / s")
     for name in ("requests", "prompt_len", "output_len", "w2_background", "w2_prompt_len", "w2_long", "w2_output_len",
                  "w3_short", "w3_long", "w4_prefix", "w4_suffix", "batch_jobs", "batch_prompt", "batch_output",
-                 "page_size", "max_seqs", "exl_chunk"):
+                 "batch_budget", "page_size", "max_seqs", "exl_chunk"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
     p.add_argument("--w3-short-frac", type=float)
     p.add_argument("--slo-tbt", type=float, help="P99 TBT SLO for capacity (s)")
@@ -319,7 +330,8 @@ def main(argv=None):
     settings.update(wall_s=round(time.perf_counter() - started, 1), model_source=loaded.source, analysis=analysis,
                     timing="arrivals on the wall clock; each policy's generator warmed up first (warm-up compiles "
                            "counted apart); TTFT from enqueue; TBT every gap between a job's tokens")
-    df = common.write_results(args.out, df.to_dict("records"), settings, machine)
+    df = common.write_results(args.out, df.to_dict("records"), settings, machine,
+                              json_only=[c for c in ("batch_seconds",) if c in df])
     pd.DataFrame(calls).to_csv(args.out / "calls.csv", index=False)
     png = plot(df, args.out / "serving.png",
                f"Dynamic generator: {args.model} {args.dtype}, page {args.page_size}, {machine['usable_cores']} cores, "

@@ -227,6 +227,8 @@ class Generator:
             raise InputError(f"a job with id {job.id!r} is already in the generator")
         if job.finished or job.output_ids:
             raise InputError(f"job {job.id!r} has already run; make a new Job")
+        if isinstance(job.prompt, str) and self.model.tokenizer is None:
+            raise InputError(f"job {job.id!r}: a text prompt needs a tokenizer; this model has none (give ids)")
         ids = self.model.prompt_ids(job.prompt)
         if not isinstance(job.max_new_tokens, int) or isinstance(job.max_new_tokens, bool) or job.max_new_tokens < 1:
             raise InputError(f"job {job.id!r}: max_new_tokens must be a positive int, got {job.max_new_tokens!r}")

@@ -211,6 +211,8 @@ def test_a_job_that_can_never_fit_is_refused_and_nothing_else_is_lost():
         gen.enqueue(Job([1, 10_000]))
     with pytest.raises(InputError, match="stop strings need a tokenizer"):
         gen.enqueue(Job([1, 2], stop="x"))
+    with pytest.raises(InputError, match="text prompt needs a tokenizer"):
+        gen.enqueue(Job("hello"))
     gen.run()
     assert ok.output_ids == reference(ok.prompt, 5) and gen.idle
 
