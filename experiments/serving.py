@@ -233,36 +233,47 @@ def capacity(df, slo: float) -> dict:
 
 
 def plot(df, path: Path, title: str):
+    """Bars per workload and policy: TTFT P99, TBT P99, output tok/s; the W2 background's TBT; the
+    batch section's tok/s next to generate_ids'."""
     plt = common.pyplot()
-    if plt is None:
-        return None
     runs = df[df.workload != "batch"]
+    batch = df[df.workload == "batch"]
     panels = [("ttft_p99_s", "TTFT P99 (s)"), ("tbt_p99_s", "TBT P99 (s)"), ("token_throughput", "output tok/s")]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.2))
-    policies = list(dict.fromkeys(runs.policy))
-    names = list(dict.fromkeys(runs.workload + runs.rate.map(lambda r: "" if np.isnan(r) else f"@{r:g}")))
-    width = 0.8 / max(1, len(policies))
-    for ax, (col, label) in zip(axes, panels):
-        for i, policy in enumerate(policies):
-            part = runs[runs.policy == policy]
-            keys = list(part.workload + part.rate.map(lambda r: "" if np.isnan(r) else f"@{r:g}"))
-            ax.bar([names.index(k) + i * width for k in keys], part[col], width, label=policy)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, fontsize=8)
-        ax.set_ylabel(label)
-        if col != "token_throughput":
-            ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    ax = axes[-1]
-    w2 = runs[runs.workload == "W2"]
-    if len(w2) and "background_tbt_p99_s" in w2:
+    panels = panels if len(runs) else []
+    extra = ["W2"] * int(len(runs) > 0 and "W2" in set(runs.workload)) + ["batch"] * int(len(batch) > 0)
+    fig, axes = plt.subplots(1, len(panels) + len(extra), figsize=(5 * (len(panels) + len(extra)), 4.2),
+                             squeeze=False)
+    axes = list(axes[0])
+    if panels:
+        label_of = runs.workload + runs.rate.map(lambda r: "" if r is None or r != r else f"@{float(r):g}")
+        policies, names = list(dict.fromkeys(runs.policy)), list(dict.fromkeys(label_of))
+        width = 0.8 / len(policies)
+        for ax, (col, label) in zip(axes, panels):
+            for i, policy in enumerate(policies):
+                part = runs.policy == policy
+                ax.bar([names.index(k) + i * width for k in label_of[part]], runs[part][col], width, label=policy)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, fontsize=8)
+            ax.set_ylabel(label)
+            if col != "token_throughput":
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+    rest = axes[len(panels):]
+    if "W2" in extra:
+        ax, rest = rest[0], rest[1:]
+        w2 = runs[runs.workload == "W2"]
         ax.bar(range(len(w2)), w2.background_tbt_p99_s, label="P99")
         ax.bar(range(len(w2)), w2.background_tbt_median_s, label="median")
         ax.set_xticks(range(len(w2)), w2.policy, rotation=30, fontsize=8)
         ax.set_ylabel("W2 background TBT (s)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
+    if "batch" in extra:
+        ax, row = rest[0], batch.iloc[0]
+        values = [row.token_throughput, row.generator_decode_tok_s, row.model_generate_tok_s]
+        ax.bar(range(3), values, color=["C0", "C0", "C1"])
+        ax.set_xticks(range(3), ["generator", "generator\n(decode phase)", "generate_ids\n(one batch)"], fontsize=8)
+        ax.set_ylabel(f"tok/s, {int(row.requests)} jobs (ratio {row.ratio_vs_model_generate:.2f}x)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return common.save_figure(fig, path)
 
 
@@ -303,8 +314,7 @@ def main(argv=None):
     loaded = common.load_model(args.model, args.dtype)
     vocab = loaded.config.vocab_size
     loads = workloads(args, vocab)
-    longest = max(len(r[1]) + r[2] for reqs in loads.values() for r in reqs)
-    longest = max(longest, args.batch_prompt + args.batch_output)
+    longest = max([len(r[1]) + r[2] for reqs in loads.values() for r in reqs] + [args.batch_prompt + args.batch_output])
     max_seq_len = min(loaded.config.max_position_embeddings, -(-longest // args.page_size) * args.page_size)
     model = Model(loaded.config, loaded.params, loaded.tokenizer, dtype=args.dtype, max_seq_len=max_seq_len)
     rows, calls = [], []
