@@ -196,6 +196,8 @@ def run_batch(model, args, vocab: int) -> dict:
     return {"workload": "batch", "policy": f"b{args.batch_budget}", "requests": args.batch_jobs,
             "output_tokens": tokens, "token_throughput": gen_tok_s, "model_generate_tok_s": ref_tok_s,
             "ratio_vs_model_generate": gen_tok_s / ref_tok_s, "generator_decode_tok_s": max(decode_tok_s),
+            "host_s": sum(s["host_s"] for s in gen.step_log), "call_s": sum(s["call_s"] for s in gen.step_log),
+            "steps": len(gen.step_log),
             "batch_seconds": times}
 
 

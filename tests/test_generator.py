@@ -73,6 +73,7 @@ def check_events(events, jobs):
 
 
 # ----------------------------------------------------------------------------- equivalence
+@pytest.mark.slow
 @pytest.mark.parametrize("page_size", [16, 256])
 @pytest.mark.parametrize("token_budget", [16, 64, 256])
 def test_greedy_jobs_arriving_at_random_steps_equal_each_prompt_alone(token_budget, page_size):
