@@ -221,21 +221,24 @@ def test_a_job_that_can_never_fit_is_refused_and_nothing_else_is_lost():
 def test_soak_hundreds_of_short_jobs_with_random_arrival_and_cancellation():
     rng = np.random.default_rng(17)
     arrivals = random_jobs(rng, 300, 40, max_new=8, arrive_within=400)
-    cancel_at = {}
-    for _, job in arrivals:
+    cancel_at = {}  # 10% of the jobs, a few steps after they arrive: queued, prefilling or decoding
+    for arrival, job in arrivals:
         if rng.random() < 0.1:
-            cancel_at.setdefault(int(rng.integers(0, 400)), []).append(job.id)
-    gen = Generator(MODEL, token_budget=32, max_seqs=8, page_size=16, num_pages=24)
+            cancel_at.setdefault(arrival + int(rng.integers(0, 8)), []).append(job.id)
+    gen = Generator(MODEL, token_budget=32, max_seqs=8, page_size=16, num_pages=12)  # 192 tokens: preempts
     events = run_arrivals(gen, arrivals, cancel_at, max_steps=3000)
     jobs = [job for _, job in arrivals]
     cancelled = {i for ids in cancel_at.values() for i in ids}
     assert all(job.finished for job in jobs)
     for job in jobs:
-        assert job.finish_reason == ("cancelled" if job.finish_reason == "cancelled" else "length")
+        assert job.finish_reason in ("cancelled", "length")
         if job.finish_reason == "cancelled":
-            assert job.id in cancelled
+            assert job.id in cancelled and len(job.output_ids) < job.max_new_tokens
         else:
             assert len(job.output_ids) == job.max_new_tokens
+    n_cancelled = sum(job.finish_reason == "cancelled" for job in jobs)
+    assert n_cancelled >= 10 and any(job.finish_reason == "cancelled" and job.output_ids for job in jobs)
+    assert gen.stats.preemptions > 0
     check_events(events, jobs)
     for job in [j for j in jobs if j.finish_reason == "length"][::25]:  # a sample against the reference
         assert job.output_ids == reference(job.prompt, job.max_new_tokens)
