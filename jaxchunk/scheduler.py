@@ -14,7 +14,9 @@ Policies (`POLICIES`), one `schedule()` -> a list of calls, each a list of chunk
 - "prefill_first" (no chunking): new prompts whole, batched up to the budget (a longer prompt runs
   alone), and decodes wait until no new prompt can start.
 - "exllamav2" (`ExLlamaV2DynamicGenerator.iterate`): each prefilling request's next chunk (at most
-  `token_budget` tokens) as a call of its own, then one call of all decodes.
+  `token_budget` tokens) as a call of its own, then one call of all decodes. Only its order of calls:
+  exllamav2 reserves a job's pages up front and never preempts; here pages follow the chunks, as for
+  the other policies, so the study compares orders under one page policy.
 
 Pages (`PagePool`) are allocated as chunks need them. When a running request needs a page and none
 is free, the most recently admitted running request is preempted: its pages are released and it
