@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from jaxchunk.cache import KVCache
     from jaxchunk.tokenizer import Tokenizer
 
-__all__ = ["load", "Model", "GenerationResult", "StopStrings"]
+__all__ = ["load", "Model", "GenerationResult", "StopStrings", "TextStream", "stop_list"]
 
 DEFAULT_MAX_SEQ_LEN = 8192
 PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
@@ -217,18 +217,18 @@ class Model:
         """Token ids of `text`, with BOS if the model file asks for it (see the module docstring)."""
         return self.tokenizer.encode(text, add_bos=self.add_bos)
 
-    def _ids(self, prompt: Prompt) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
         """One prompt (text or ids) as a non-empty list of ids."""
         ids = self.encode(prompt) if isinstance(prompt, str) else _id_list(prompt)
         if not ids:
             raise InputError("the prompt is empty (no tokens)")
         return ids
 
-    def _batch(self, prompts) -> tuple[list[list[int]], bool]:
+    def prompt_rows(self, prompts) -> tuple[list[list[int]], bool]:
         """(rows of ids, whether a single prompt was given): text, ids, or a list of either."""
         if _is_batch(prompts):
-            return [self._ids(p) for p in prompts], False
-        return [self._ids(prompts)], True
+            return [self.prompt_ids(p) for p in prompts], False
+        return [self.prompt_ids(prompts)], True
 
     # ---- low level ----------------------------------------------------------------------
     def new_cache(self, batch: int = 1) -> "KVCache":
@@ -245,7 +245,7 @@ class Model:
         max_input_len / max_attention_size on.
         """
         from jaxchunk.prefill import prefill
-        rows, _ = self._batch(ids)
+        rows, _ = self.prompt_rows(ids)
         return prefill(self.params, self.config, self.new_cache(len(rows)), rows, chunk_size=chunk_size,
                        attention_impl=self.attention_impl, all_logits=all_logits,
                        progress=progress and max(map(len, rows)) >= PROGRESS_MIN_TOKENS, **schedule)
@@ -253,7 +253,7 @@ class Model:
     def logits(self, ids, *, chunk_size: Optional[int] = None, all_positions: bool = False) -> np.ndarray:
         """float32 NumPy logits of one sequence: [vocab] after its last token, or [len(ids), vocab]
         at every position with all_positions=True."""
-        _, logits = self.prefill(self._ids(ids), chunk_size, all_logits=all_positions)
+        _, logits = self.prefill(self.prompt_ids(ids), chunk_size, all_logits=all_positions)
         return logits[0] if all_positions else np.asarray(logits[0])
 
     def perplexity(self, text_or_ids, chunk_size: Optional[int] = None, *, max_tokens: Optional[int] = None,
@@ -266,7 +266,7 @@ class Model:
         chunk by chunk, so only [chunk] floats ever reach the host. The automatic chunk size is
         capped at 512 (the chunk's all-position logits are [chunk, vocab] float32).
         """
-        ids = np.asarray(self._ids(text_or_ids), np.int32)
+        ids = np.asarray(self.prompt_ids(text_or_ids), np.int32)
         if max_tokens is not None:
             if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 2:
                 raise InputError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
@@ -330,11 +330,11 @@ class Model:
         from jaxchunk import generate as gen
         from jaxchunk.sampling import SamplingParams
 
-        rows, single = self._batch(prompts)
+        rows, single = self.prompt_rows(prompts)
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty)
-        stops = _stop_list(stop)
-        stop_ids = self._stop_ids(stops)
+        stops = stop_list(stop)
+        stop_ids = self.stop_token_ids(stops)
         kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, chunk_size=chunk_size,
                       stop_ids=stop_ids, attention_impl=self.attention_impl,
                       progress=progress and max(map(len, rows)) >= PROGRESS_MIN_TOKENS)
@@ -411,9 +411,13 @@ class Model:
                             pass
         return {"compiles": compiles.count, "seconds": time.perf_counter() - start}
 
-    def _stop_ids(self, stops: Sequence[str]) -> list[int]:
+    def stop_token_ids(self, stops: Sequence[str] = ()) -> list[int]:
         """EOS, plus stop strings that are exactly one token: those can stop the device loop early
-        (the text check below stays the authority)."""
+        (the text check below stays the authority). Without a tokenizer: the config's EOS."""
+        if self.tokenizer is None:
+            if stops:
+                raise InputError("stop strings need a tokenizer; this model has none")
+            return [] if self.config.eos_token_id is None else [self.config.eos_token_id]
         eos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.config.eos_token_id
         ids = [] if eos is None else [eos]
         for s in stops:
@@ -446,22 +450,52 @@ class Model:
 
     def _stream_text(self, steps, stop_ids: set[int], stops: Sequence[str]) -> Iterator[str]:
         """Text pieces from a `stream_ids` generator of one row (same text as `_text`)."""
-        decoder, cutter = self.tokenizer.incremental_decoder(), StopStrings(stops)
+        text = TextStream(self.tokenizer, stop_ids, stops)
         try:
             for tokens in steps:
-                token = int(tokens[0])
-                if token in stop_ids:
-                    break
-                piece = cutter.push(decoder.push(token))
+                piece = text.push(int(tokens[0]))
                 if piece:
                     yield piece
-                if cutter.stopped:
+                if text.stopped:
                     return
-            tail = cutter.push(decoder.flush()) + cutter.flush()
+            tail = text.finish()
             if tail:
                 yield tail
         finally:
             steps.close()  # stop decoding on the device when the caller stops early
+
+
+class TextStream:
+    """One generation's text, token by token (push-based, for streaming and the dynamic generator).
+
+    `push(token)` returns the text that is now safe to show (a character split across tokens comes out
+    whole; text that may start a stop string is held back) and sets `stopped` when the token is a stop
+    id (its text is not shown) or completes a stop string (nothing from the stop string on is shown).
+    `finish()` returns what is held back at the end. The pieces join to `Model._text` of the ids.
+    """
+
+    def __init__(self, tokenizer: "Tokenizer", stop_ids=(), stops: Sequence[str] = ()):
+        self.stop_ids = set(stop_ids)
+        self.stopped = False
+        self._decoder = tokenizer.incremental_decoder()
+        self._cutter = StopStrings(stops)
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        if token in self.stop_ids:
+            self.stopped = True
+            return ""
+        piece = self._cutter.push(self._decoder.push(token))
+        self.stopped = self._cutter.stopped
+        return piece
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        tail = self._cutter.push(self._decoder.flush())
+        self.stopped = self._cutter.stopped
+        return tail + self._cutter.flush()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -482,7 +516,8 @@ def _id_list(ids) -> list[int]:
     return arr.astype(np.int64).tolist()
 
 
-def _stop_list(stop) -> list[str]:
+def stop_list(stop) -> list[str]:
+    """`stop` (one string or a list of them) as a checked list of non-empty strings."""
     stops = [stop] if isinstance(stop, str) else list(stop or ())
     if not all(isinstance(s, str) and s for s in stops):
         raise InputError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
