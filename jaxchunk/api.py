@@ -415,6 +415,8 @@ class Model:
         (the text check below stays the authority)."""
         eos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.config.eos_token_id
         ids = [] if eos is None else [eos]
+        if self.tokenizer.end_of_turn_id is not None and self.tokenizer.end_of_turn_id != eos:
+            ids.append(self.tokenizer.end_of_turn_id)  # Gemma's <end_of_turn>
         for s in stops:
             encoded = self.tokenizer.encode(s)
             if len(encoded) == 1 and self.tokenizer.decode(encoded) == s:
