@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxchunk.fetch import DEFAULT_MODEL  # the model registry's default; imports no JAX
+from jaxchunk.fetch import MODELS as fetch_models
 
 # The one timing helper, shared with `jaxchunk bench`; re-exported for the scripts.
 from jaxchunk.timing import Timing, timeit  # noqa: F401
@@ -44,7 +45,7 @@ from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "tiny-random"
-MODELS = (DEFAULT_MODEL, TINY_MODEL)
+MODELS = (*fetch_models, TINY_MODEL)  # every model of the registry, and the random one
 MB = 1024 ** 2
 
 
@@ -157,7 +158,7 @@ def tiny_config():
 def model_path(name: str = DEFAULT_MODEL) -> Path:
     """The GGUF file of a known model (fetched on first use)."""
     if name not in MODELS or name == TINY_MODEL:
-        raise ValueError(f"{name!r} has no model file; choose {DEFAULT_MODEL!r}")
+        raise ValueError(f"{name!r} has no model file; choose one of {', '.join(fetch_models)}")
     from jaxchunk.fetch import fetch_model
     return fetch_model(name)
 
