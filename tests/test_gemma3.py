@@ -443,3 +443,18 @@ def test_load_and_generate(gemma_gguf):
     assert "Paris" in result.text, result.text
     assert set(model._stop_ids(())) == {1, 106}
 
+
+
+def test_local_layer_reads_window_plus_chunk_keys():
+    """The blockwise XLA backend's key-block range for a Gemma-shaped chunk (512 queries, G = 4):
+    with the 512 window it covers window + chunk keys wherever the chunk sits; global attention
+    covers every key before it."""
+    from pallas_kernels.blockwise_attention import key_block_range
+    block_k, chunk, group = 256, 512, 4
+    for pos in (0, 1000, 8000, 30000):
+        q_offset, kv_len = jnp.array([pos]), jnp.array([pos + chunk])
+        lo, _, _, hi = key_block_range(q_offset, kv_len, 0, chunk * group - 1, group, block_k, 512)
+        assert int(lo) * block_k <= max(pos - 511, 0) and int(hi) * block_k >= pos + chunk
+        assert int(hi - lo) <= (512 + chunk) // block_k + 1
+        lo, _, _, hi = key_block_range(q_offset, kv_len, 0, chunk * group - 1, group, block_k, None)
+        assert int(lo) == 0 and int(hi) == -(-(pos + chunk) // block_k)
