@@ -163,6 +163,13 @@ def model_path(name: str = DEFAULT_MODEL) -> Path:
     return fetch_model(name)
 
 
+def file_type(name: str) -> str:
+    """The GGUF's quantization mix as llama.cpp names it ("Q4_1", "Q4_K_M"), from `general.file_type`."""
+    from jaxchunk.weights.gguf import file_type_name, gguf_field, open_gguf
+    path = model_path(name)
+    return file_type_name(gguf_field(open_gguf(path), path, "general.file_type", int, None)).removeprefix("MOSTLY_")
+
+
 def _tiny_host_weights(quantized: bool):
     """(config, float32 NumPy params, source) of the random model; quantized: Q4_1 layers and a
     Q8_0 embedding (jaxchunk.weights.quantized.quantize_params)."""

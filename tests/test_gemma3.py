@@ -433,15 +433,19 @@ def test_chat_template_and_stop_tokens(gemma_tokenizer):
 
 
 @pytest.mark.model
+@pytest.mark.peers
 @pytest.mark.slow
-def test_load_and_generate(gemma_gguf):
-    """`jaxchunk.load("gemma3-270m")`: a real continuation, and chat() stops at <end_of_turn>."""
+def test_load_generate_and_perplexity(gemma_gguf, reference):
+    """`jaxchunk.load("gemma3-270m")`: generate continues as transformers' greedy search does, stops
+    on <eos> and <end_of_turn>; `Model.perplexity` of 256 corpus tokens equals transformers'."""
     import jaxchunk
     model = jaxchunk.load(MODEL, max_seq_len=256)
-    assert model.add_bos
-    result = model.generate("The capital of France is", max_new_tokens=8, return_ids=True)
-    assert "Paris" in result.text, result.text
-    assert set(model._stop_ids(())) == {1, 106}
+    assert model.add_bos and set(model._stop_ids(())) == {1, 106}
+    result = model.generate(GREEDY_PROMPTS[0], max_new_tokens=12, return_ids=True)
+    assert result.ids == reference["greedy0"][:12].tolist(), result.text
+    ids = reference["ids"][:256]
+    ppl_ref = np.exp(-reference["target_logp"][:255].astype(np.float64).mean())
+    assert model.perplexity(ids, chunk_size=64) == pytest.approx(ppl_ref, rel=5e-4)
 
 
 

@@ -195,15 +195,15 @@ def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece-style score merging over `tokens`: every split of a
     token into two tokens, ranked by the merged token's score, highest first (ties: lower token
     id first, then the shorter left piece)."""
-    vocab = dict(zip(tokens, range(len(tokens))))
+    import numpy as np
+
+    vocab = frozenset(tokens)
+    order = np.lexsort((np.arange(len(tokens)), -np.asarray(scores, np.float64)))  # by -score, then id
     merges = []
-    for token_id, token in enumerate(tokens):
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                merges.append((-scores[token_id], token_id, cut, left, right))
-    merges.sort()
-    return [(left, right) for *_, left, right in merges]
+    for token in (tokens[i] for i in order.tolist()):
+        merges.extend((token[:cut], token[cut:]) for cut in range(1, len(token))
+                      if token[:cut] in vocab and token[cut:] in vocab)
+    return merges
 
 
 def read_spm_vocabulary(path: Path, reader) -> tuple:
