@@ -12,7 +12,8 @@ Systems (--systems):
                 transformers keep GGUF weights packed and unpack them in every forward (several
                 times slower on CPU without its `kernels` package); --hf-weights dense (default)
                 asks for GgufConfig(dequantize=True): plain dense weights, like jaxchunk's.
-- llama.cpp:    llama_cpp.Llama on the GGUF as is (its native weights: Q4_1 for SmolLM2, Q4_K_M for Gemma 3), n_batch 512,
+- llama.cpp:    llama_cpp.Llama on the GGUF as is (its native weights: Q4_1 for SmolLM2, Q4_K_M
+                for Gemma 3), n_batch 512,
                 n_threads --threads, logits_all=False; llm.eval(ids) after llm.reset().
 
 Every system runs in its own subprocess (this module with --worker), so its peak RSS (VmHWM, reset
