@@ -11,7 +11,8 @@
 //   x:      f32 [rows, k]
 //   qs:     u8 [layers, tiles, k / 2, tile] (4-bit: row b*16+i holds W[b*32+i] low, W[b*32+16+i]
 //           high) or s8 [layers, tiles, k, tile] (8-bit)
-//   scales: f16 [layers, tiles, k / 32, tile];  mins: the same (4-bit only)
+//   scales: f16 or f32 [layers, tiles, k / group, tile], group 32 or 16;  mins: the same (4-bit
+//           always, 8-bit when attr has_mins; otherwise a stand-in that is never read)
 //   layer:  s32 scalar: W is that layer of the stack (read in place: inside the model's layer scan
 //           a sliced operand would be copied into a new buffer first)
 //   y:      f32 [rows, tiles * tile]
@@ -25,6 +26,12 @@
 // 128 columns. q8 x: sum_i xq_i q_i is exact in int32 (vpdpbusd: 64 byte products per instruction,
 // where the conversion path spends ~4 instructions per 16 weights), then y += d_b d_x isum +
 // m_b sum(x'). Items of kColumnBlock (128) columns are shared among XLA's intra-op threads.
+//
+// The legacy layouts (f16 scales, group 32, mins exactly for 4-bit: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0)
+// take the paths above. The k-quant layouts (f32 scales d * sc, groups of 16, 8-bit with mins) take
+// GenericFloatColumns: float products per half block (16 weights), scaled per group; with
+// quantize_x their x is rounded the same way and the float path multiplies the rounded x' (the
+// same x' @ W, without the integer speed-up).
 //
 // JaxchunkDecodeAttention: attention of a few query positions (decode) against the KV cache.
 //
@@ -81,12 +88,29 @@ struct Problem {
   const float* x_sum;      // [rows, k / 32]: d_x * sum(xq) (the dequantized block's sum)
   const int32_t* xq_sum;   // [rows, k / 32]: sum(xq)
   const uint8_t* qs;       // this layer's weights: 4-bit: u8 nibbles; 8-bit: s8 bytes
-  const _Float16* scales;
+  const _Float16* scales;  // legacy layouts (see above)
   const _Float16* mins;    // nullptr for 8-bit
   float* y;
   int64_t rows, k, tiles, tile;
   bool four_bit;
+  // Every layout (GenericFloatColumns): the scales / mins as stored, f16 or f32.
+  const void* scales_any;
+  const void* mins_any;    // nullptr without mins
+  bool f32_scales;
+  int64_t group;           // weights per scale along k: 16 or 32
+  bool legacy;
 };
+
+// Columns [0, w) of one scale (or min) row, as f32.
+inline void ScaleRow(const void* base, bool f32, int64_t offset, int64_t w, float* out) {
+  if (f32) {
+    const float* s = static_cast<const float*>(base) + offset;
+    for (int64_t j = 0; j < w; ++j) out[j] = s[j];
+  } else {
+    const _Float16* s = static_cast<const _Float16*>(base) + offset;
+    for (int64_t j = 0; j < w; ++j) out[j] = static_cast<float>(s[j]);
+  }
+}
 
 // x [rows, k] -> 8-bit codes per 32-block: d = max|x| / 127, q = round(x / d) (ties to even), the
 // Q8_0 / Q8_1 activation format llama.cpp uses for the same products; the kernels then compute
@@ -150,6 +174,69 @@ void FloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
         }
         const _Float16* d = d_t + b * p.tile;
         for (int64_t j = 0; j < w; ++j) acc[j] += static_cast<float>(d[j]) * part[j];
+      }
+    }
+    float* yr = p.y + r * n + t * p.tile + j0;
+    for (int64_t j = 0; j < w; ++j) yr[j] = acc[j];
+  }
+}
+
+// Any layout, float activations: columns [j0, j0 + W) of tile t, every row. Per 32-block, the
+// products of each half (16 weights: the low / high nibbles, or 8-bit rows 0..15 / 16..31) are
+// summed first, then scaled by that half's group (group 16: one each; group 32: one for both).
+template <int64_t W>
+void GenericFloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
+  constexpr int64_t kHalf = kQuantBlock / 2;
+  const int64_t w = W > 0 ? W : width;
+  const int64_t nb = p.k / kQuantBlock, ng = p.k / p.group;
+  const int64_t n = p.tiles * p.tile;
+  const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
+  const uint8_t* q_t = p.qs + t * qrows * p.tile + j0;
+  const int64_t s_t = t * ng * p.tile + j0;  // this tile's first scale row, at column j0
+  const bool two_groups = p.group == kHalf;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* xr = p.x + r * p.k;
+    float acc[kColumnBlock] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = xr + b * kQuantBlock;
+      float part[2][kColumnBlock] = {};
+      if (p.four_bit) {
+        for (int64_t i = 0; i < kHalf; ++i) {
+          const uint8_t* q = q_t + (b * kHalf + i) * p.tile;
+          const float x_lo = xb[i], x_hi = xb[kHalf + i];
+          for (int64_t j = 0; j < w; ++j) {
+            part[0][j] += x_lo * static_cast<float>(q[j] & 15);
+            part[1][j] += x_hi * static_cast<float>(q[j] >> 4);
+          }
+        }
+      } else {
+        for (int64_t h = 0; h < 2; ++h) {
+          for (int64_t i = 0; i < kHalf; ++i) {
+            const int8_t* q = reinterpret_cast<const int8_t*>(q_t + (b * kQuantBlock + h * kHalf + i) * p.tile);
+            const float xi = xb[h * kHalf + i];
+            for (int64_t j = 0; j < w; ++j) part[h][j] += xi * static_cast<float>(q[j]);
+          }
+        }
+      }
+      float x_sum[2] = {0.f, 0.f};
+      for (int64_t i = 0; i < kHalf; ++i) {
+        x_sum[0] += xb[i];
+        x_sum[1] += xb[kHalf + i];
+      }
+      float d[kColumnBlock], m[kColumnBlock];
+      for (int64_t h = 0; h < (two_groups ? 2 : 1); ++h) {
+        const int64_t g = two_groups ? 2 * b + h : b;
+        ScaleRow(p.scales_any, p.f32_scales, s_t + g * p.tile, w, d);
+        if (!two_groups) {  // one group for the block: both halves at once
+          for (int64_t j = 0; j < w; ++j) part[0][j] += part[1][j];
+          x_sum[0] += x_sum[1];
+        }
+        if (p.mins_any != nullptr) {
+          ScaleRow(p.mins_any, p.f32_scales, s_t + g * p.tile, w, m);
+          for (int64_t j = 0; j < w; ++j) acc[j] += d[j] * part[h][j] + m[j] * x_sum[h];
+        } else {
+          for (int64_t j = 0; j < w; ++j) acc[j] += d[j] * part[h][j];
+        }
       }
     }
     float* yr = p.y + r * n + t * p.tile + j0;
@@ -295,6 +382,14 @@ void RunItem(const Problem& p, int64_t item) {
   const int64_t t = item / blocks_per_tile;
   int64_t j0 = (item % blocks_per_tile) * kColumnBlock;
   const int64_t j1 = std::min(j0 + kColumnBlock, p.tile);
+  if (!p.legacy) {  // float x, or the rounded x' (see QuantGemvImpl)
+    if (j1 - j0 == kColumnBlock) {
+      GenericFloatColumns<kColumnBlock>(p, t, j0, kColumnBlock);
+    } else {
+      GenericFloatColumns<0>(p, t, j0, j1 - j0);
+    }
+    return;
+  }
   if (p.xq == nullptr) {
     if (j1 - j0 == kColumnBlock) {
       FloatColumns<kColumnBlock>(p, t, j0, kColumnBlock);
@@ -346,26 +441,35 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t helpers,
   }
 }
 
-// One layer of packed weights qs [layers, tiles, rows_q, tile] with f16 scales (and mins, 4-bit),
-// checked; pointers already at that layer (the index is read in place, see above).
+// One layer of packed weights qs [layers, tiles, rows_q, tile] with f16 or f32 scales [layers,
+// tiles, k / group, tile] (and mins), checked; pointers already at that layer (the index is read
+// in place, see above).
 struct PackedLayer {
   const uint8_t* qs;       // 4-bit: u8 nibbles; 8-bit: s8 bytes
-  const _Float16* scales;
-  const _Float16* mins;    // nullptr for 8-bit
-  int64_t k, tiles, rows_q, tile;
-  bool four_bit;
+  const void* scales;      // f16 or f32
+  const void* mins;        // nullptr without mins
+  int64_t k, tiles, rows_q, tile, group;
+  bool four_bit, f32_scales;
+  bool legacy;             // f16 scales, group 32, mins exactly for 4-bit: the original kernels
 };
 
-ffi::Error ReadPackedLayer(const std::string& op, ffi::AnyBuffer qs, ffi::Buffer<ffi::F16> scales,
-                           ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, PackedLayer& w) {
+ffi::Error ReadPackedLayer(const std::string& op, ffi::AnyBuffer qs, ffi::AnyBuffer scales,
+                           ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, bool has_mins, PackedLayer& w) {
   auto q_dims = qs.dimensions();
+  auto s_dims = scales.dimensions();
   if (q_dims.size() != 4) return ffi::Error::InvalidArgument(op + ": qs must be [layers, tiles, rows_q, tile]");
   w.four_bit = qs.element_type() == ffi::U8;
   if (!w.four_bit && qs.element_type() != ffi::S8) {
     return ffi::Error::InvalidArgument(op + ": qs must be u8 (4-bit) or s8 (8-bit)");
   }
-  if (w.four_bit && mins.element_type() != ffi::F16) {
-    return ffi::Error::InvalidArgument(op + ": 4-bit weights need f16 mins");
+  if (scales.element_type() != ffi::F16 && scales.element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument(op + ": scales must be f16 or f32");
+  }
+  w.f32_scales = scales.element_type() == ffi::F32;
+  if (w.four_bit && !has_mins) return ffi::Error::InvalidArgument(op + ": 4-bit weights need mins");
+  if (has_mins && (mins.element_type() != scales.element_type() || mins.dimensions().size() != 4 ||
+                   mins.element_count() != scales.element_count())) {
+    return ffi::Error::InvalidArgument(op + ": mins must match the scales' type and shape");
   }
   const int64_t layers = q_dims[0];
   w.tiles = q_dims[1];
@@ -373,22 +477,32 @@ ffi::Error ReadPackedLayer(const std::string& op, ffi::AnyBuffer qs, ffi::Buffer
   w.tile = q_dims[3];
   w.k = w.four_bit ? 2 * w.rows_q : w.rows_q;
   if (w.k % kQuantBlock != 0) return ffi::Error::InvalidArgument(op + ": k must be a multiple of 32");
+  if (s_dims.size() != 4 || s_dims[0] != layers || s_dims[1] != w.tiles || s_dims[3] != w.tile ||
+      s_dims[2] == 0 || w.k % s_dims[2] != 0) {
+    return ffi::Error::InvalidArgument(op + ": scales must be [layers, tiles, k / group, tile]");
+  }
+  w.group = w.k / s_dims[2];
+  if (w.group != 16 && w.group != 32) return ffi::Error::InvalidArgument(op + ": group must be 16 or 32");
   const int64_t layer = layer_buf.typed_data()[0];
   if (layer < 0 || layer >= layers) return ffi::Error::InvalidArgument(op + ": layer index out of range");
-  const int64_t s_layer = w.tiles * (w.k / kQuantBlock) * w.tile;  // scales per layer
+  const int64_t s_layer = w.tiles * s_dims[2] * w.tile;  // scales per layer
+  const int64_t s_bytes = w.f32_scales ? 4 : 2;
   w.qs = static_cast<const uint8_t*>(qs.untyped_data()) + layer * w.tiles * w.rows_q * w.tile;
-  w.scales = reinterpret_cast<const _Float16*>(scales.typed_data()) + layer * s_layer;
-  w.mins = w.four_bit ? static_cast<const _Float16*>(mins.untyped_data()) + layer * s_layer : nullptr;
+  w.scales = static_cast<const char*>(scales.untyped_data()) + layer * s_layer * s_bytes;
+  w.mins = has_mins ? static_cast<const char*>(mins.untyped_data()) + layer * s_layer * s_bytes : nullptr;
+  w.legacy = !w.f32_scales && w.group == kQuantBlock && has_mins == w.four_bit;
   return ffi::Error::Success();
 }
 
 ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qs,
-                         ffi::Buffer<ffi::F16> scales, ffi::AnyBuffer mins,
-                         ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> y, bool quantize_x) {
+                         ffi::AnyBuffer scales, ffi::AnyBuffer mins,
+                         ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> y, bool quantize_x,
+                         bool has_mins) {
   auto x_dims = x.dimensions();
   if (x_dims.size() != 2) return ffi::Error::InvalidArgument("quant_gemv: x must be [rows, k]");
   PackedLayer w;
-  if (ffi::Error error = ReadPackedLayer("quant_gemv", qs, scales, mins, layer_buf, w); error.failure()) {
+  if (ffi::Error error = ReadPackedLayer("quant_gemv", qs, scales, mins, layer_buf, has_mins, w);
+      error.failure()) {
     return error;
   }
   const int64_t rows = x_dims[0], k = x_dims[1], tiles = w.tiles, tile = w.tile;
@@ -400,9 +514,18 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
   if (quantize_x) {
     QuantizeActivations(x.typed_data(), rows, k, xq.data(), x_scale.data(), x_sum.data(), xq_sum.data());
   }
+  // Non-legacy layouts multiply the rounded x' = d_x * xq in the float path.
+  std::vector<float> x_rounded(quantize_x && !w.legacy ? rows * k : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(x_rounded.size()); ++i) {
+    x_rounded[i] = x_scale[i / kQuantBlock] * static_cast<float>(xq[i]);
+  }
   const Problem problem{
-      x.typed_data(), quantize_x ? xq.data() : nullptr, x_scale.data(), x_sum.data(), xq_sum.data(),
-      w.qs, w.scales, w.mins, y->typed_data(), rows, k, tiles, tile, w.four_bit};
+      x_rounded.empty() ? x.typed_data() : x_rounded.data(), quantize_x && w.legacy ? xq.data() : nullptr,
+      x_scale.data(), x_sum.data(), xq_sum.data(), w.qs,
+      w.legacy ? static_cast<const _Float16*>(w.scales) : nullptr,
+      w.legacy ? static_cast<const _Float16*>(w.mins) : nullptr,
+      y->typed_data(), rows, k, tiles, tile, w.four_bit,
+      w.scales, w.mins, w.f32_scales, w.group, w.legacy};
   const int64_t items = tiles * ((tile + kColumnBlock - 1) / kColumnBlock);
   // Small products (< ~64k weights per helper) are not worth waking another thread for.
   ParallelFor(pool, items, (k * tiles * tile) / (1 << 16),
@@ -705,10 +828,38 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 // packed weights: what prefill feeds to XLA's dot. XLA's own dequantization fusion (nibble
 // interleave, convert, scale) is ~3x slower (SmolLM2's 30 layers: 75 vs 24 ms); here one item is
 // one quant block of one tile.
-ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<ffi::F16> scales,
-                          ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> w_out) {
+// Any layout (GenericDequantize's item): block b of tile t, each half of 16 rows with its group's
+// scale / min row: W = d * q (+ m), one f32 rounding (d * q is exact), as gguf.quants.
+void GenericDequantizeBlock(const PackedLayer& w, int64_t t, int64_t b, float* out) {
+  constexpr int64_t kHalf = kQuantBlock / 2;
+  const int64_t tile = w.tile, n = w.tiles * tile, ng = w.k / w.group;
+  std::vector<float> d(tile), m(w.mins != nullptr ? tile : 0);
+  for (int64_t h = 0; h < 2; ++h) {
+    const int64_t g = w.group == kHalf ? 2 * b + h : b;
+    ScaleRow(w.scales, w.f32_scales, (t * ng + g) * tile, tile, d.data());
+    if (w.mins != nullptr) ScaleRow(w.mins, w.f32_scales, (t * ng + g) * tile, tile, m.data());
+    for (int64_t i = 0; i < kHalf; ++i) {
+      float* o = out + (b * kQuantBlock + h * kHalf + i) * n + t * tile;
+      if (w.four_bit) {
+        const uint8_t* row = w.qs + (t * w.rows_q + b * kHalf + i) * tile;
+        const int shift = h == 0 ? 0 : 4;
+        for (int64_t j = 0; j < tile; ++j) o[j] = d[j] * static_cast<float>((row[j] >> shift) & 15);
+      } else {
+        const int8_t* row = reinterpret_cast<const int8_t*>(w.qs) + (t * w.rows_q + b * kQuantBlock + h * kHalf + i) * tile;
+        for (int64_t j = 0; j < tile; ++j) o[j] = d[j] * static_cast<float>(row[j]);
+      }
+      if (w.mins != nullptr) {
+        for (int64_t j = 0; j < tile; ++j) o[j] += m[j];
+      }
+    }
+  }
+}
+
+ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::AnyBuffer scales,
+                          ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> w_out,
+                          bool has_mins) {
   PackedLayer w;
-  if (ffi::Error error = ReadPackedLayer("dequantize", qs, scales, mins, layer_buf, w); error.failure()) {
+  if (ffi::Error error = ReadPackedLayer("dequantize", qs, scales, mins, layer_buf, has_mins, w); error.failure()) {
     return error;
   }
   const bool four_bit = w.four_bit;
@@ -717,10 +868,15 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<f
   if (w_out->dimensions().size() != 2 || w_out->dimensions()[0] != k || w_out->dimensions()[1] != n) {
     return ffi::Error::InvalidArgument("dequantize: output must be [k, tiles * tile]");
   }
-  const uint8_t* q = w.qs;
-  const _Float16* d = w.scales;
-  const _Float16* m = w.mins;
   float* out = w_out->typed_data();
+  if (!w.legacy) {
+    ParallelFor(pool, tiles * nb, (k * n) / (1 << 16),
+                [&w, nb, out](int64_t item) { GenericDequantizeBlock(w, item / nb, item % nb, out); });
+    return ffi::Error::Success();
+  }
+  const uint8_t* q = w.qs;
+  const _Float16* d = static_cast<const _Float16*>(w.scales);
+  const _Float16* m = static_cast<const _Float16*>(w.mins);
   ParallelFor(pool, tiles * nb, (k * n) / (1 << 16), [=](int64_t item) {
     const int64_t t = item / nb, b = item % nb;
     const _Float16* d_b = d + (t * nb + b) * tile;
@@ -757,11 +913,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkQuantGemv, QuantGemvImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("quantize_x"));
+                                  .Attr<bool>("quantize_x")
+                                  .Attr<bool>("has_mins"));
 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, DecodeAttentionImpl,
@@ -782,7 +939,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDequantize, DequantizeImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("has_mins"));

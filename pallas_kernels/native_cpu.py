@@ -131,10 +131,12 @@ def _require() -> None:
 
 def _packed_operands(op: str, qs, scales, mins, layer):
     """The kernels' weight operands (qs, scales, mins, layer) for packed weights: a 2-D W becomes a
-    stack of one, and 8-bit weights' missing mins are stood in for by the scales (never read)."""
+    stack of one, and missing mins (8-bit weights without) are stood in for by the scales (never
+    read: the calls pass has_mins)."""
     _require()
-    if scales.dtype != jnp.float16 or (mins is not None and mins.dtype != jnp.float16):
-        raise ValueError(f"{op} needs float16 scales / mins, got {scales.dtype}")
+    if scales.dtype not in (jnp.float16, jnp.float32) or (mins is not None and mins.dtype != scales.dtype):
+        raise ValueError(f"{op} needs float16 or float32 scales (mins of the same dtype), got {scales.dtype}"
+                         f"{'' if mins is None else f' / {mins.dtype}'}")
     if layer is None:
         qs, scales, mins, layer = qs[None], scales[None], None if mins is None else mins[None], 0
     return qs, scales, scales if mins is None else mins, jnp.asarray(layer, jnp.int32)
@@ -143,17 +145,18 @@ def _packed_operands(op: str, qs, scales, mins, layer):
 def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.Array | None = None,
                      *, layer=None, quantize_x: bool = False) -> jax.Array:
     """x [..., k] @ W -> [..., n] in x.dtype, W in the layout of pallas_kernels/quant_matmul.py
-    (scales / mins float16). Computed in float32. layer: None for a 2-D W (qs [tiles, rows, tile]),
-    or the index of W in stacked leaves [layers, tiles, rows, tile] (read in place; an index out
-    of range is an error raised by the kernel). quantize_x: first round x to 8 bits per 32-block
-    (quant_matmul's activations="q8"; the products then run in integers). Raises RuntimeError if
+    (scales / mins float16 or float32, groups of 32 or 16). Computed in float32. layer: None for a
+    2-D W (qs [tiles, rows, tile]), or the index of W in stacked leaves [layers, tiles, rows, tile]
+    (read in place; an index out of range is an error raised by the kernel). quantize_x: first
+    round x to 8 bits per 32-block (quant_matmul's activations="q8"; the products then run in
+    integers for the legacy layouts, in floats on the rounded x' for the k-quant ones). Raises RuntimeError if
     the kernel is unavailable."""
     operands = _packed_operands("quant_matmul_cpu", qs, scales, mins, layer)
     lead, k = x.shape[:-1], x.shape[-1]
     _, tiles, _, tile = operands[0].shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
     call = jax.ffi.ffi_call(QUANT_GEMV, jax.ShapeDtypeStruct((x2.shape[0], tiles * tile), jnp.float32))
-    y = call(x2, *operands, quantize_x=bool(quantize_x))
+    y = call(x2, *operands, quantize_x=bool(quantize_x), has_mins=mins is not None)
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
 
 
@@ -181,7 +184,7 @@ def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax
 
 
 def dequantize_cpu(qs: jax.Array, scales: jax.Array, mins: jax.Array | None = None, *, layer=None) -> jax.Array:
-    """The float32 W [k, n] of packed weights (layout of pallas_kernels/quant_matmul.py, float16
+    """The float32 W [k, n] of packed weights (layout of pallas_kernels/quant_matmul.py, any
     scales / mins), or of layer `layer` of stacked ones (read in place). What the prefill path feeds
     to XLA's dot (XLA's own dequantization fusion is ~3x slower). Bit-exact: d * q + m is one f32
     rounding, as in the gguf package's dequantization."""
@@ -189,4 +192,4 @@ def dequantize_cpu(qs: jax.Array, scales: jax.Array, mins: jax.Array | None = No
     _, tiles, rows, tile = operands[0].shape
     k = rows * (2 if qs.dtype == jnp.uint8 else 1)
     call = jax.ffi.ffi_call(DEQUANTIZE, jax.ShapeDtypeStruct((k, tiles * tile), jnp.float32))
-    return call(*operands)
+    return call(*operands, has_mins=mins is not None)

@@ -1,4 +1,5 @@
-"""Quantized matmul `x[m, k] @ dequant(W)[k, n]` for GGUF block-quantized weights (Q4_0, Q4_1, Q8_0).
+"""Quantized matmul `x[m, k] @ dequant(W)[k, n]` for GGUF block-quantized weights: the legacy types
+(Q4_0, Q4_1, Q5_0, Q8_0, ...) and the k-quants (Q4_K, Q6_K, ...), in one resident layout.
 
 Weights stay quantized in memory; every backend dequantizes on the fly. `quant_matmul` is one op
 with several backends behind its signature (see backends.py); `BACKENDS`, in the order
@@ -8,9 +9,10 @@ impl="auto" tries them:
                  dequantizing in registers. Takes every call. auto: GPU only.
   "native_cpu" - the native CPU kernels (native_cpu.py): the quantized matrix-vector kernel for
                  decode-shaped products (<= DECODE_ROWS rows), native dequantization + XLA's dot
-                 for more; both read a stacked W in place. Takes float16 scales / mins (as GGUF
-                 stores them), the CPU backend, and kernels that built. auto: CPU only, where it
-                 supports the call.
+                 for more; both read a stacked W in place. Takes every layout (the integer q8
+                 products only for the legacy ones: f16 scales, group 32; the k-quant layouts
+                 multiply the rounded x' in floats), the CPU backend, and kernels that built.
+                 auto: CPU only, where it supports the call.
   "xla"        - `quant_matmul_xla`: XLA:CPU fuses no int -> float conversion into a dot, and its
                  fused multiply-reduce over the quantized bytes runs at a fraction of a dot's speed
                  (see experiments/bench_quant_matmul.py), so it dequantizes one column tile
@@ -21,14 +23,21 @@ impl="auto" tries them:
                  (the oracle). Takes every call; never auto.
 
 Layout (what `jaxchunk.weights.quantized` repacks GGUF blocks into). W is [k, n] (x @ W), quant
-blocks of 32 run along k, and the n columns are split into `tiles` tiles of `tile` columns:
+blocks of 32 run along k, each with one or two scale groups (`group` = 32 or 16 weights along k),
+and the n columns are split into `tiles` tiles of `tile` columns:
 
     qs:     4-bit: uint8 [tiles, k // 2, tile]. Row b * 16 + i holds W[b * 32 + i] in its low nibble
-            and W[b * 32 + 16 + i] in its high nibble (GGUF's own order within a block).
+            and W[b * 32 + 16 + i] in its high nibble (GGUF's own order within a block; with
+            group 16 the low nibbles are group 2b, the high ones group 2b + 1).
             8-bit: int8 [tiles, k, tile].
-    scales: [tiles, k // 32, tile] (float16 as stored in the file, or float32)
-    mins:   4-bit only, [tiles, k // 32, tile]: W = scale * q + min with q in 0..15 (Q4_0's
-            W = d * (q - 8) is stored as min = -8 d); None for 8-bit (W = scale * q, q in -128..127).
+    scales: [tiles, k // group, tile], float16 (the legacy types' own f16 scales) or float32 (the
+            k-quants' d * sc, exact in f32 but not in f16). group = k // scales.shape[1].
+    mins:   None or [tiles, k // group, tile], scales' dtype: W = scale * q + min. 4-bit weights
+            always have mins (q in 0..15; Q4_0's W = d * (q - 8) is stored as min = -8 d); 8-bit
+            ones may (Q5_K, or a stack mixing Q4_K and Q6_K layers) or not (W = scale * q).
+
+Every value scale * q (+ min) is computed in float32: scale * q is exact for every GGUF type (at
+most 21 significant bits), so W is bit-identical to the gguf package's dequantization.
 
 Activations: `activations="float"` (default) multiplies x as given. `activations="q8"` first rounds
 each 32-element block of x to 8 bits, as llama.cpp does for these weight types (its Q8_0 / Q8_1
@@ -57,7 +66,8 @@ from pallas_kernels.backends import Backend, choose_backend, impl_names, support
 from pallas_kernels.common import check_triton_blocks, next_pow2
 from pallas_kernels.compat import default_interpret, triton_compiler_params
 
-QUANT_BLOCK = 32          # weights per quant block (GGUF Q4_0 / Q4_1 / Q8_0)
+QUANT_BLOCK = 32          # weights per quant block along k (a 4-bit block's 16 bytes of nibble pairs)
+GROUPS = (16, 32)         # weights per scale (and min) along k: k-quants Q2_K / Q3_K / Q6_K use 16
 TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
 ACTIVATIONS = ("float", "q8")
 
@@ -83,21 +93,30 @@ def quant_bits(qs: jax.Array) -> int:
     raise ValueError(f"qs must be uint8 (packed 4-bit) or int8 (8-bit), got {qs.dtype}")
 
 
+def quant_group(qs, scales) -> int:
+    """Weights per scale along k: k // scales.shape[-2] (16 or 32)."""
+    k = qs.shape[-2] * (2 if quant_bits(qs) == 4 else 1)
+    return k // scales.shape[-2] if scales.shape[-2] else 0
+
+
 def check_quant_inputs(x, qs, scales, mins) -> tuple[int, int]:
-    """Validates shapes; returns (k, n)."""
+    """Validates shapes and dtypes; returns (k, n)."""
     bits = quant_bits(qs)
     if qs.ndim != 3 or scales.ndim != 3:
-        raise ValueError(f"expected qs [tiles, rows, tile] and scales [tiles, k // 32, tile], got "
+        raise ValueError(f"expected qs [tiles, rows, tile] and scales [tiles, k // group, tile], got "
                          f"qs {qs.shape}, scales {scales.shape}")
     tiles, rows, tile = qs.shape
     k = rows * (2 if bits == 4 else 1)
-    if scales.shape != (tiles, k // QUANT_BLOCK, tile) or k % QUANT_BLOCK:
-        raise ValueError(f"scales {scales.shape} do not match qs {qs.shape} ({bits}-bit, k = {k}, "
-                         f"blocks of {QUANT_BLOCK})")
-    if (mins is None) != (bits == 8):
-        raise ValueError("4-bit weights need mins, 8-bit weights take none")
-    if mins is not None and mins.shape != scales.shape:
-        raise ValueError(f"mins {mins.shape} != scales {scales.shape}")
+    group = quant_group(qs, scales)
+    if k % QUANT_BLOCK or group not in GROUPS or scales.shape != (tiles, k // group, tile):
+        raise ValueError(f"scales {scales.shape} do not match qs {qs.shape} ({bits}-bit, k = {k}: blocks of "
+                         f"{QUANT_BLOCK}, one scale per {' or '.join(map(str, GROUPS))} weights)")
+    if scales.dtype not in (jnp.float16, jnp.float32):
+        raise ValueError(f"scales must be float16 or float32, got {scales.dtype}")
+    if mins is None and bits == 4:
+        raise ValueError("4-bit weights need mins")
+    if mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype):
+        raise ValueError(f"mins {mins.shape} {mins.dtype} != scales {scales.shape} {scales.dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"x [..., {x.shape[-1]}] does not match the weight's k = {k}")
     return k, tiles * tile
@@ -108,19 +127,23 @@ def dequantize(qs, scales, mins, dtype=jnp.float32) -> jax.Array:
     return jnp.concatenate(_dequantize_tiles(qs, scales, mins, dtype), axis=-1)
 
 
+def _codes(qs) -> jax.Array:
+    """The codes of W [tiles, k, tile] in natural row order, as stored (int8 or uint8 0..15)."""
+    if quant_bits(qs) == 8:
+        return qs
+    tiles, rows, tile = qs.shape
+    q = qs.reshape(tiles, rows // (QUANT_BLOCK // 2), QUANT_BLOCK // 2, tile)
+    return jnp.concatenate([q & 15, q >> 4], axis=2).reshape(tiles, 2 * rows, tile)
+
+
 def _dequantize_tiles(qs, scales, mins, dtype):
     """W's column tiles, each [k, tile], in natural row order."""
-    bits = quant_bits(qs)
     tiles, _, tile = qs.shape
-    nb = scales.shape[1]
-    d = scales.astype(jnp.float32)[:, :, None, :]  # [tiles, nb, 1, tile]
-    if bits == 8:
-        w = qs.reshape(tiles, nb, QUANT_BLOCK, tile).astype(jnp.float32) * d
-    else:
-        q = qs.reshape(tiles, nb, QUANT_BLOCK // 2, tile)
-        w = jnp.concatenate([q & 15, q >> 4], axis=2).astype(jnp.float32) * d \
-            + mins.astype(jnp.float32)[:, :, None, :]
-    w = w.reshape(tiles, nb * QUANT_BLOCK, tile).astype(dtype)
+    ng, group = scales.shape[1], quant_group(qs, scales)
+    w = _codes(qs).reshape(tiles, ng, group, tile).astype(jnp.float32) * scales.astype(jnp.float32)[:, :, None, :]
+    if mins is not None:
+        w = w + mins.astype(jnp.float32)[:, :, None, :]
+    w = w.reshape(tiles, ng * group, tile).astype(dtype)
     return [w[t] for t in range(tiles)]
 
 
@@ -154,46 +177,47 @@ def _dot(a, b):
 
 def _tile_dequant_dot(x2, q, d, m):
     """Dequantize the tile to x's dtype in natural row order, one dot."""
-    tile = q.shape[-1]
-    nb = d.shape[0]
-    w = _dequantize_tiles(q[None], d[None], None if m is None else m[None], x2.dtype)[0]
-    return _dot(x2, w.reshape(nb * QUANT_BLOCK, tile))
+    w = _dequantize_tiles(q[None], d[None], None if m is None else m[None], x2.dtype)[0]  # [k, tile]
+    return _dot(x2, w)
 
 
 def _tile_split_dot(x2, q, d, m):
     """4-bit: split x into the halves that meet the low and the high nibbles (x_lo, x_hi
     [rows, k // 2]) so the nibbles are never interleaved back:
-    y = x_lo @ (d * lo) + x_hi @ (d * hi) + blocksum(x) @ mins. 8-bit: as _tile_dequant_dot."""
-    if m is None:
+    y = x_lo @ (d_lo * lo) + x_hi @ (d_hi * hi) + groupsum(x) @ mins (d_lo = d_hi = d for group
+    32; the even / odd groups for group 16). 8-bit: as _tile_dequant_dot."""
+    if q.dtype != jnp.uint8:
         return _tile_dequant_dot(x2, q, d, m)
-    dtype, tile, nb = x2.dtype, q.shape[-1], d.shape[0]
+    dtype, tile, nb = x2.dtype, q.shape[-1], q.shape[0] * 2 // QUANT_BLOCK
     xb = x2.reshape(-1, nb, 2, QUANT_BLOCK // 2)
     x_lo = xb[:, :, 0].reshape(-1, nb * QUANT_BLOCK // 2)
     x_hi = xb[:, :, 1].reshape(-1, nb * QUANT_BLOCK // 2)
-    x_sum = jnp.sum(xb.astype(jnp.float32), axis=(2, 3))  # [rows, nb]
     q = q.reshape(nb, QUANT_BLOCK // 2, tile)
-    dd = d.astype(dtype)[:, None, :]
-    lo = ((q & 15).astype(dtype) * dd).reshape(-1, tile)
-    hi = ((q >> 4).astype(dtype) * dd).reshape(-1, tile)
-    return _dot(x_lo, lo) + _dot(x_hi, hi) + _dot(x_sum, m.astype(jnp.float32))
+    if d.shape[0] == nb:  # group 32
+        d_lo = d_hi = d.astype(dtype)[:, None, :]
+        min_term = _dot(jnp.sum(xb.astype(jnp.float32), axis=(2, 3)), m.astype(jnp.float32))
+    else:  # group 16: [nb, 2, tile] (low-nibble group, high-nibble group)
+        d2, m2 = d.reshape(nb, 2, tile).astype(dtype), m.reshape(nb, 2, tile).astype(jnp.float32)
+        d_lo, d_hi = d2[:, 0:1], d2[:, 1:2]
+        x_sum = jnp.sum(xb.astype(jnp.float32), axis=3)  # [rows, nb, 2]
+        min_term = _dot(x_sum[:, :, 0], m2[:, 0]) + _dot(x_sum[:, :, 1], m2[:, 1])
+    lo = ((q & 15).astype(dtype) * d_lo).reshape(-1, tile)
+    hi = ((q >> 4).astype(dtype) * d_hi).reshape(-1, tile)
+    return _dot(x_lo, lo) + _dot(x_hi, hi) + min_term
 
 
 def _tile_multiply_reduce(x2, q, d, m):
-    """No dot: per-block partial sums of x * q (the int -> float conversion inside one
-    multiply-reduce fusion), then d * partial + min * blocksum(x)."""
-    tile, nb = q.shape[-1], d.shape[0]
-    xb = x2.astype(jnp.float32).reshape(-1, nb, QUANT_BLOCK)
-    if m is None:
-        qf = q.reshape(nb, QUANT_BLOCK, tile).astype(jnp.float32)
-        part = jnp.sum(xb[..., None] * qf, axis=2)  # [rows, nb, tile]
-        y = jnp.sum(part * d.astype(jnp.float32), axis=1)
-    else:
-        q = q.reshape(nb, QUANT_BLOCK // 2, tile)
-        half = QUANT_BLOCK // 2
-        part = jnp.sum(xb[:, :, :half, None] * (q & 15).astype(jnp.float32)
-                       + xb[:, :, half:, None] * (q >> 4).astype(jnp.float32), axis=2)
-        y = jnp.sum(part * d.astype(jnp.float32) + xb.sum(-1)[..., None] * m.astype(jnp.float32), axis=1)
-    return y
+    """No dot: per-group partial sums of x * q (the int -> float conversion inside one
+    multiply-reduce fusion), then d * partial (+ min * groupsum(x))."""
+    tile, ng = q.shape[-1], d.shape[0]
+    qf = _codes(q[None])[0].astype(jnp.float32)  # [k, tile]
+    group = qf.shape[0] // ng
+    xb = x2.astype(jnp.float32).reshape(-1, ng, group)
+    part = jnp.sum(xb[..., None] * qf.reshape(ng, group, tile), axis=2)  # [rows, ng, tile]
+    y = part * d.astype(jnp.float32)
+    if m is not None:
+        y = y + xb.sum(-1)[..., None] * m.astype(jnp.float32)
+    return jnp.sum(y, axis=1)
 
 
 XLA_FORMULATIONS = {"dequant_dot": _tile_dequant_dot, "split_dot": _tile_split_dot,
@@ -237,9 +261,11 @@ def _layer_of(qs, scales, mins, layer):
 
 
 # ----------------------------------------------------------------------------- Pallas kernel
-def _quant_matmul_kernel(x_ref, qs_ref, scales_ref, *rest, bits, num_blocks):
-    """One [block_m, block_n] output tile; loops over k one quant block (32 weights) at a time."""
-    if bits == 4:
+def _quant_matmul_kernel(x_ref, qs_ref, scales_ref, *rest, bits, num_blocks, group, has_mins):
+    """One [block_m, block_n] output tile; loops over k one quant block (32 weights) at a time,
+    as two halves of 16 (4-bit: the low and the high nibbles; 8-bit group 16: the two groups) or,
+    for 8-bit group 32, whole."""
+    if has_mins:
         mins_ref, o_ref = rest
     else:
         (o_ref,) = rest
@@ -252,19 +278,32 @@ def _quant_matmul_kernel(x_ref, qs_ref, scales_ref, *rest, bits, num_blocks):
         return lax.dot_general(a.astype(dot_dtype), b.astype(dot_dtype), (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
+    per_block = QUANT_BLOCK // group  # scale rows per block: 1 or 2
+
+    def scale_rows(b, h):
+        """(scale, min or None) of half h of block b, each [1, bn] float32."""
+        row = b * per_block + (h if per_block == 2 else 0)
+        d = scales_ref[pl.ds(row, 1), :].astype(jnp.float32)
+        return d, None if mins_ref is None else mins_ref[pl.ds(row, 1), :].astype(jnp.float32)
+
+    def value(q, d, m):
+        w = q.astype(jnp.float32) * d
+        return w if m is None else w + m
+
     def body(b, acc):
-        d = scales_ref[pl.ds(b, 1), :].astype(jnp.float32)          # [1, bn]
-        if bits == 8:
+        if bits == 8 and group == QUANT_BLOCK:
             q = qs_ref[pl.ds(b * QUANT_BLOCK, QUANT_BLOCK), :]        # [32, bn] int8
             x = x_ref[:, pl.ds(b * QUANT_BLOCK, QUANT_BLOCK)]         # [bm, 32]
-            return acc + dot(x, q.astype(jnp.float32) * d)
-        m = mins_ref[pl.ds(b, 1), :].astype(jnp.float32)
-        q = qs_ref[pl.ds(b * half, half), :]                          # [16, bn] uint8
-        x_lo = x_ref[:, pl.ds(b * QUANT_BLOCK, half)]                 # [bm, 16]: the low nibbles' x
+            return acc + dot(x, value(q, *scale_rows(b, 0)))
+        x_lo = x_ref[:, pl.ds(b * QUANT_BLOCK, half)]                 # [bm, 16]: the first half's x
         x_hi = x_ref[:, pl.ds(b * QUANT_BLOCK + half, half)]
-        lo = (q & 15).astype(jnp.float32) * d + m
-        hi = (q >> 4).astype(jnp.float32) * d + m
-        return acc + dot(x_lo, lo) + dot(x_hi, hi)
+        if bits == 8:                                                  # group 16: two int8 halves
+            q_lo = qs_ref[pl.ds(b * QUANT_BLOCK, half), :]
+            q_hi = qs_ref[pl.ds(b * QUANT_BLOCK + half, half), :]
+        else:
+            q = qs_ref[pl.ds(b * half, half), :]                      # [16, bn] uint8
+            q_lo, q_hi = q & 15, q >> 4
+        return acc + dot(x_lo, value(q_lo, *scale_rows(b, 0))) + dot(x_hi, value(q_hi, *scale_rows(b, 1)))
 
     acc = jnp.zeros(o_ref.shape, jnp.float32)
     acc = lax.fori_loop(0, num_blocks, body, acc)
@@ -283,10 +322,10 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
     check_quant_inputs(x, qs, scales, mins)
     if interpret is None:
         interpret = default_interpret()
-    bits = quant_bits(qs)
+    bits, group = quant_bits(qs), quant_group(qs, scales)
     lead, k = x.shape[:-1], x.shape[-1]
     tiles, rows_q, tile = qs.shape
-    nb = k // QUANT_BLOCK
+    nb, ng = k // QUANT_BLOCK, k // group
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     block_n = min(block_n, next_pow2(tile))
@@ -297,13 +336,14 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
     in_specs = [
         pl.BlockSpec((block_m, k), lambda i, t, j: (i, 0)),
         pl.BlockSpec((None, rows_q, block_n), lambda i, t, j: (t, 0, j)),
-        pl.BlockSpec((None, nb, block_n), lambda i, t, j: (t, 0, j)),
+        pl.BlockSpec((None, ng, block_n), lambda i, t, j: (t, 0, j)),
     ]
     operands = [x2, qs, scales]
     if mins is not None:
-        in_specs.append(pl.BlockSpec((None, nb, block_n), lambda i, t, j: (t, 0, j)))
+        in_specs.append(pl.BlockSpec((None, ng, block_n), lambda i, t, j: (t, 0, j)))
         operands.append(mins)
-    kernel = functools.partial(_quant_matmul_kernel, bits=bits, num_blocks=nb)
+    kernel = functools.partial(_quant_matmul_kernel, bits=bits, num_blocks=nb, group=group,
+                               has_mins=mins is not None)
     out = pl.pallas_call(
         kernel,
         grid=grid,
@@ -312,7 +352,7 @@ def quant_matmul_pallas(x: jax.Array, qs, scales, mins=None, *, block_m: int = 1
         out_shape=jax.ShapeDtypeStruct((m, tiles, tile), x.dtype),
         interpret=interpret,
         compiler_params=triton_compiler_params(num_warps, num_stages),
-        name=f"quant_matmul_q{bits}",
+        name=f"quant_matmul_q{bits}_g{group}",
     )(*operands)
     return out.reshape(*lead, tiles * tile)
 
@@ -359,8 +399,8 @@ def _native_cpu_supports(x, qs, scales, mins=None, *, layer=None, activations="f
     if platform != "cpu":
         return f"the native kernels run on the CPU backend, this is {platform!r}"
     for name, a in (("scales", scales), ("mins", mins)):
-        if a is not None and a.dtype != jnp.float16:
-            return f"{name} are {a.dtype}: the native kernels take float16 scales / mins (as stored in GGUF)"
+        if a is not None and a.dtype not in (jnp.float16, jnp.float32):
+            return f"{name} are {a.dtype}: the native kernels take float16 or float32 scales / mins"
     if not native_cpu.available():
         return f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}"
     return None
@@ -382,8 +422,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("pallas", _pallas, supports_everything,
             "Pallas kernel, dequantizing in registers; interpret mode off a GPU", auto_platforms=("gpu",)),
     Backend("native_cpu", _native_cpu, _native_cpu_supports,
-            "native CPU kernels (float16 scales): quantized gemv for decode, native dequantize + dot "
-            "for prefill", auto_platforms=("cpu",)),
+            "native CPU kernels: quantized gemv for decode, native dequantize + dot for prefill",
+            auto_platforms=("cpu",)),
     Backend("xla", _xla, supports_everything, "XLA, one column tile dequantized at a time"),
     Backend("reference", _reference, supports_everything,
             "everything dequantized to float32, one float32 dot (the oracle)", auto_platforms=()),
@@ -396,7 +436,7 @@ def quant_matmul(x: jax.Array, qs, scales, mins=None, *, impl: str = "auto", lay
     """x [..., k] @ W [k, n] -> [..., n] in x.dtype.
 
     impl: "auto" or a `BACKENDS` name. "auto": the Pallas kernel on a GPU backend; on CPU
-    "native_cpu" where it supports the call (float16 scales, the kernels built: the quantized
+    "native_cpu" where it supports the call (the kernels built: the quantized
     matrix-vector kernel for <= DECODE_ROWS rows, native dequantization + XLA's dot for more),
     else "xla". An explicit name that cannot take the call raises ValueError with the reason.
 

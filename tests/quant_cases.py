@@ -56,6 +56,71 @@ def make_weight(case: Case, qtype: str, seed: int = 0):
     return pack_gguf_rows(blocks, qtype, (case.n, case.k), case.tile), dequant
 
 
+# Byte offsets of each type's f16 fields within a block, from ggml-common.h (written out here, not
+# taken from the code under test).
+F16_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+def random_blocks(qtype: str, rows: int, blocks_per_row: int, seed: int = 0, log2_range=(-20, 2)) -> np.ndarray:
+    """uint8 [rows, blocks_per_row * type_size] of GGUF type `qtype`: random bytes, and random finite
+    f16 super-scales of magnitude 2**log2_range (default down to f16 subnormals, < 2**-14); the
+    first three are 0, -0 and the smallest subnormal."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+    rng = np.random.default_rng(seed)
+    block_size, type_size = GGML_QUANT_SIZES[Q[qtype]]
+    b = rng.integers(0, 256, (rows * blocks_per_row, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        mag = np.exp2(rng.uniform(*log2_range, b.shape[0]))
+        scale = (mag * rng.choice([-1.0, 1.0], b.shape[0])).astype(np.float16)
+        scale[:3] = [0.0, -0.0, np.float16(6e-8)]  # zero, negative zero, the smallest subnormal
+        b[:, off:off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)
+
+
+# GGUF types (and mixed stacks: Gemma 3 Q4_K_M's ffn_down and attn_v) beyond QTYPES, kept quantized
+# in the layouts of jaxchunk.weights.quantized.resident_format.
+KQUANT_SPECS = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K+Q6_K", "Q5_0+Q8_0")
+
+
+def make_stack(spec: str, k: int = 512, n: int = 400, tile: int = 200, seed: int = 0):
+    """(stacked QuantizedWeight [layers, k, n] with NumPy leaves, float64 W [layers, k, n] per gguf):
+    one layer per type named in `spec` ("Q4_K" or "Q4_K+Q6_K"), random blocks with f16 super-scales
+    of 2**-12..2**-6. Default shape: 2 tiles of 200 columns (the native kernel's 128-column blocks
+    and a 72-column edge per tile)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    from jaxchunk.weights.gguf_file import RawTensor
+    from jaxchunk.weights.quantized import pack_stacked
+    raws, ws = [], []
+    for i, qtype in enumerate(spec.split("+")):
+        block = 256 if qtype.endswith("_K") else 32
+        blocks = random_blocks(qtype, n, k // block, seed=seed + i, log2_range=(-12, -6))
+        raws.append(RawTensor(f"layer{i}", qtype, (n, k), blocks))
+        ws.append(dequantize(blocks, Q[qtype]).reshape(n, k).T.astype(np.float64))
+    return pack_stacked(raws, tile), np.stack(ws)
+
+
+def gemma3_gguf_path():
+    """gemma-3-270m-q4_k_m.gguf: fetched into the cache where jaxchunk.fetch knows the model, else
+    the path in $JAXCHUNK_GEMMA3_GGUF; the calling test is skipped (with this reason) otherwise."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from jaxchunk.fetch import MODELS, fetch_model
+    if "gemma3-270m" in MODELS:
+        return fetch_model("gemma3-270m", quiet=True)
+    if os.environ.get("JAXCHUNK_GEMMA3_GGUF"):
+        return Path(os.environ["JAXCHUNK_GEMMA3_GGUF"])
+    pytest.skip("no gemma3-270m in jaxchunk.fetch.MODELS and no $JAXCHUNK_GEMMA3_GGUF")
+
+
 def kernel_args(qw) -> list:
     """The packed leaves of a QuantizedWeight as the kernels take them: [qs, scales, mins or None]."""
     import jax.numpy as jnp

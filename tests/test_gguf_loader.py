@@ -1,8 +1,8 @@
 """GGUF loader: values, layout, config and every bad-file case.
 
-Dequantization itself is the `gguf` package's (the loader calls `gguf.quants.dequantize`), so
-comparing against it is not an independent check of the arithmetic. What these tests check
-independently is the loader's own work: transposition to [in, out], undoing llama.cpp's Q/K
+Dequantization arithmetic is jaxchunk.weights.gguf_quants' (checked bit-exactly against
+`gguf.quants` block by block in tests/test_gguf_quants.py). What these tests check is the loader's
+own work on top (and that its values still equal `gguf.quants`'): transposition to [in, out], undoing llama.cpp's Q/K
 row permutation (against a permutation written here and against `transformers`' GGUF import),
 stacking over layers, the config, and the errors.
 """

@@ -165,7 +165,9 @@ def test_auto_dispatch_uses_the_native_kernels_on_cpu(monkeypatch):
     assert auto(jnp.ones((DECODE_ROWS, CASES[1].k)), scales, mins) == "native_cpu"
     assert auto(jnp.ones((DECODE_ROWS + 1, CASES[1].k)), scales, mins) == "native_cpu"  # native dequantize + dot
     f32 = lambda a: a.astype(jnp.float32)
-    assert auto(jnp.ones((1, CASES[1].k)), f32(scales), f32(mins)) == "xla"  # kernels take f16 only
+    assert auto(jnp.ones((1, CASES[1].k)), f32(scales), f32(mins)) == "native_cpu"  # k-quant layouts: f32
+    bf16 = lambda a: a.astype(jnp.bfloat16)
+    assert auto(jnp.ones((1, CASES[1].k)), bf16(scales), bf16(mins)) == "xla"  # no kernel reads bf16 scales
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert auto(jnp.ones((1, CASES[1].k)), scales, mins) == "pallas"
 
@@ -183,11 +185,12 @@ def test_backend_table_and_what_native_cpu_refuses(monkeypatch):
         if name != "native_cpu":
             assert backend.supports(x, qs, f32(scales), f32(mins), layer=None, activations="q8") is None
     supports = BACKENDS["native_cpu"].supports
-    assert supports(x, qs, scales, mins) is None
-    assert "scales are float32" in supports(x, qs, f32(scales), mins)
-    assert "mins are float32" in supports(x, qs, scales, f32(mins))
-    with pytest.raises(ValueError, match=r"impl='native_cpu' cannot take this call: scales are float32: .*float16"):
-        quant_matmul(x, qs, f32(scales), f32(mins), impl="native_cpu")
+    bf16 = lambda a: a.astype(jnp.bfloat16)
+    assert supports(x, qs, scales, mins) is None and supports(x, qs, f32(scales), f32(mins)) is None
+    assert "scales are bfloat16" in supports(x, qs, bf16(scales), mins)
+    assert "mins are bfloat16" in supports(x, qs, scales, bf16(mins))
+    with pytest.raises(ValueError, match=r"impl='native_cpu' cannot take this call: scales are bfloat16: .*float32"):
+        quant_matmul(x, qs, bf16(scales), bf16(mins), impl="native_cpu")
     monkeypatch.setattr(native_cpu, "available", lambda: False)
     monkeypatch.setattr(native_cpu, "unavailable_reason", lambda: "no C++ compiler found")
     assert supports(x, qs, scales, mins) == "the native CPU kernels did not build: no C++ compiler found"
@@ -251,9 +254,11 @@ def test_bad_inputs_raise_clear_errors():
         quant_matmul(jnp.ones((1, 64)), qs, scales, mins, impl="cpu")  # the old name of native_cpu
     from jaxchunk.weights.quantized import pack_gguf_rows
     with pytest.raises(ValueError, match="qtype"):
-        pack_gguf_rows(np.zeros((4, 18), np.uint8), "Q5_K", (4, 32))
+        pack_gguf_rows(np.zeros((4, 18), np.uint8), "IQ2_XS", (4, 32))
     with pytest.raises(ValueError, match="multiple of 32"):
         pack_gguf_rows(np.zeros((4, 18), np.uint8), "Q4_0", (4, 40))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        pack_gguf_rows(np.zeros((4, 144), np.uint8), "Q4_K", (4, 128))
 
 
 # ----------------------------------------------------------------------------- in the model

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from gpu_marks import gpu_only
-from quant_cases import CASES, QTYPES, check, kernel_args, make_weight, make_x
+from quant_cases import CASES, KQUANT_SPECS, QTYPES, Case, check, kernel_args, make_stack, make_weight, make_x
 from pallas_kernels.quant_matmul import quant_matmul_pallas
 
 pytestmark = gpu_only("test_quant_matmul.py")
@@ -22,3 +22,16 @@ def test_compiled_pallas_matches_oracle(case, qtype, dtype):
     y = quant_matmul_pallas(jnp.asarray(x, dtype), *kernel_args(qw), block_m=16, block_n=max(16, case.block_n),
                             interpret=False)
     check(y, x, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("spec", KQUANT_SPECS)
+def test_compiled_pallas_kquant_layouts_match_oracle(spec, dtype):
+    """The k-quant layouts (f32 scales, groups of 16, 8-bit with mins), every layer of a stack
+    (interpret mode: test_kquant_matmul.py)."""
+    qw, w = make_stack(spec)
+    x = make_x(Case(33, w.shape[1], w.shape[2], None, 16, 64), dtype)
+    for i in range(w.shape[0]):
+        args = [None if a is None else a[i] for a in kernel_args(qw)]
+        y = quant_matmul_pallas(jnp.asarray(x, dtype), *args, block_m=16, block_n=64, interpret=False)
+        check(y, x, w[i], dtype)

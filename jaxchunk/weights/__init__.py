@@ -28,8 +28,8 @@ embedding transposed.
 Entry points: `load_weights(path, dtype=, weights=)` (the one way to get params ready for the
 device: read, dequantize or keep quantized, `prepare_params`), `inspect(path)` (what a checkpoint
 holds, without loading it), and the mode names DTYPES / WEIGHT_MODES / QUANTIZED_MODES. Modules:
-gguf_file (the GGUF container), gguf / safetensors (the two formats), convert (shared assembly),
-quantized / bf16 (in-memory weight forms), load, inspect, modes.
+gguf_file (the GGUF container), gguf_quants (its block types decoded), gguf / safetensors (the two
+formats), convert (shared assembly), quantized / bf16 (in-memory weight forms), load, inspect, modes.
 
 `jaxchunk.load(..., dtype="bf16")` holds the bf16 matrices and embedding as `bf16.BF16Weight` (the
 same values as uint16 bits, same shapes; see bf16.py for why); `bf16.unpack_bf16` undoes it.

@@ -36,15 +36,14 @@ from jaxchunk.config import LlamaConfig, RopeScaling
 from jaxchunk.errors import ModelFileError, UnsupportedError
 from jaxchunk.weights.convert import LINEAR_KEYS, aligned_empty, assemble_params, check_tensors, expected_keys
 from jaxchunk.weights.gguf_file import GGUFFile, RawTensor, read_gguf
+from jaxchunk.weights.gguf_quants import QUANT_TYPES, dequantize_blocks
 
 PathLike = Union[str, os.PathLike]
 
 SUPPORTED_VERSIONS = (2, 3)
-# Tensor types the loader dequantizes (all through gguf.quants). Others (IQ*, TQ*, ...) would
-# dequantize too, but nothing in this project is checked against them.
-SUPPORTED_QTYPES = frozenset(GGMLQuantizationType[n] for n in (
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+# Tensor types the loader dequantizes: the floats, and every block type of gguf_quants.QUANT_TYPES
+# (decoded there, bit-identical to gguf.quants). Others (IQ*, TQ*, ...) are refused.
+SUPPORTED_QTYPES = frozenset(GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", *QUANT_TYPES))
 
 # params key -> llama.cpp tensor name (layer keys get a "blk.{i}." prefix).
 GGUF_NAMES = {
@@ -154,25 +153,34 @@ def _check_qtype(raw: RawTensor, path) -> None:
                                f"{', '.join(sorted(q.name for q in SUPPORTED_QTYPES))}")
 
 
-# Bytes of one 32-weight block of the types dequantized here rather than by gguf.quants.
-_BLOCK_BYTES = {"Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16, "Q8_0": 2 + 32}
+# Bytes of one 32-weight block of the types `dequantize_blocks_into` writes straight into a
+# (transposed) output: one pass over the packed bytes, no per-chunk temporaries.
+_BLOCK_BYTES = {name: QUANT_TYPES[name].type_size for name in ("Q4_0", "Q4_1", "Q8_0")}
 
 
 def dequantize_raw(raw: RawTensor, path: PathLike = "<gguf>", transpose: bool = False) -> np.ndarray:
     """float32 array of `raw.shape` (file layout: [out, in]), or with `transpose` of the reversed
     shape ([in, out], C-contiguous: params orientation, built directly rather than by a copy).
 
-    Q4_0 / Q4_1 / Q8_0 / F32 / F16 are dequantized here, vectorised over the whole tensor with
-    the same float32 arithmetic as gguf.quants (so bit-identical: d * q (+ m)); the other types
-    by gguf.quants.
+    Block types are dequantized by `gguf_quants.dequantize_blocks` (one table, QUANT_TYPES, every
+    type vectorised over the whole tensor and bit-identical to gguf.quants), Q4_0 / Q4_1 / Q8_0
+    matrices by `dequantize_blocks_into` (the same values, one pass straight into the output);
+    F32 / F16 / BF16 by a cast.
     """
     _check_qtype(raw, path)
+    if transpose and len(raw.shape) != 2:
+        raise ValueError(f"transpose takes a 2-D tensor, {raw.name!r} is {raw.shape}")
+    shape = raw.shape[::-1] if transpose else raw.shape
     if raw.qtype in _BLOCK_BYTES and len(raw.shape) == 2:
-        shape = raw.shape[::-1] if transpose else raw.shape
         return dequantize_blocks_into(raw, aligned_empty(shape), transpose)
+    if raw.qtype in QUANT_TYPES:
+        out = aligned_empty(shape)
+        rows_view = out.T if transpose else out.reshape(-1, raw.shape[-1])
+        dequantize_blocks(raw.qtype, raw.blocks.reshape(-1, raw.blocks.shape[-1]), rows_view)
+        return out
     if raw.qtype in ("F32", "F16"):
         w = raw.blocks.view(np.float32 if raw.qtype == "F32" else np.float16).reshape(raw.shape)
-    else:
+    else:  # BF16
         w = np.asarray(_gguf_dequantize(raw.blocks, GGMLQuantizationType[raw.qtype]),
                        dtype=np.float32).reshape(raw.shape)
     w = w.T if transpose else w
@@ -347,15 +355,17 @@ def _gemma3_fields(get, path, hidden: int, n_heads: int, head_dim: int) -> dict:
     )
 
 
-def _quantized_keys(config: LlamaConfig, raw: dict[str, RawTensor]) -> set[str]:
-    """The params keys of matrices a quantized load keeps quantized: every layer (or the one global
-    tensor) stored in the same one of Q4_0 / Q4_1 / Q8_0."""
-    from jaxchunk.weights.quantized import QTYPES  # imports JAX: only for quantized loads
+def quantized_formats(config: LlamaConfig, raw: dict[str, RawTensor]) -> dict[str, tuple[Any, str]]:
+    """The matrices a quantized load keeps quantized, as params key -> (ResidentFormat, label):
+    every linear weight and the embedding whose layers are all stored in block types (any mix of
+    them: the format is the one that holds them all, the label their names, "Q4_K+Q6_K")."""
+    from jaxchunk.weights.quantized import QTYPES, resident_format  # imports JAX: only for quantized loads
     types: dict[str, set[str]] = collections.defaultdict(set)
     for key, layer in expected_keys(config):
         if key in LINEAR_KEYS or key == "embed":
             types[key].add(raw[gguf_tensor_name(key, layer)].qtype)
-    return {key for key, found in types.items() if len(found) == 1 and found <= set(QTYPES)}
+    return {key: (resident_format(sorted(found)), "+".join(sorted(found)))
+            for key, found in types.items() if found <= set(QTYPES)}
 
 
 def file_type_name(file_type: Optional[int]) -> str:
@@ -375,11 +385,12 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
     weights [in, out], Q/K rows in Hugging Face order); metadata is a small dict of strings:
     format, path, architecture, name, file_type, gguf_version, tensor_types.
 
-    quantized=True keeps Q4_0 / Q4_1 / Q8_0 matrices (the linear weights, and the embedding, which
+    quantized=True keeps block-quantized matrices (the linear weights, and the embedding, which
     then becomes the LM head's [hidden, vocab] matrix) quantized, as
-    `jaxchunk.weights.quantized.QuantizedWeight`s repacked from the file's bytes without
-    dequantizing; a matrix kind whose layers are not all one of those types, and the norms, are
-    dequantized to `dtype` as usual.
+    `jaxchunk.weights.quantized.QuantizedWeight`s repacked from the file's blocks without
+    dequantizing (`quantized_formats`: layers of different types share the layout that holds
+    them all); a matrix kind with a float layer (F32 / F16 / BF16), and the norms, are dequantized
+    to `dtype` as usual.
     """
     reader = path if isinstance(path, GGUFFile) else open_gguf(path)
     path, raw = reader.path, reader.tensors
@@ -387,7 +398,7 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
     check_tensors(path, config, gguf_tensor_name, {name: t.shape for name, t in raw.items()})
     for key, layer in expected_keys(config):  # fail before dequantizing anything
         _check_qtype(raw[gguf_tensor_name(key, layer)], path)
-    keep = _quantized_keys(config, raw) if quantized else set()
+    keep = quantized_formats(config, raw) if quantized else {}
 
     def stored(key: str, layer: Optional[int]) -> RawTensor:
         """The tensor's blocks, Q/K rows already in Hugging Face order (whole rows of quant blocks
@@ -422,7 +433,8 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
         from jaxchunk.weights.quantized import pack_gguf_rows
         # [out, in] rows -> W [in, out]. For the embedding [vocab, hidden] that is the LM head's
         # W [hidden, vocab], whose columns are the token rows.
-        return pack_gguf_rows(t.blocks, t.qtype, t.shape)
+        fmt, label = keep[key]
+        return pack_gguf_rows(t.blocks, t.qtype, t.shape, fmt=fmt, label=label)
 
     params = assemble_params(config, gguf_tensor_name, load, dtype=dtype, path=path, pack=pack, fill=fill)
     file_type = gguf_field(reader, path, "general.file_type", int, None)
