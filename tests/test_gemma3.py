@@ -462,3 +462,28 @@ def test_local_layer_reads_window_plus_chunk_keys():
         assert int(hi - lo) <= (512 + chunk) // block_k + 1
         lo, _, _, hi = key_block_range(q_offset, kv_len, 0, chunk * group - 1, group, block_k, None)
         assert int(lo) == 0 and int(hi) == -(-(pos + chunk) // block_k)
+
+
+@pytest.mark.model
+@pytest.mark.peers
+@pytest.mark.slow
+@pytest.mark.parametrize("weights, dtype, cache_dtype, rel_tol", [
+    # The file's k-quant blocks kept resident, dequantized exactly inside the matmul: the f32
+    # arithmetic of weights="dequantized", summed in another order.
+    ("q4", "f32", None, 1e-3),
+    # bf16 weights and activations: ~3 significant digits per op, 18 layers.
+    ("bf16", "bf16", None, 3e-2),
+    # f32 model, 8-bit KV cache (exllamav2's q8, Hadamard-rotated blocks of 32).
+    ("dequantized", "f32", "q8", 1e-2),
+])
+def test_weight_and_cache_modes_perplexity(reference, weights, dtype, cache_dtype, rel_tol):
+    """Gemma 3 in the other weight / cache modes: perplexity of 512 corpus tokens (chunks of 128,
+    so local layers span several chunks) near transformers' f32 value, within each mode's
+    precision."""
+    import jaxchunk
+    model = jaxchunk.load(MODEL, weights=weights, dtype=dtype, cache_dtype=cache_dtype, max_seq_len=512)
+    ids = reference["ids"][:512]
+    ppl_ref = np.exp(-reference["target_logp"][:511].astype(np.float64).mean())
+    ppl = model.perplexity(ids, chunk_size=128)
+    print(f"\n{weights}/{dtype}/cache {cache_dtype}: perplexity {ppl:.4f} vs transformers f32 {ppl_ref:.4f}")
+    assert ppl == pytest.approx(ppl_ref, rel=rel_tol)
