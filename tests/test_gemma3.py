@@ -224,7 +224,10 @@ def _full_reduced(params, ids, *, config):
 
 @pytest.mark.model
 @pytest.mark.slow
-@pytest.mark.parametrize("length, chunk_size", [(513, 7), (1500, 512), (1500, 1000)])
+# Chunk 512 over 1100 tokens: the third chunk's local layers see only the end of the second (the
+# agreement tests compile the same step shape). Chunks 7 and 1000 over 1500 / 513 tokens passed
+# too (1.3 min each on the shared 2 cores): left to the tiny sweep to keep CI short.
+@pytest.mark.parametrize("length, chunk_size", [(1100, 512)])
 def test_real_model_chunked_equals_full(gemma_f32, gemma_tokenizer, length, chunk_size):
     config, params = gemma_f32
     ids = np.array([config.bos_token_id] + gemma_tokenizer.encode(reference_text(12000)))[:length]
@@ -353,7 +356,9 @@ def greedy(params, config, ids, n_new, chunk_size):
 @pytest.mark.model
 @pytest.mark.peers
 @pytest.mark.slow
-@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+# Many chunks (64) and window + 1 (513); 511, 512 and 2048 passed as well (each ~45 s on the
+# shared 2 cores; the agreement test above runs every chunk size).
+@pytest.mark.parametrize("chunk_size", [64, 513])
 def test_greedy_continuations_match_transformers(gemma_f32, gemma_tokenizer, reference, chunk_size):
     config, params = gemma_f32
     assert len(reference["prompt2"]) > 600  # decoding runs past the window
@@ -471,10 +476,9 @@ def test_local_layer_reads_window_plus_chunk_keys():
     # The file's k-quant blocks kept resident, dequantized exactly inside the matmul: the f32
     # arithmetic of weights="dequantized", summed in another order.
     ("q4", "f32", None, 1e-3),
-    # bf16 weights and activations: ~3 significant digits per op, 18 layers.
-    ("bf16", "bf16", None, 3e-2),
-    # f32 model, 8-bit KV cache (exllamav2's q8, Hadamard-rotated blocks of 32).
-    ("dequantized", "f32", "q8", 1e-2),
+    # bf16 weights and activations (~3 significant digits per op, 18 layers) and an 8-bit KV
+    # cache (exllamav2's q8: Hadamard-rotated blocks of 32, ~+0.1% perplexity on SmolLM2).
+    ("bf16", "bf16", "q8", 3e-2),
 ])
 def test_weight_and_cache_modes_perplexity(reference, weights, dtype, cache_dtype, rel_tol):
     """Gemma 3 in the other weight / cache modes: perplexity of 512 corpus tokens (chunks of 128,
