@@ -491,3 +491,27 @@ def test_weight_and_cache_modes_perplexity(reference, weights, dtype, cache_dtyp
     ppl = model.perplexity(ids, chunk_size=128)
     print(f"\n{weights}/{dtype}/cache {cache_dtype}: perplexity {ppl:.4f} vs transformers f32 {ppl_ref:.4f}")
     assert ppl == pytest.approx(ppl_ref, rel=rel_tol)
+
+
+def test_paged_mixed_step_applies_the_windows():
+    """The paged mixed step (prefill chunks and decode tokens of two sequences in one call) on a
+    window-8 Gemma 3: every sequence's last-token logits equal `forward`'s."""
+    from jaxchunk.paged import build_step, init_paged_cache, mixed_step
+    config = SMALL_WINDOW
+    params = init_params(config, seed=3, scale=0.2)
+    seqs = [prompt(29, seed=11), prompt(23, seed=12)]
+    refs = [np.asarray(forward(params, config, s[None]))[0] for s in seqs]
+    page_size, pages = 8, [[0, 2, 4, 6], [1, 3, 5, 7]]
+    cache = init_paged_cache(config, num_pages=9, page_size=page_size)
+    cached = [0, 0]
+    # Chunks of 11 / 9 tokens until each prompt (first 20 / 15 tokens) is in, then one token a step.
+    while any(c < len(s) for c, s in zip(cached, seqs)):
+        batch = [(i, min(11 - 2 * i, 20 - 5 * i - cached[i]) if cached[i] < 20 - 5 * i else 1)
+                 for i in range(2) if cached[i] < len(seqs[i])]
+        step = build_step([(seqs[i][cached[i]:cached[i] + n], cached[i], pages[i]) for i, n in batch],
+                          token_budget=24, max_seqs=2, max_pages_per_seq=4, num_pages=9, page_size=page_size,
+                          config=config)
+        cache, logits = mixed_step(params, cache, jax.tree.map(jnp.asarray, step), config=config)
+        for slot, (i, n) in enumerate(batch):
+            cached[i] += n
+            assert_close_logits(np.asarray(logits)[slot], refs[i][cached[i] - 1])
