@@ -19,9 +19,10 @@ Formulations (XLA_FORMULATIONS in pallas_kernels/quant_matmul.py, plus baselines
 - dense_f32:        the float32 matrix (what weights="f32" runs), for reference.
 - pallas_interpret: only with --pallas (slow: interpret mode; a correctness smoke, not a speed).
 
-Reports the median wall time of --repeats warm calls per matrix, weights/s (k * n / time),
-multiply-adds/s (rows * k * n / time) and the quantized bytes read per second. Writes results.csv,
-results.json, quant_matmul.png into --out.
+Cases are timed interleaved (every case's warm-up, then --repeats rounds of one call of each), so a
+change in the machine's load hits all alike. Reports the median wall time of the warm calls per
+matrix, weights/s (k * n / time), multiply-adds/s (rows * k * n / time) and the quantized bytes
+read per second. Writes results.csv, results.json, quant_matmul.png into --out.
 
   .venv/bin/python -m experiments.bench_quant_matmul --quick
 """
@@ -128,6 +129,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=30, help="stacked copies of each layer matrix")
     p.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="smollm2",
                    help="smollm2: SmolLM2-135M's Q4_1 / Q8_0 matrices; gemma3: Gemma 3 270M's shapes and types")
+    p.add_argument("--matrices", type=lambda s: common.parse_list(s, str), default=None,
+                   help="only these matrix names (e.g. w_down:Q4_K,wq:Q5_0); default: all of --shapes")
     p.add_argument("--formulations", type=lambda s: common.parse_list(s, str), default=None,
                    help=f"default: {','.join(FORMULATIONS)} (smollm2), {','.join(GEMMA3_FORMULATIONS)} (gemma3)")
     p.add_argument("--pallas", action="store_true", help="also time the Pallas kernel in interpret mode")
@@ -143,8 +146,8 @@ def main(argv=None):
         args.formulations = list(FORMULATIONS if args.shapes == "smollm2" else GEMMA3_FORMULATIONS)
     formulations = list(args.formulations) + (["pallas_interpret"] if args.pallas else [])
     rng = np.random.default_rng(0)
-    rows_out = []
-    shapes = SHAPE_SETS[args.shapes]
+    shapes = [s for s in SHAPE_SETS[args.shapes] if args.matrices is None or s[0] in args.matrices]
+    cases = []  # (row of results without timings, fn, x, stacked weights, copies)
     for name, k, n, qtype, copies in shapes:
         copies = copies or args.layers
         stacked_q, stacked_f = make_weights(k, n, qtype, copies, rng)
@@ -156,20 +159,30 @@ def main(argv=None):
                     continue  # interpret mode is a Python-level loop: keep it to small cases
                 if (formulation == "native_cpu" and rows > 16) or (formulation == "native_prefill" and rows <= 16):
                     continue  # decode kernel for <= 16 rows (as the model), dequantize + dot for more
-                fn = make_fn(formulation, rows)
-                stacked = stacked_f if formulation == "dense_f32" else stacked_q
-                timing = common.timeit(lambda: fn(x, stacked), args.repeats)
-                per_matrix = timing.median_s / copies
-                rows_out.append(dict(matrix=name, k=k, n=n, qtype=qtype, rows=rows, formulation=formulation,
-                                     ms_per_matrix=per_matrix * 1e3,
-                                     ms_per_matrix_min=timing.min_s / copies * 1e3,
-                                     ms_per_matrix_max=timing.max_s / copies * 1e3,
-                                     gweights_per_s=k * n / per_matrix / 1e9,
-                                     gmacs_per_s=rows * k * n / per_matrix / 1e9,
-                                     quant_gb_per_s=qbytes / per_matrix / 1e9,
-                                     compile_s=timing.compile_s))
-                print(f"{name:14} rows={rows:4} {formulation:17} {per_matrix * 1e3:8.3f} ms/matrix "
-                      f"{k * n / per_matrix / 1e9:6.2f} Gweights/s", flush=True)
+                row = dict(matrix=name, k=k, n=n, qtype=qtype, rows=rows, formulation=formulation, qbytes=qbytes)
+                cases.append((row, make_fn(formulation, rows), x,
+                              stacked_f if formulation == "dense_f32" else stacked_q, copies))
+    # Interleaved: every case's warm-up call, then --repeats rounds of one call of every case, so
+    # that a change in the machine's load (other processes) hits every case alike.
+    first = [common.timeit(lambda: fn(x, w), 1).first_s for _, fn, x, w, _ in cases]
+    samples: list[list[float]] = [[] for _ in cases]
+    for _ in range(args.repeats):
+        for i, (_, fn, x, w, _) in enumerate(cases):
+            samples[i].append(common.timeit(lambda: fn(x, w), 1).samples_s[0])
+    rows_out = []
+    for (row, _, _, _, copies), first_s, times in zip(cases, first, samples):
+        timing = common.Timing(first_s, tuple(times))
+        per_matrix = timing.median_s / copies
+        k, n, rows, qbytes = row["k"], row["n"], row["rows"], row.pop("qbytes")
+        rows_out.append(dict(row, ms_per_matrix=per_matrix * 1e3,
+                             ms_per_matrix_min=timing.min_s / copies * 1e3,
+                             ms_per_matrix_max=timing.max_s / copies * 1e3,
+                             gweights_per_s=k * n / per_matrix / 1e9,
+                             gmacs_per_s=rows * k * n / per_matrix / 1e9,
+                             quant_gb_per_s=qbytes / per_matrix / 1e9,
+                             compile_s=timing.compile_s))
+        print(f"{row['matrix']:14} rows={rows:4} {row['formulation']:17} {per_matrix * 1e3:8.3f} ms/matrix "
+              f"{k * n / per_matrix / 1e9:6.2f} Gweights/s", flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     df = common.write_results(args.out, rows_out, settings, common.machine_info())
     plt = common.pyplot()
@@ -180,11 +193,12 @@ def main(argv=None):
         table = part.pivot_table(index="matrix", columns="formulation", values="gmacs_per_s")
         table = table.reindex([s[0] for s in shapes])
         table.plot.bar(ax=ax, rot=0 if args.shapes == "smollm2" else 60)
+        ax.set_ylim(0, 1.4 * float(np.nanmax(table.to_numpy())))  # room for the legend above the bars
         ax.set_ylabel("multiply-adds per second (10^9/s, higher is better)")
         ax.set_xlabel(f"matrix ({'SmolLM2-135M' if args.shapes == 'smollm2' else 'Gemma 3 270M'} shape"
                       f"{'' if args.shapes == 'smollm2' else ': GGUF type'})")
         ax.set_title(f"rows = {rows} ({'decode' if rows <= 16 else 'prefill chunk'})", fontsize=10)
-        ax.legend(title="formulation", fontsize=8)
+        ax.legend(title="formulation", fontsize=8, ncol=len(table.columns))
         ax.grid(True, axis="y", alpha=0.3)
     common.save_figure(fig, args.out / "quant_matmul.png")
     common.print_table(df, ["matrix", "rows", "formulation", "ms_per_matrix", "gweights_per_s", "gmacs_per_s",

@@ -58,10 +58,11 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
     dtype: "f32" or "bf16", the dtype the model computes in (activations, norms, float weights).
         Default: "bf16" for weights="bf16", else "f32".
     weights: how the weight matrices are held in memory.
-        "q4": as the GGUF stores them: Q4_0 / Q4_1 / Q8_0 matrices stay quantized (4 or 8 bits a
-            weight plus the file's f16 block scales; the tied embedding too) and are dequantized
-            inside the quantized matmul (pallas_kernels/quant_matmul.py). Other types (F32 norms,
-            K-quants) are dequantized to `dtype`. GGUF files only.
+        "q4": as the GGUF stores them: block-quantized matrices (Q4_0 .. Q8_0, k-quants Q2_K ..
+            Q6_K) stay quantized (4 or 8 bits a weight plus f16 / f32 block scales, exactly the
+            file's values; the tied embedding too) and are dequantized inside the quantized matmul
+            (pallas_kernels/quant_matmul.py). Float tensors (F32 norms) are cast to `dtype`. GGUF
+            files only.
         "q4_q8": "q4", with each matrix's input rounded to 8 bits per 32-block first (llama.cpp's
             arithmetic for these weight types; pallas_kernels/quant_matmul.py): on CPU the decode
             products then run in integers, about 3x faster than "q4"'s float ones, at the cost of

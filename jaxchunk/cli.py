@@ -83,7 +83,7 @@ def _add_model_flags(parser: argparse.ArgumentParser,
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype the model computes in (default: bf16 with --weights bf16, else f32)")
     parser.add_argument("--weights", choices=WEIGHT_MODES, default="dequantized",
-                        help="weights in memory: q4 keeps the GGUF's Q4_0/Q4_1/Q8_0 blocks (quantized "
+                        help="weights in memory: q4 keeps the GGUF's quant blocks, k-quants too (quantized "
                              "matmul); q4_q8 also rounds each matrix's input to 8 bits per 32-block, "
                              "as llama.cpp does (integer products: faster decode on CPU); f32 / bf16 / "
                              "dequantized (= --dtype) expand them at load (default: %(default)s)")

@@ -186,6 +186,17 @@ def test_bench_quant_matmul_smoke(tmp_path):
     assert len(df) == 5 * 2 * 2 and (df.gweights_per_s > 0).all()
 
 
+def test_bench_quant_matmul_gemma3_shapes_smoke(tmp_path):
+    """--shapes gemma3: Gemma 3 270M's k-quant types (random blocks) next to Q4_1, native decode
+    (1 row) and native prefill (32 rows) kernels."""
+    run_script("bench_quant_matmul", "--shapes", "gemma3", "--rows", "1,32", "--layers", "2", "--repeats", "1",
+               "--matrices", "w_down:Q4_1,w_down:Q4_K+Q6_K", "--formulations", "native_cpu,native_prefill",
+               out=tmp_path)
+    df = check_outputs(tmp_path, ["quant_matmul.png"])
+    assert set(df.matrix) == {"w_down:Q4_1", "w_down:Q4_K+Q6_K"} and (df.gweights_per_s > 0).all()
+    assert set(zip(df.rows, df.formulation)) == {(1, "native_cpu"), (32, "native_prefill")}
+
+
 def test_cache_quant_writes_everything(tmp_path):
     """tiny-random has head_dim 16, so only the float formats (the q formats need 32)."""
     proc = run_script("cache_quant", *TINY, "--cache-dtypes", "bf16,fp8_e4m3", "--chunk-sizes", "16",

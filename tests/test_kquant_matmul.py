@@ -255,3 +255,68 @@ def test_gemma3_resident_weights_exact_and_within_budget(gemma3_gguf):
     file_size = gemma3_gguf.stat().st_size
     assert labels["ffn_down.weight"] == "Q4_K+Q6_K" and labels["attn_v.weight"] == "Q5_0+Q8_0"
     assert resident <= 1.25 * file_size, f"resident {resident} B vs file {file_size} B"
+
+
+@pytest.mark.slow
+def test_model_with_kquant_weights_matches_dequantized_model(tmp_path):
+    """A tiny llama GGUF stored the way Gemma 3's Q4_K_M is (Q5_0 / Q8_0 / Q4_K / Q6_K, mixed per
+    layer), loaded with weights="q4" and with weights="f32": forward, chunked prefill and decode
+    (auto backends: the native CPU kernels) agree with the float model on exactly the weights they
+    stand for, up to summation order (f32 logits, 2 layers: 1e-4 x max |logits|)."""
+    from gguf import GGUFWriter
+    from test_gguf_loader import tiny_hf_weights, tiny_metadata
+
+    from jaxchunk.cache import init_cache
+    from jaxchunk.model import forward
+    from jaxchunk.prefill import decode_step, prefill_chunk
+    from jaxchunk.weights import load_weights
+    weights = tiny_hf_weights(np.random.default_rng(7))  # shapes, and the F32 norms
+    types = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": ("Q8_0", "Q5_0"), "attn_output": "Q4_K",
+             "ffn_gate": "Q5_0", "ffn_up": "Q5_0", "ffn_down": ("Q6_K", "Q4_K")}
+    path = tmp_path / "kquants.gguf"
+    writer = GGUFWriter(path, arch="llama")
+    for key, value in tiny_metadata().items():
+        {int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}[type(value)](key, value)
+    for seed, (name, w) in enumerate(weights.items()):
+        if w.ndim == 1:
+            writer.add_tensor(name, w)
+            continue
+        parts = name.split(".")
+        qtype = "Q8_0" if parts[0] == "token_embd" else types[parts[2]]
+        qtype = qtype[int(parts[1])] if isinstance(qtype, tuple) else qtype
+        block = 256 if qtype.endswith("_K") else 32
+        blocks = random_blocks(qtype, w.shape[0], w.shape[1] // block, seed=seed, log2_range=(-13, -10))
+        writer.add_tensor(name, blocks, raw_dtype=Q[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    config, qparams, _ = load_weights(path, weights="q4")
+    _, fparams, _ = load_weights(path, weights="f32")
+    assert qparams["layers"]["w_down"].qtype == "Q4_K+Q6_K" and qparams["layers"]["wv"].qtype == "Q5_0+Q8_0"
+    qparams = jax.device_put(qparams)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 22)).astype(np.int32)
+    run_forward = jax.jit(forward, static_argnums=1)
+    expected = np.asarray(run_forward(jax.device_put(fparams), config, ids))
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 0
+    tol = 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(run_forward(qparams, config, ids)), expected, atol=tol)
+    cache = init_cache(config, 2, 32, "f32")
+    cache, chunk_logits = prefill_chunk(qparams, cache, ids[:, :20], config=config, logits="all")
+    np.testing.assert_allclose(np.asarray(chunk_logits), expected[:, :20], atol=tol)
+    for i in range(20, 22):
+        cache, last = decode_step(qparams, cache, ids[:, i], config=config)
+        np.testing.assert_allclose(np.asarray(last), expected[:, i], atol=tol)
+
+
+@pytest.mark.parametrize("spec", ["Q4_K", "Q6_K", "Q2_K", "Q5_0"])
+def test_quantized_embedding_rows(spec):
+    """A k-quant embedding (llama.cpp's Q4_K_M files often store token_embd as Q6_K / Q4_K), held as
+    the LM head's W [hidden, vocab] in 2 tiles: the looked-up rows are exactly gguf's values."""
+    from jaxchunk.model import embed
+    qw, w = make_stack(spec, k=256, n=96, tile=48)  # W [hidden 256, vocab 96]
+    table = jax.tree.map(lambda a: a[0], qw)
+    tokens = jnp.array([[0, 47, 48, 95], [13, 5, 5, 60]])
+    got = embed({"embed": table}, tokens, jnp.float32)
+    assert np.array_equal(np.asarray(got), w[0].T.astype(np.float32)[np.asarray(tokens)])

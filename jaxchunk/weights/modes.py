@@ -9,5 +9,5 @@ WEIGHT_MODES = ("dequantized", "f32", "bf16", "q4", "q4_q8")
 dtype, which the compute dtype must then be), or quantized (QUANTIZED_MODES)."""
 
 QUANTIZED_MODES = ("q4", "q4_q8")
-"""Weight modes that keep a GGUF's Q4_0 / Q4_1 / Q8_0 blocks (QuantizedWeight); "q4_q8" also
+"""Weight modes that keep a GGUF's quant blocks, k-quants too (QuantizedWeight); "q4_q8" also
 rounds each matrix's input to 8 bits per 32-block (llama.cpp's arithmetic)."""
