@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxchunk.fetch import DEFAULT_MODEL  # the model registry's default; imports no JAX
+from jaxchunk.fetch import MODELS as fetch_models
 
 # The one timing helper, shared with `jaxchunk bench`; re-exported for the scripts.
 from jaxchunk.timing import Timing, timeit  # noqa: F401
@@ -44,7 +45,7 @@ from jaxchunk.weights.modes import DTYPES, QUANTIZED_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "tiny-random"
-MODELS = (DEFAULT_MODEL, TINY_MODEL)
+MODELS = (*fetch_models, TINY_MODEL)  # every model of the registry, and the random one
 MB = 1024 ** 2
 
 
@@ -157,9 +158,16 @@ def tiny_config():
 def model_path(name: str = DEFAULT_MODEL) -> Path:
     """The GGUF file of a known model (fetched on first use)."""
     if name not in MODELS or name == TINY_MODEL:
-        raise ValueError(f"{name!r} has no model file; choose {DEFAULT_MODEL!r}")
+        raise ValueError(f"{name!r} has no model file; choose one of {', '.join(fetch_models)}")
     from jaxchunk.fetch import fetch_model
     return fetch_model(name)
+
+
+def file_type(name: str) -> str:
+    """The GGUF's quantization mix as llama.cpp names it ("Q4_1", "Q4_K_M"), from `general.file_type`."""
+    from jaxchunk.weights.gguf import file_type_name, gguf_field, open_gguf
+    path = model_path(name)
+    return file_type_name(gguf_field(open_gguf(path), path, "general.file_type", int, None)).removeprefix("MOSTLY_")
 
 
 def _tiny_host_weights(quantized: bool):
@@ -248,12 +256,16 @@ def reference_logits(model: LoadedModel, ids: np.ndarray) -> np.ndarray:
     return np.asarray(_jitted_forward()(model.params, model.config, np.asarray(ids)[None])[0])
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of each target under each row of logits (float64 accumulation)."""
-    logits = logits.astype(np.float64)
-    top = logits.max(-1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-    return log_z - logits[np.arange(len(targets)), targets]
+def token_nll(logits: np.ndarray, targets: np.ndarray, rows: int = 256) -> np.ndarray:
+    """Negative log-likelihood of each target under each row of logits (float64 accumulation),
+    `rows` rows at a time (the float64 copy of a [2048, 262144] Gemma chunk would be 4.3 GB)."""
+    out = []
+    for start in range(0, len(targets), rows):
+        block = logits[start:start + rows].astype(np.float64)
+        top = block.max(-1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(block - top).sum(-1))
+        out.append(log_z - block[np.arange(len(block)), targets[start:start + rows]])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def chunked_eval(model: LoadedModel, ids: np.ndarray, chunk_size: int, attention_impl: str,

@@ -12,7 +12,8 @@ Systems (--systems):
                 transformers keep GGUF weights packed and unpack them in every forward (several
                 times slower on CPU without its `kernels` package); --hf-weights dense (default)
                 asks for GgufConfig(dequantize=True): plain dense weights, like jaxchunk's.
-- llama.cpp:    llama_cpp.Llama on the GGUF as is (Q4_1 weights, its native format), n_batch 512,
+- llama.cpp:    llama_cpp.Llama on the GGUF as is (its native weights: Q4_1 for SmolLM2, Q4_K_M
+                for Gemma 3), n_batch 512,
                 n_threads --threads, logits_all=False; llm.eval(ids) after llm.reset().
 
 Every system runs in its own subprocess (this module with --worker), so its peak RSS (VmHWM, reset
@@ -176,7 +177,7 @@ def llama_cpp_worker(spec) -> tuple[list[dict], str]:
             llm.eval([int(np.argmax(last_logits()))])
 
     prefill_fn(np.arange(WARMUP_TOKENS))
-    note = (f"llama-cpp-python {llama_cpp.__version__}, weights Q4_1 (native), n_batch=512, "
+    note = (f"llama-cpp-python {llama_cpp.__version__}, weights {spec['dtype']} (native), n_batch=512, "
             f"threads={spec['threads']}, {llama_cpp.llama_print_system_info().decode().strip()}")
     return measure_lengths(prefill_fn, decode_fn, spec), note
 
@@ -251,7 +252,7 @@ def worker_specs(args, ids_path: Path) -> list[dict]:
         elif system == "transformers":
             specs += [dict(base, system=system, dtype=d, hf_weights=args.hf_weights) for d in args.dtypes]
         else:
-            specs.append(dict(base, system=system, dtype="Q4_1"))
+            specs.append(dict(base, system=system, dtype=common.file_type(args.model)))  # the GGUF's own
     return specs
 
 
@@ -272,9 +273,9 @@ def run_worker(spec: dict) -> list[dict]:
     result = json.loads(lines[-1][len(RESULT_MARK):])
     weights = f"{spec['weights']} " if spec.get("weights") in ("q4", "q4_q8") else ""
     label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']} chunk {spec.get('chunk_size')}",
-             "transformers": f"transformers {spec['dtype']}", "llama.cpp": "llama.cpp Q4_1"}[spec["system"]]
+             "transformers": f"transformers {spec['dtype']}", "llama.cpp": f"llama.cpp {spec['dtype']}"}[spec["system"]]
     return [dict(system=spec["system"], label=label, dtype=spec["dtype"], chunk_size=spec.get("chunk_size"),
-                 weights=spec.get("weights", "dequantized" if spec["system"] == "transformers" else "Q4_1"),
+                 weights=spec.get("weights", "dequantized" if spec["system"] == "transformers" else spec["dtype"]),
                  **row, note=result["note"]) for row in result["rows"]]
 
 

@@ -50,9 +50,9 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str] = None,
          weights: str = "dequantized", attention_impl: str = "auto", cache_dtype: Optional[str] = None,
          max_seq_len: Optional[int] = None) -> "Model":
-    """Load a Llama model and its tokenizer.
+    """Load a Llama (or Gemma 3) model and its tokenizer.
 
-    model: a known model name ("smollm2-135m", fetched on first use), a .gguf file, or a Hugging
+    model: a known model name ("smollm2-135m", "gemma3-270m"; fetched on first use), a .gguf file, or a Hugging
         Face checkpoint directory (config.json + safetensors + tokenizer files; a directory holding
         exactly one .gguf also works).
     dtype: "f32" or "bf16", the dtype the model computes in (activations, norms, float weights).
@@ -420,6 +420,8 @@ class Model:
             return [] if self.config.eos_token_id is None else [self.config.eos_token_id]
         eos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.config.eos_token_id
         ids = [] if eos is None else [eos]
+        if self.tokenizer.end_of_turn_id is not None and self.tokenizer.end_of_turn_id != eos:
+            ids.append(self.tokenizer.end_of_turn_id)  # Gemma's <end_of_turn>
         for s in stops:
             encoded = self.tokenizer.encode(s)
             if len(encoded) == 1 and self.tokenizer.decode(encoded) == s:

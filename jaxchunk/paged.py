@@ -31,7 +31,7 @@ from flax import struct
 from jaxchunk.cache import resolve_cache_formats, write_kv, zero_cache_arrays
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
-from jaxchunk.model import (LogitsMode, compute_dtype, decoder_layer, embed, lm_head, rope_inv_freq,
+from jaxchunk.model import (LogitsMode, decoder_layer, embed_tokens, layer_rope_table, lm_head, per_layer_window,
                             scan_layers)
 from pallas_kernels.kv_quant import KVQuant
 from pallas_kernels.paged_attention import paged_attention, token_sequences
@@ -253,9 +253,9 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
     write_page = jnp.where(real, page, num_pages)[None, :]       # [1, T]
     write_slot = (pos % page_size)[None, :]                       # [1, T]
     positions = pos[None, :]
-    inv_freq = rope_inv_freq(config)
+    rope_table = layer_rope_table(config)
     key_quant, value_quant = paged_cache.kv_quant
-    x = embed(params, step.tokens[None, :], compute_dtype(params))  # [1, T, hidden]
+    x = embed_tokens(params, config, step.tokens[None, :])  # [1, T, hidden]
 
     def layer_fn(carry, layer, index):
         x, pool = carry
@@ -265,12 +265,13 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
             # The pool as a cache of `num_pages` rows: a token's (row, position) is (page, slot).
             keys, key_scales = write_kv(keys, key_scales, k, index, write_page, write_slot, key_quant)
             values, value_scales = write_kv(values, value_scales, v, index, write_page, write_slot, value_quant)
-            attn = paged_attention(q[0], keys, values, step.cu_q_lens, step.kv_lens, step.page_table,
-                                   step.num_seqs, layer=index, kv_quant=(key_quant, value_quant), k_scales=key_scales,
-                                   v_scales=value_scales, impl=attention_impl)
+            attn = per_layer_window(config, index, lambda window: paged_attention(
+                q[0], keys, values, step.cu_q_lens, step.kv_lens, step.page_table, step.num_seqs, layer=index,
+                sm_scale=config.sm_scale, sliding_window=window, kv_quant=(key_quant, value_quant),
+                k_scales=key_scales, v_scales=value_scales, impl=attention_impl))
             return attn[None], (keys, values, key_scales, value_scales)
 
-        x, pool = decoder_layer(layer, config, x, positions, inv_freq, attend)
+        x, pool = decoder_layer(layer, config, x, positions, rope_table, attend, index)
         return (x, pool), None
 
     pool = (paged_cache.keys, paged_cache.values, paged_cache.key_scales, paged_cache.value_scales)

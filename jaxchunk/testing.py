@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxchunk.config import LlamaConfig
 from jaxchunk.model import init_params
 
-__all__ = ["TINY", "tiny_config", "tiny_model"]
+__all__ = ["TINY", "tiny_config", "tiny_model", "tiny_gemma3_config"]
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512)
@@ -32,3 +32,16 @@ def tiny_model(seed: int = 0, *, dtype=jnp.float32, scale: float = 0.02,
     """(config, random params) of a tiny model; params as `jaxchunk.model.init_params`."""
     config = tiny_config(**overrides)
     return config, init_params(config, seed=seed, dtype=dtype, scale=scale)
+
+
+def tiny_gemma3_config(window: int = 16, pattern: int = 3, **overrides) -> LlamaConfig:
+    """A tiny Gemma 3 (`tiny_config` with every Gemma 3 feature): `pattern` - 1 sliding-window
+    layers of `window`, then a global one, repeated (3 layers by default: local, local, global),
+    local RoPE base 1e4 and global 1e6, QK-norm, sandwich norms, GeGLU, embeddings scaled by
+    sqrt(hidden), attention scale 1 / sqrt(query_pre_attn_scalar)."""
+    num_layers = overrides.pop("num_layers", pattern)
+    fields = dict(num_layers=num_layers, architecture="gemma3", rope_theta=1e6, local_rope_theta=1e4,
+                  layer_windows=tuple(None if i % pattern == pattern - 1 else window for i in range(num_layers)),
+                  qk_norm=True, sandwich_norms=True, mlp_activation="gelu_tanh",
+                  embed_scale=TINY["hidden_size"] ** 0.5, query_pre_attn_scalar=24.0, rms_norm_eps=1e-6)
+    return tiny_config(**{**fields, **overrides})

@@ -603,7 +603,7 @@ def test_gguf_missing_field(tmp_path, field, key):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"model": "llama"}, "tokenizer.ggml.model = 'llama' is not supported"),
+    ({"model": "llama"}, "tokenizer.ggml.model = 'llama' needs tokenizer.ggml.scores"),  # SentencePiece-style
     ({"model": "bert"}, "tokenizer.ggml.model = 'bert' is not supported"),
     ({"pre": "qwen2"}, "tokenizer.ggml.pre = 'qwen2' is not supported"),
     ({"merges": ["Ġ t", "nonsense"]}, "tokenizer.ggml.merges entry 'nonsense'"),

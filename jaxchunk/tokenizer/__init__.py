@@ -2,7 +2,8 @@
 
 * GGUF (llama.cpp): the vocabulary, merges and special tokens live in the file's metadata
   (`tokenizer.ggml.*`); `Tokenizer.from_gguf` rebuilds them as a Hugging Face `tokenizers`
-  byte-level BPE (gguf.py, which also says how its pre-tokenization follows llama.cpp).
+  BPE: byte-level for "gpt2" vocabularies, SentencePiece-style (scores, byte fallback; Gemma) for
+  "llama" ones (gguf.py, which also says how both follow llama.cpp).
 * Hugging Face `tokenizer.json` (+ `tokenizer_config.json` beside it for the chat template and
   BOS/EOS): `Tokenizer.from_hf_json` (hf.py).
 * SentencePiece `.model`: `Tokenizer.from_sentencepiece` (sentencepiece.py).

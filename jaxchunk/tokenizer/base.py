@@ -35,8 +35,12 @@ class Tokenizer(abc.ABC):
     Attributes:
         source: the file this tokenizer was read from (for messages).
         bos_id, eos_id: begin/end-of-sequence token ids, or None if the files do not say.
+        end_of_turn_id: the chat end-of-turn token (Gemma's <end_of_turn>) where it differs from
+            EOS, or None; generation stops on it as on EOS.
         chat_template: the Jinja chat template, or None.
     """
+
+    end_of_turn_id: Optional[int] = None
 
     def __init__(self, source: PathLike, bos_id: Optional[int], eos_id: Optional[int],
                  chat_template: Optional[str]):
@@ -172,9 +176,10 @@ class HFTokenizer(Tokenizer):
     """Backend over a Hugging Face `tokenizers.Tokenizer` (used for GGUF and tokenizer.json)."""
 
     def __init__(self, backend, source: PathLike, bos_id: Optional[int], eos_id: Optional[int],
-                 chat_template: Optional[str]):
+                 chat_template: Optional[str], end_of_turn_id: Optional[int] = None):
         self.backend = backend
         super().__init__(source, bos_id, eos_id, chat_template)
+        self.end_of_turn_id = end_of_turn_id
 
     @property
     def vocab_size(self) -> int:

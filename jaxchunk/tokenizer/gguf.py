@@ -1,7 +1,16 @@
 """The tokenizer of a GGUF file: `tokenizer.ggml.*` metadata rebuilt as a Hugging Face `tokenizers`
-byte-level BPE (the BPE itself is the `tokenizers` library's, never hand-written here). The
-metadata is read with the weight loader's reader (`jaxchunk.weights.gguf.open_gguf` /
-`gguf_field`), its errors reported as TokenizerError.
+BPE (the BPE itself is the `tokenizers` library's, never hand-written here). The metadata is read
+with the weight loader's reader (`jaxchunk.weights.gguf.open_gguf` / `gguf_field`), its errors
+reported as TokenizerError. Two kinds of vocabulary (`tokenizer.ggml.model`):
+
+* "gpt2": byte-level BPE with merges (SmolLM2, Llama 3); see the pre-tokenization notes below.
+* "llama": SentencePiece-style (Gemma 3): tokens with scores, no merges, byte fallback
+  (`<0xXX>` tokens). llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose
+  concatenation is a token of highest score (leftmost first on ties); that is BPE whose merges are
+  every (left, right) split of every token, ranked by the token's score, which `tokenizers` runs
+  (`spm_merges`). As in llama.cpp, user-defined tokens (Gemma: newline runs, space runs, HTML tags)
+  and control tokens are matched whole in the raw text first; the rest has each space written
+  "▁" (no space prefix unless `tokenizer.ggml.add_space_prefix`) and goes through the BPE.
 
 Pre-tokenization of GGUF files, and how it differs from transformers
 --------------------------------------------------------------------
@@ -124,9 +133,11 @@ def read_gguf_vocabulary(path: Path, reader=None) -> tuple:
     if reader is None:
         reader = _open(path)
     model = _field(reader, path, "tokenizer.ggml.model", str)
+    if model == "llama":
+        return read_spm_vocabulary(path, reader)
     if model != "gpt2":
         raise TokenizerError(f"{path}: tokenizer.ggml.model = {model!r} is not supported "
-                             f"(supported: 'gpt2', byte-level BPE)")
+                             f"(supported: 'gpt2', byte-level BPE; 'llama', SentencePiece-style)")
     tokens = _field(reader, path, "tokenizer.ggml.tokens", list[str])
     merges = _field(reader, path, "tokenizer.ggml.merges", list[str])
     token_types = _field(reader, path, "tokenizer.ggml.token_type", list[int], None)
@@ -169,3 +180,75 @@ def read_gguf_vocabulary(path: Path, reader=None) -> tuple:
     return (backend, path, _field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
             _field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
             _field(reader, path, "tokenizer.chat_template", str, None))
+
+
+# ----------------------------------------------------------------------------- SentencePiece-style
+_BYTE = 6  # llama.cpp's token type of the <0xXX> byte-fallback tokens
+SPACE = "\u2581"  # how SentencePiece vocabularies spell a space
+
+# The end-of-turn token of chat vocabularies that do not name one in tokenizer.ggml.eot_token_id
+# (llama.cpp looks these up by text too).
+END_OF_TURN_TOKENS = ("<end_of_turn>",)
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece-style score merging over `tokens`: every split of a
+    token into two tokens, ranked by the merged token's score, highest first (ties: lower token
+    id first, then the shorter left piece)."""
+    import numpy as np
+
+    vocab = frozenset(tokens)
+    order = np.lexsort((np.arange(len(tokens)), -np.asarray(scores, np.float64)))  # by -score, then id
+    merges = []
+    for token in (tokens[i] for i in order.tolist()):
+        merges.extend((token[:cut], token[cut:]) for cut in range(1, len(token))
+                      if token[:cut] in vocab and token[cut:] in vocab)
+    return merges
+
+
+def read_spm_vocabulary(path: Path, reader) -> tuple:
+    """`read_gguf_vocabulary` for tokenizer.ggml.model = "llama" (see the module docstring)."""
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, normalizers
+
+    tokens = _field(reader, path, "tokenizer.ggml.tokens", list[str])
+    field = reader.get_field("tokenizer.ggml.scores")
+    if field is None:
+        raise TokenizerError(f"{path}: tokenizer.ggml.model = 'llama' needs tokenizer.ggml.scores")
+    scores = [float(x) for x in field.contents()]
+    token_types = _field(reader, path, "tokenizer.ggml.token_type", list[int], None) or [1] * len(tokens)
+    if not len(scores) == len(token_types) == len(tokens):
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens / scores / token_type have different "
+                             f"lengths ({len(tokens)}, {len(scores)}, {len(token_types)})")
+    vocab = dict(zip(tokens, range(len(tokens))))
+    if len(vocab) != len(tokens):
+        raise TokenizerError(f"{path}: tokenizer.ggml.tokens has duplicate entries")
+    if any(f"<0x{b:02X}>" not in vocab for b in range(256)):
+        raise TokenizerError(f"{path}: a SentencePiece-style vocabulary needs the 256 byte tokens <0x00>..<0xFF>")
+    unk_id = _field(reader, path, "tokenizer.ggml.unknown_token_id", int, None)
+
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=spm_merges(tokens, scores), byte_fallback=True, fuse_unk=True,
+        unk_token=None if unk_id is None else tokens[unk_id]))
+    steps = [normalizers.Replace(" ", SPACE)]
+    if _field(reader, path, "tokenizer.ggml.add_space_prefix", bool, False):
+        steps.insert(0, normalizers.Prepend(SPACE))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Matched whole in the raw text, before the space escaping (llama.cpp's tokenizer_st_partition):
+    # control tokens as special (skippable when decoding), user-defined ones as text.
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, token_types) if kind == _CONTROL])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED])
+
+    eot = _field(reader, path, "tokenizer.ggml.eot_token_id", int, None)
+    if eot is None:
+        eot = next((vocab[t] for t in END_OF_TURN_TOKENS if t in vocab), None)
+    template = _field(reader, path, "tokenizer.chat_template", str, None)
+    if template is None and "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        from jaxchunk.tokenizer.chat_template import GEMMA_CHAT_TEMPLATE
+        template = GEMMA_CHAT_TEMPLATE  # a base model's file names none; its turn tokens say which
+    return (backend, path, _field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
+            _field(reader, path, "tokenizer.ggml.eos_token_id", int, None), template, eot)

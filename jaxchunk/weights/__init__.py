@@ -14,6 +14,9 @@ The params pytree (NumPy or JAX arrays; weights as [in, out] so a layer is `x @ 
             "wo": [L, num_heads * head_dim, hidden],
             "mlp_norm": [L, hidden],
             "w_gate": [L, hidden, ffn], "w_up": [L, hidden, ffn], "w_down": [L, ffn, hidden],
+            # Gemma 3 only (config.qk_norm / config.sandwich_norms; `layout.layer_keys(config)`):
+            "q_norm": [L, head_dim], "k_norm": [L, head_dim],     RMSNorm of q / k before RoPE
+            "post_attn_norm": [L, hidden], "post_mlp_norm": [L, hidden],
         },
     }
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import ModelFileError
-from jaxchunk.weights.layout import PARAM_LAYER_KEYS
+from jaxchunk.weights.layout import layer_keys
 
 TensorName = Callable[[str, Optional[int]], str]
 TensorLoad = Callable[[str, Optional[int]], np.ndarray]
@@ -41,6 +41,8 @@ def file_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "embed": (v, h), "final_norm": (h,), "lm_head": (v, h),
         "attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
         "mlp_norm": (h,), "w_gate": (f, h), "w_up": (f, h), "w_down": (h, f),
+        "q_norm": (config.head_dim,), "k_norm": (config.head_dim,),
+        "post_attn_norm": (h,), "post_mlp_norm": (h,),
     }
 
 
@@ -51,7 +53,7 @@ def expected_keys(config: LlamaConfig) -> Iterator[tuple[str, Optional[int]]]:
     if not config.tie_word_embeddings:
         yield "lm_head", None
     for layer in range(config.num_layers):
-        for key in PARAM_LAYER_KEYS:
+        for key in layer_keys(config):
             yield key, layer
 
 
@@ -70,7 +72,7 @@ def check_tensors(path, config: LlamaConfig, tensor_name: TensorName,
             raise ModelFileError(f"{path}: tensor {name!r} has shape {list(actual)}, expected "
                                  f"{list(expected[key])} from the config")
     # A file with more layers than its config says is inconsistent, not just "extra data".
-    extra = [tensor_name(key, config.num_layers) for key in PARAM_LAYER_KEYS]
+    extra = [tensor_name(key, config.num_layers) for key in layer_keys(config)]
     extra = [name for name in extra if name in shapes]
     if extra:
         raise ModelFileError(f"{path}: has tensor {extra[0]!r} but the config says "
@@ -117,7 +119,7 @@ def assemble_params(config: LlamaConfig, tensor_name: TensorName, load: TensorLo
 
     layers: dict = {}
     for layer in range(config.num_layers):
-        for key in PARAM_LAYER_KEYS:
+        for key in layer_keys(config):
             if fill is not None and layer == 0:
                 shape = expected[key][::-1] if key in LINEAR_KEYS else expected[key]
                 stack = aligned_empty((config.num_layers, *shape), dtype)  # untouched until filled

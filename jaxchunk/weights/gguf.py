@@ -7,8 +7,12 @@ module adds what llama.cpp's format leaves to the reader:
 * the config, read entirely from `{arch}.*` / `tokenizer.ggml.*` metadata;
 * layout: GGUF stores a linear weight as ne=[in, out], i.e. NumPy [out, in]; params want
   [in, out], stacked over layers (done by `convert.assemble_params`);
-* llama.cpp's converter permutes the rows of Q and K (per head, from Hugging Face's
-  rotate-half order to interleaved pairs); `unpermute_qk` undoes it;
+* llama.cpp's converter permutes the rows of Q and K of a llama (per head, from Hugging Face's
+  rotate-half order to interleaved pairs); `unpermute_qk` undoes it. Gemma 3's are not permuted
+  (llama.cpp runs it with NEOX, i.e. rotate-half, RoPE);
+* Gemma 3 (`gemma3.*`): what llama.cpp fixes for the architecture rather than storing (the
+  sliding-window pattern, the local RoPE base, the attention scale) is read from the optional keys
+  newer converters write, defaulting to llama.cpp's values (`GEMMA3_DEFAULTS`);
 * every failure as a jaxchunk error naming the file, the tensor or key, and the problem.
 
 `load_gguf_raw` exposes the still-quantized blocks, for a quantized-matmul path;
@@ -18,6 +22,7 @@ module adds what llama.cpp's format leaves to the reader:
 from __future__ import annotations
 
 import collections
+import math
 import os
 import struct
 from pathlib import Path
@@ -46,6 +51,19 @@ GGUF_NAMES = {
     "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
     "wv": "attn_v.weight", "wo": "attn_output.weight", "mlp_norm": "ffn_norm.weight",
     "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+    # Gemma 3's extra norms (the converter stores Gemma's (1 + w) already: used as plain weights).
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    "post_attn_norm": "post_attention_norm.weight", "post_mlp_norm": "post_ffw_norm.weight",
+}
+
+ARCHITECTURES = ("llama", "gemma3")
+
+GEMMA3_DEFAULTS = {
+    # llama.cpp llama-model.cpp, LLM_ARCH_GEMMA3: set_swa_pattern(6) (layer il is global iff
+    # il % 6 == 5), rope_freq_base_train_swa = 10000, f_attention_scale = 1/sqrt(key_length)
+    # (1/sqrt(hidden / heads) for the 62-layer 27B); a file may state the first two.
+    "attention.sliding_window_pattern": 6,
+    "rope.freq_base_swa": 10000.0,
 }
 
 
@@ -265,8 +283,9 @@ def config_from_gguf(reader: GGUFFile) -> LlamaConfig:
     vocabulary size, tied embeddings, Llama-3 RoPE factors), every inconsistency as an error."""
     path, raw = reader.path, reader.tensors
     arch = gguf_field(reader, path, "general.architecture", str)
-    if arch != "llama":
-        raise UnsupportedError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedError(f"{path}: architecture {arch!r} is not supported "
+                               f"(supported: {', '.join(ARCHITECTURES)})")
     if gguf_field(reader, path, f"{arch}.expert_count", int, 0) > 0:
         raise UnsupportedError(f"{path}: mixture-of-experts llama models are not supported")
 
@@ -295,6 +314,7 @@ def config_from_gguf(reader: GGUFFile) -> LlamaConfig:
         raise ModelFileError(f"{path}: tokenizer has {len(tokens.contents())} tokens but the "
                              f"embedding has only {vocab} rows")
     theta = get("rope.freq_base", float, 10000.0)
+    variant = _gemma3_fields(get, path, hidden, n_heads, head_dim) if arch == "gemma3" else {}
     try:
         return LlamaConfig(
             vocab_size=vocab,
@@ -311,9 +331,28 @@ def config_from_gguf(reader: GGUFFile) -> LlamaConfig:
             rope_scaling=_rope_scaling(reader, path, arch, raw, theta, head_dim),
             bos_token_id=gguf_field(reader, path, "tokenizer.ggml.bos_token_id", int, None),
             eos_token_id=gguf_field(reader, path, "tokenizer.ggml.eos_token_id", int, None),
+            architecture=arch,
+            **variant,
         )
     except ValueError as e:  # LlamaConfig's own validation (zero sizes, bad GQA ratio)
         raise ModelFileError(f"{path}: inconsistent metadata: {e}") from None
+
+
+def _gemma3_fields(get, path, hidden: int, n_heads: int, head_dim: int) -> dict:
+    """The LlamaConfig fields of a Gemma 3 GGUF beyond Llama's (see `GEMMA3_DEFAULTS`)."""
+    num_layers = get("block_count", int)
+    window = get("attention.sliding_window", int)
+    pattern = get("attention.sliding_window_pattern", int, GEMMA3_DEFAULTS["attention.sliding_window_pattern"])
+    if window < 1 or pattern < 1:
+        raise ModelFileError(f"{path}: gemma3 sliding window {window} / pattern {pattern} must be >= 1")
+    # Gemma 3 27B (62 layers) scales queries by hidden / heads, the others by head_dim (llama.cpp).
+    scalar = hidden // n_heads if num_layers == 62 else head_dim
+    return dict(
+        layer_windows=tuple(None if i % pattern == pattern - 1 else window for i in range(num_layers)),
+        local_rope_theta=get("rope.freq_base_swa", float, GEMMA3_DEFAULTS["rope.freq_base_swa"]),
+        qk_norm=True, sandwich_norms=True, mlp_activation="gelu_tanh",
+        embed_scale=math.sqrt(hidden), query_pre_attn_scalar=float(scalar),
+    )
 
 
 def quantized_formats(config: LlamaConfig, raw: dict[str, RawTensor]) -> dict[str, tuple[Any, str]]:
@@ -365,7 +404,7 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
         """The tensor's blocks, Q/K rows already in Hugging Face order (whole rows of quant blocks
         move, before anything is dequantized)."""
         t = raw[gguf_tensor_name(key, layer)]
-        if key in ("wq", "wk"):
+        if key in ("wq", "wk") and config.architecture == "llama":
             heads = config.num_heads if key == "wq" else config.num_kv_heads
             t = t._replace(blocks=unpermute_qk(t.blocks, heads))
         return t
@@ -402,7 +441,7 @@ def load_gguf(path: Union[PathLike, GGUFFile], dtype=np.float32,
     metadata = {
         "format": "gguf",
         "path": str(path),
-        "architecture": "llama",
+        "architecture": config.architecture,
         "name": gguf_field(reader, path, "general.name", str, ""),
         "file_type": file_type_name(file_type),
         "gguf_version": str(reader.version),
