@@ -71,7 +71,7 @@ def launch(command: list[str], num_processes: int, *, devices_per_process: int =
     deadline = time.monotonic() + timeout
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while None in [p.poll() for p in procs]:  # poll every one: a failure anywhere ends the rest
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 status = failed[0] if failed else 124

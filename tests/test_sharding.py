@@ -145,9 +145,11 @@ def test_hlo_collectives_and_memory():
         data, model = map(int, mesh.split("x"))
         for step in ("decode", "prefill"):
             found = entry[step]["collectives"]
-            row_sums = [s for s in found["all-reduce"] if s[-1] == hidden]
-            # wo (split heads), w_down, the embedding: each once in the layer scan's body / before it
+            row_sums = [s for s in found["all-reduce"] if len(s) == 3 and s[-1] == hidden]  # [b, s, hidden]
+            # wo (split heads), w_down, the embedding: each once in the layer scan's body / before it.
+            # (With data > 1 one more, [batch, hidden]: each row's last token picked from data-split rows.)
             assert len(row_sums) == 3, (mesh, step, found)
+            assert len(found["all-reduce"]) == 3 + (data > 1), (mesh, step, found)
             gathered = found["all-gather"] + found["all-to-all"] + found["collective-permute"]
             assert all(max_seq not in s for s in gathered), (mesh, step, gathered)       # never the cache
             assert all(hidden not in s[-2:] for s in gathered), (mesh, step, gathered)  # never a weight
