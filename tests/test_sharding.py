@@ -212,3 +212,13 @@ def test_launcher_ends_processes_on_failure(tmp_path):
                       "if os.environ['JAXCHUNK_PROCESS_ID'] == '1': sys.exit(3)\n"
                       "time.sleep(300)\n")
     assert launch([sys.executable, str(script)], 2, timeout=60) == 3
+
+
+@pytest.mark.slow
+def test_info_mesh_says_what_is_split(capsys):
+    """`jaxchunk info MODEL --mesh DxM`: the plan for the model file's config (needs SmolLM2 fetched)."""
+    from jaxchunk.cli import main
+    assert main(["info", "smollm2-135m", "--mesh", "2x3"]) == 0
+    out = capsys.readouterr().out
+    assert "attention: kv_heads (heads 9 query / 3 KV)" in out and "batch     -> data" in out
+    assert main(["info", "smollm2-135m", "--mesh", "two"]) == 2
