@@ -155,7 +155,8 @@ def hlo_and_memory(spec) -> dict:
     bytes device 0 holds of each part (the 1x1 entry is the single-device baseline)."""
     config, params, cache_dtype = load_model(spec["model"], spec["weights"])
     batch = spec.get("batch", 2)
-    out = {"max_seq": MAX_SEQ, "hidden": config.hidden_size, "meshes": {}}
+    from pallas_kernels import native_cpu
+    out = {"max_seq": MAX_SEQ, "hidden": config.hidden_size, "native_cpu": native_cpu.available(), "meshes": {}}
     for data, model in [[1, 1]] + spec["meshes"]:
         mesh = sharding.make_mesh(data, model)
         placed = sharding.shard_params(params, config, mesh)
@@ -169,7 +170,8 @@ def hlo_and_memory(spec) -> dict:
             chunk = jitted_prefill_chunk.lower(placed, cache, jnp.zeros((batch, CHUNK), jnp.int32),
                                                jnp.full((batch,), CHUNK, jnp.int32), config=config,
                                                attention_impl="auto", logits="last").compile()
-        entry["decode"] = {"memory": memory(decode), "collectives": collectives(decode.as_text())}
+        entry["decode"] = {"memory": memory(decode), "collectives": collectives(decode.as_text()),
+                           "custom_calls": len(re.findall(r" custom-call\(", decode.as_text()))}
         entry["prefill"] = {"memory": memory(chunk), "collectives": collectives(chunk.as_text())}
         out["meshes"][f"{data}x{model}"] = entry
     return out

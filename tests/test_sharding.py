@@ -115,6 +115,15 @@ def test_tiny_q4_and_bf16():
 
 
 @pytest.mark.slow
+def test_pallas_attention_per_shard():
+    """The Pallas kernels (interpret mode here), which XLA cannot partition, inside shard_map on 2x2.
+    (The native CPU decode kernel, impl="auto"'s choice for decode on CPU, is in every other test;
+    test_hlo_collectives_and_memory checks its custom call is in the sharded decode step.)"""
+    check_equivalence(worker({"case": "equivalence", "model": "tiny", "weights": "f32", "impl": "pallas",
+                              "meshes": [[2, 2]]}, devices=4))
+
+
+@pytest.mark.slow
 def test_smollm2_f32():
     """SmolLM2-135M: 1x2 (heads do not divide: attention replicated), 1x3 and 2x3 (KV heads split)."""
     result = worker({"case": "equivalence", "model": "smollm2", "weights": "f32", "meshes": [[1, 2], [1, 3], [2, 3]]})
@@ -158,6 +167,8 @@ def test_hlo_collectives_and_memory():
         if entry["attention"] == "kv_heads":
             assert entry["bytes"]["attention"] * model == base["bytes"]["attention"]
             assert abs(entry["bytes"]["cache"] * data * model - base["bytes"]["cache"]) <= 8 * data * model
+        if r["native_cpu"]:  # the native decode kernel runs per shard (a custom call in the partitioned step)
+            assert entry["decode"]["custom_calls"] >= 1, mesh
         arg = entry["decode"]["memory"]["argument"]
         assert arg <= 1.1 * base["decode"]["memory"]["argument"] / (model if entry["attention"] == "kv_heads" else 1)
 
