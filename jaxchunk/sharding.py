@@ -32,8 +32,9 @@ partition (Pallas kernels, the native CPU custom calls: opaque to the SPMD parti
 gather their operands) runs inside `jax.shard_map` with per-shard specs from the same rules:
 attention (`attention_call`; every backend then sees one shard's rows and heads, as on one device)
 and the quantized matmul (`quantized_linear`; a row split sums its partial products with one psum).
-In "q_heads" mode the attention stays with XLA's partitioner and the native / Pallas backends give
-way to "xla" (a shard's query heads need KV heads it does not own by a plain split).
+In "q_heads" mode, when model is a multiple of the KV heads (MQA; 4 query / 2 KV heads over 4), a
+shard's query heads share one KV head and attend to it in shard_map; otherwise the attention stays
+with XLA's partitioner and the native / Pallas backends give way to "xla".
 
 Inside a step these wrappers use the mesh of the trace context (`jax.set_mesh`); the host-side
 step runners (jaxchunk.steps, jaxchunk.generate) enter it from their inputs' placement
@@ -178,8 +179,10 @@ def _plan(config: LlamaConfig, data: int, model: int) -> ShardingPlan:
     elif config.num_heads % model == 0:
         attention = "q_heads"
         rules["kv_heads"] = None
+        how = ("each shard attends to its query heads' one KV head (any backend, in shard_map)"
+               if model % config.num_kv_heads == 0 else "attention left to XLA's partitioner (backend xla)")
         notes.append(f"{config.num_kv_heads} KV heads do not divide over model={model}: K/V and the cache "
-                     f"replicated, {config.num_heads} query heads split; attention backend xla (XLA-partitioned)")
+                     f"replicated, {config.num_heads} query heads split; {how}")
     else:
         attention = "replicated"
         rules["q_heads"] = rules["kv_heads"] = None
@@ -395,7 +398,11 @@ def attention_call(op, config: LlamaConfig, q, k, v, q_offset, kv_len, *, impl: 
     if mesh is None:
         return op(q, k, v, q_offset, kv_len, impl=impl, k_scales=k_scales, v_scales=v_scales, **static)
     plan = plan_for(config, mesh)
-    if plan.attention == "q_heads":
+    # q_heads mode: a shard's query heads share one KV head when model is a multiple of the KV heads
+    # (MQA, or e.g. 4 query / 2 KV heads over 4); it then attends to that head of the replicated cache.
+    # Otherwise XLA partitions the attention (and gathers q's heads first).
+    shared_kv = plan.model // config.num_kv_heads if plan.model % config.num_kv_heads == 0 else None
+    if plan.attention == "q_heads" and shared_kv is None:
         impl = "xla" if impl in NON_PARTITIONED_ATTENTION else impl
         return op(q, k, v, q_offset, kv_len, impl=impl, k_scales=k_scales, v_scales=v_scales, **static)
     layer = static.pop("layer", None)
@@ -404,8 +411,14 @@ def attention_call(op, config: LlamaConfig, q, k, v, q_offset, kv_len, *, impl: 
     rows = plan.spec(("batch",), q_offset.shape)
     in_specs = (q_spec, plan.spec(cache_axes, k.shape), plan.spec(cache_axes, v.shape), rows, rows,
                 _spec_or_none(plan, cache_axes, k_scales), _spec_or_none(plan, cache_axes, v_scales), P())
+    slice_kv = plan.attention == "q_heads" and config.num_kv_heads > 1
 
     def per_shard(q, k, v, q_offset, kv_len, k_scales, v_scales, layer):
+        if slice_kv:  # this shard's KV head, out of the layer (a copy of 1 / num_kv_heads of it)
+            head = jax.lax.axis_index(MODEL) // shared_kv
+            k, v, k_scales, v_scales = (None if a is None else jax.lax.dynamic_slice_in_dim(
+                a if layer is None else a[layer], head, 1, axis=-2) for a in (k, v, k_scales, v_scales))
+            layer = None
         return op(q, k, v, q_offset, kv_len, impl=impl, k_scales=k_scales, v_scales=v_scales, layer=layer,
                   **static)
 

@@ -106,6 +106,18 @@ def test_tiny6_all_meshes_f32():
 
 
 @pytest.mark.slow
+def test_query_heads_only():
+    """q_heads mode where model is a multiple of the KV heads: MQA (4 / 1 heads) over 2, and 4 / 2 heads
+    over 4 (each shard attends to its one KV head, sliced from the replicated cache)."""
+    mqa = worker({"case": "equivalence", "model": "tiny_mqa", "weights": "f32", "meshes": [[1, 2], [2, 2]]})
+    gqa = worker({"case": "equivalence", "model": "tiny", "weights": "f32", "meshes": [[1, 4]]})
+    for result in (mqa, gqa):
+        assert {r["attention"] for r in result["meshes"].values()} == {"q_heads"}
+        assert all("its query heads' one KV head" in r["describe"] for r in result["meshes"].values())
+        check_equivalence(result)
+
+
+@pytest.mark.slow
 def test_tiny_q4_and_bf16():
     q4 = worker({"case": "equivalence", "model": "tiny6", "weights": "q4", "meshes": [[1, 3], [2, 2]]})
     check_equivalence(q4)
@@ -235,3 +247,25 @@ def test_info_mesh_says_what_is_split(capsys):
     out = capsys.readouterr().out
     assert "attention: kv_heads (heads 9 query / 3 KV)" in out and "batch     -> data" in out
     assert main(["info", "smollm2-135m", "--mesh", "two"]) == 2
+
+
+@pytest.mark.slow
+def test_experiment_script_writes_its_outputs(tmp_path):
+    """experiments.sharding on the tiny model, 1x1 and 1x2 (as users run it: a subprocess that sets the
+    device count itself): CSV, JSON and PNG written, the split parts halved on 1x2."""
+    pd = pytest.importorskip("pandas")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "experiments.sharding", "--model", "tiny-random", "--quick",
+                           "--meshes", "1x1,1x2", "--repeats", "1", "--psum-loop", "10", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "results.csv").set_index("mesh")
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert len(payload["rows"]) == 2 and payload["machine"]["load_average_1_5_15"]
+    assert (tmp_path / "sharding.png").read_bytes().startswith(b"\x89PNG")
+    assert df.loc["1x2", "attention"] == "kv_heads"
+    assert df.loc["1x2", "cache_mb"] * 2 == pytest.approx(df.loc["1x1", "cache_mb"])
+    assert df.loc["1x2", "params_mb"] < 0.55 * df.loc["1x1", "params_mb"]   # all but the norms split
+    assert df.loc["1x2", "hlo_all_reduce"] == 3 and df.loc["1x1", "hlo_all_reduce"] == 0
+    assert df.loc["1x2", "all_reduce_us"] > 0
