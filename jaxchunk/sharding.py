@@ -378,6 +378,25 @@ def constrain_cache(cache, config: LlamaConfig):
     return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, s), cache, specs)
 
 
+def write_rows(write_kv, stored, scales, x, layer, positions, spec):
+    """`jaxchunk.cache.write_kv` of x [batch, chunk_len, ...] into cache row b of each x row b, at
+    positions [batch, chunk_len]. Under a context mesh, written as a batched scatter (vmap over the
+    rows): XLA's partitioner then sees each row write into its own row and keeps the scatter local to
+    the data shard (with explicit row indices it all-gathers the new K/V over data first)."""
+    if context_mesh() is None:
+        rows = jax.numpy.arange(x.shape[0])[:, None]
+        return write_kv(stored, scales, x, layer, rows, positions, spec)
+
+    def one_row(stored, scales, x, positions):
+        stored, scales = (a if a is None else a[:, None] for a in (stored, scales))
+        zero = jax.numpy.zeros((1, 1), jax.numpy.int32)
+        stored, scales = write_kv(stored, scales, x[None], layer, zero, positions[None], spec)
+        return stored[:, 0], None if scales is None else scales[:, 0]
+
+    return jax.vmap(one_row, in_axes=(1, None if scales is None else 1, 0, 0),
+                    out_axes=(1, None if scales is None else 1))(stored, scales, x, positions)
+
+
 # ----------------------------------------------------------------------------- shard_map wrappers
 def _shard_map(fn, mesh, in_specs, out_specs, *args):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
