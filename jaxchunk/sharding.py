@@ -27,7 +27,8 @@ The rules (`RULES`, completed per config by `plan_for`) map logical axes, named 
   whole column tiles (or within the single tile), rows by whole 32-weight quant blocks; else
   replicated (`describe` says which).
 
-XLA partitions the float matmuls, norms, RoPE, cache scatter and embedding itself. What it cannot
+XLA partitions the float matmuls, norms, RoPE, cache scatter and embedding itself (the contiguous
+cache's write is a batched scatter under a mesh, `write_rows`, so each data shard writes its own rows). What it cannot
 partition (Pallas kernels, the native CPU custom calls: opaque to the SPMD partitioner, which would
 gather their operands) runs inside `jax.shard_map` with per-shard specs from the same rules:
 attention (`attention_call`; every backend then sees one shard's rows and heads, as on one device)
@@ -62,8 +63,8 @@ from jaxchunk.weights.quantized import quantized_linear as unsharded_quantized_l
 
 __all__ = ["DATA", "MODEL", "RULES", "PARAM_AXES", "CACHE_AXES", "ATTENTION_MODES", "ShardingPlan", "make_mesh",
            "plan_for", "describe", "param_shardings", "shard_params", "cache_shardings", "shard_cache",
-           "mesh_of", "mesh_context", "context_mesh", "constrain_cache", "attention_call", "paged_attention_call",
-           "quantized_linear", "NON_PARTITIONED_ATTENTION"]
+           "mesh_of", "mesh_context", "context_mesh", "constrain_cache", "write_rows", "attention_call",
+           "paged_attention_call", "quantized_linear", "NON_PARTITIONED_ATTENTION"]
 
 DATA, MODEL = "data", "model"
 
