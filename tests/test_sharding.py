@@ -274,7 +274,8 @@ def test_experiment_script_writes_its_outputs(tmp_path):
     assert len(payload["rows"]) == 2 and payload["machine"]["load_average_1_5_15"]
     assert (tmp_path / "sharding.png").read_bytes().startswith(b"\x89PNG")
     assert df.loc["1x2", "attention"] == "kv_heads"
-    assert df.loc["1x2", "cache_mb"] * 2 == pytest.approx(df.loc["1x1", "cache_mb"])
+    # (lengths, int32 [batch], stay whole on every device)
+    assert df.loc["1x2", "cache_mb"] * 2 == pytest.approx(df.loc["1x1", "cache_mb"], abs=1e-4)
     assert df.loc["1x2", "params_mb"] < 0.55 * df.loc["1x1", "params_mb"]   # all but the norms split
     assert df.loc["1x2", "hlo_all_reduce"] == 3 and df.loc["1x1", "hlo_all_reduce"] == 0
     assert df.loc["1x2", "all_reduce_us"] > 0
