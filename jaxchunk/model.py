@@ -264,6 +264,7 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     # Out-of-range rows of the scatter are dropped: padding tokens write nowhere.
     write_index = jnp.where(offsets[None, :] < n_valid[:, None], positions, kv_cache.max_seq_len)
     kv_len = pos + n_valid
+    rows = jnp.arange(batch)[:, None]
     inv_freq = rope_inv_freq(config)
     x = embed(params, tokens, compute_dtype(params))
     key_quant, value_quant = kv_cache.kv_quant
@@ -275,9 +276,8 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
             keys, values, key_scales, value_scales = cache_arrays
             # Quantized on write (the chunk's own queries already see the stored K/V), dequantized
             # on read inside attention.
-            keys, key_scales = sharding.write_rows(write_kv, keys, key_scales, k, index, write_index, key_quant)
-            values, value_scales = sharding.write_rows(write_kv, values, value_scales, v, index, write_index,
-                                                       value_quant)
+            keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, key_quant)
+            values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, value_quant)
             attn = sharding.attention_call(attention, config, q, keys, values, pos, kv_len, layer=index,
                                            impl=attention_impl, kv_quant=(key_quant, value_quant),
                                            k_scales=key_scales, v_scales=value_scales)

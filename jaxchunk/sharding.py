@@ -27,8 +27,10 @@ The rules (`RULES`, completed per config by `plan_for`) map logical axes, named 
   whole column tiles (or within the single tile), rows by whole 32-weight quant blocks; else
   replicated (`describe` says which).
 
-XLA partitions the float matmuls, norms, RoPE, cache scatter and embedding itself (the contiguous
-cache's write is a batched scatter under a mesh, `write_rows`, so each data shard writes its own rows). What it cannot
+XLA partitions the float matmuls, norms, RoPE, cache scatter and embedding itself. (With data > 1 it
+all-gathers the chunk's new K/V rows over data before the scatter: it does not see that a row's
+index is its own shard. A batched scatter (vmap over rows) avoids that gather, but XLA:CPU then
+copied the cache every step: a 1x2 decode step took 30x longer, so it is not used.) What it cannot
 partition (Pallas kernels, the native CPU custom calls: opaque to the SPMD partitioner, which would
 gather their operands) runs inside `jax.shard_map` with per-shard specs from the same rules:
 attention (`attention_call`; every backend then sees one shard's rows and heads, as on one device)
@@ -63,7 +65,7 @@ from jaxchunk.weights.quantized import quantized_linear as unsharded_quantized_l
 
 __all__ = ["DATA", "MODEL", "RULES", "PARAM_AXES", "CACHE_AXES", "ATTENTION_MODES", "ShardingPlan", "make_mesh",
            "plan_for", "describe", "param_shardings", "shard_params", "cache_shardings", "shard_cache",
-           "mesh_of", "mesh_context", "context_mesh", "constrain_cache", "write_rows", "attention_call",
+           "mesh_of", "mesh_context", "context_mesh", "constrain_cache", "attention_call",
            "paged_attention_call", "quantized_linear", "NON_PARTITIONED_ATTENTION"]
 
 DATA, MODEL = "data", "model"
@@ -377,25 +379,6 @@ def constrain_cache(cache, config: LlamaConfig):
         return cache
     specs = _cache_specs(cache, plan_for(config, mesh))
     return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, s), cache, specs)
-
-
-def write_rows(write_kv, stored, scales, x, layer, positions, spec):
-    """`jaxchunk.cache.write_kv` of x [batch, chunk_len, ...] into cache row b of each x row b, at
-    positions [batch, chunk_len]. Under a context mesh, written as a batched scatter (vmap over the
-    rows): XLA's partitioner then sees each row write into its own row and keeps the scatter local to
-    the data shard (with explicit row indices it all-gathers the new K/V over data first)."""
-    if context_mesh() is None:
-        rows = jax.numpy.arange(x.shape[0])[:, None]
-        return write_kv(stored, scales, x, layer, rows, positions, spec)
-
-    def one_row(stored, scales, x, positions):
-        stored, scales = (a if a is None else a[:, None] for a in (stored, scales))
-        zero = jax.numpy.zeros((1, 1), jax.numpy.int32)
-        stored, scales = write_kv(stored, scales, x[None], layer, zero, positions[None], spec)
-        return stored[:, 0], None if scales is None else scales[:, 0]
-
-    return jax.vmap(one_row, in_axes=(1, None if scales is None else 1, 0, 0),
-                    out_axes=(1, None if scales is None else 1))(stored, scales, x, positions)
 
 
 # ----------------------------------------------------------------------------- shard_map wrappers

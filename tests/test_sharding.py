@@ -153,10 +153,11 @@ def test_smollm2_q4_and_bf16():
 # ----------------------------------------------------------------------------- HLO and memory
 def test_hlo_collectives_and_memory():
     """Compiled decode step / prefill chunk: one all-reduce per row-split matmul (wo where the heads
-    split, w_down whenever model > 1) plus the vocab-parallel embedding's, none on one device; no
-    all-gather at all, of the cache, the weights or the new K/V (the batched cache write stays on its
-    data shard), except q's heads where XLA partitions a q_heads attention (KV heads 3 over model 2);
-    per-device bytes of every split part 1/m (cache 1/(d*m))."""
+    split, w_down whenever model > 1) plus the vocab-parallel embedding's, none on one device; never an
+    all-gather of the cache or a weight (only, with data > 1, the chunk's new K/V rows before the
+    cache scatter, and q's heads where XLA partitions a q_heads attention: KV heads 3 over model 2),
+    none at all with data = 1 outside q_heads; per-device bytes of every split part 1/m (cache
+    1/(d*m))."""
     r = worker({"case": "hlo_and_memory", "model": "tiny6", "weights": "f32",
                 "meshes": [[2, 1], [1, 2], [1, 3], [2, 2], [2, 3]]})
     hidden, max_seq = r["hidden"], r["max_seq"]
@@ -178,9 +179,9 @@ def test_hlo_collectives_and_memory():
             rest = [s for s in found["all-reduce"] if s not in row_sums and s]
             assert rest == ([[2, hidden]] if data > 1 else []), (mesh, step, found)
             gathered = found["all-gather"] + found["all-to-all"] + found["collective-permute"]
-            if mode == "q_heads":   # q [batch / data, q_len, all heads, head_dim]
-                assert all(s[-2:] == [6, 16] and max_seq not in s for s in gathered), (mesh, step, gathered)
-            else:
+            assert all(max_seq not in s for s in gathered), (mesh, step, gathered)       # never the cache
+            assert all(hidden not in s[-2:] for s in gathered), (mesh, step, gathered)  # never a weight
+            if data == 1 and mode != "q_heads":
                 assert not gathered, (mesh, step, gathered)
         assert entry["bytes"]["mlp"] * model == base["bytes"]["mlp"]
         assert entry["bytes"]["embed_head"] * model == base["bytes"]["embed_head"]
