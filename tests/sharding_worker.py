@@ -216,7 +216,22 @@ def paged(spec) -> dict:
     return out
 
 
-CASES = {"equivalence": equivalence, "hlo_and_memory": hlo_and_memory, "paged": paged}
+def api(spec) -> dict:
+    """`jaxchunk.load(..., mesh=)`: Model.generate / logits / perplexity on a mesh vs without one."""
+    import jaxchunk
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    out = {}
+    for name, mesh in (("single", None), ("mesh", sharding.make_mesh(*spec["mesh"]))):
+        model = jaxchunk.load("smollm2-135m", max_seq_len=128, mesh=mesh, **spec.get("load", {}))
+        out[name] = {"texts": model.generate(prompts, max_new_tokens=8, chunk_size=4),
+                     "logits": np.asarray(model.logits(prompts[0], chunk_size=4)).tolist(),
+                     "perplexity": model.perplexity("The quick brown fox jumps over the lazy dog.", chunk_size=4),
+                     "info": model.sharding_info(),
+                     "cache_spec": str(model.new_cache(2).keys.sharding.spec) if mesh is not None else ""}
+    return out
+
+
+CASES = {"equivalence": equivalence, "hlo_and_memory": hlo_and_memory, "paged": paged, "api": api}
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])

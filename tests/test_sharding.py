@@ -150,6 +150,20 @@ def test_smollm2_q4_and_bf16():
     check_equivalence(bf16, tol=2 * bf16["bf16_vs_f32"], greedy=False)
 
 
+@pytest.mark.slow
+def test_load_with_mesh():
+    """jaxchunk.load(..., mesh=): generate, logits and perplexity as without a mesh (f32, 1x3)."""
+    import numpy as np
+    r = worker({"case": "api", "mesh": [1, 3]}, devices=3)
+    single, mesh = r["single"], r["mesh"]
+    assert mesh["texts"] == single["texts"]
+    ref = np.asarray(single["logits"])
+    assert np.abs(np.asarray(mesh["logits"]) - ref).max() <= F32_TOL * np.abs(ref).max()
+    assert abs(mesh["perplexity"] - single["perplexity"]) <= 1e-4 * single["perplexity"]
+    assert "attention: kv_heads" in mesh["info"] and single["info"] == "one device (no mesh)"
+    assert "'model'" in mesh["cache_spec"]
+
+
 # ----------------------------------------------------------------------------- HLO and memory
 def test_hlo_collectives_and_memory():
     """Compiled decode step / prefill chunk: one all-reduce per row-split matmul (wo where the heads
