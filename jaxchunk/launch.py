@@ -11,9 +11,8 @@ with the first non-zero status. The script calls `initialize()` before anything 
 afterwards `jax.devices()` spans every process and `jaxchunk.sharding.make_mesh` builds a mesh over
 them (data-major: with the default device order the data axis runs across processes).
 
-Host reads of a global array need it fully replicated (the token ids `generate_ids` returns, the
-cache lengths of a mesh whose data axis stays within a process) or
-`jax.experimental.multihost_utils.process_allgather`.
+jaxchunk's own host reads (cache lengths, generated ids) go through `jaxchunk.sharding.to_host`,
+which gathers an array split across processes; every process runs the same loop.
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ from jaxchunk.weights.quantized import quantized_linear as unsharded_quantized_l
 
 __all__ = ["DATA", "MODEL", "RULES", "PARAM_AXES", "CACHE_AXES", "ATTENTION_MODES", "ShardingPlan", "make_mesh",
            "plan_for", "describe", "param_shardings", "shard_params", "cache_shardings", "shard_cache",
-           "mesh_of", "mesh_context", "context_mesh", "constrain_cache", "attention_call",
+           "mesh_of", "mesh_context", "to_host", "context_mesh", "constrain_cache", "attention_call",
            "paged_attention_call", "quantized_linear", "NON_PARTITIONED_ATTENTION"]
 
 DATA, MODEL = "data", "model"
@@ -361,6 +361,16 @@ def mesh_context(*trees):
     if mesh is None or context_mesh() is not None:
         return contextlib.nullcontext()
     return jax.set_mesh(mesh)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly global, multi-process) array as NumPy on this host: the local copy when this
+    process holds all of it, else gathered from every process (`process_allgather`; every process
+    must call it, as every process runs the same step loop)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def context_mesh():

@@ -28,7 +28,7 @@ import numpy as np
 from jax import monitoring
 
 from jaxchunk.cache import KVCache
-from jaxchunk.sharding import mesh_context
+from jaxchunk.sharding import mesh_context, to_host
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import CompileAfterWarmupError, InputError
 from jaxchunk.model import LogitsMode, model_step
@@ -82,7 +82,7 @@ def run_decode_step(params, kv_cache: KVCache, tokens: np.ndarray, *, config: Ll
 # ----------------------------------------------------------------------------- host guards
 def host_lengths(kv_cache: KVCache) -> np.ndarray:
     """Per-row cache lengths on the host (waits for the step that produced them)."""
-    return np.asarray(jax.device_get(kv_cache.lengths))
+    return to_host(kv_cache.lengths)  # (gathered across processes when data spans them)
 
 
 def check_tokens(tokens, config: LlamaConfig, ndim: int, what: str) -> np.ndarray:

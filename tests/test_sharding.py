@@ -224,11 +224,11 @@ def test_paged_mixed_step():
 
 
 # ----------------------------------------------------------------------------- several processes
-def run_processes(n: int, devices_per_process: int) -> dict:
+def run_processes(n: int, devices_per_process: int, data: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "jaxchunk.launch", "-n", str(n), "--devices-per-process", str(devices_per_process),
-           "--timeout", "240", "--", sys.executable, str(ROOT / "tests" / "sharding_multiprocess.py")]
+           "--timeout", "240", "--", sys.executable, str(ROOT / "tests" / "sharding_multiprocess.py"), str(data)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     lines = [line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[0] {")]
@@ -237,8 +237,9 @@ def run_processes(n: int, devices_per_process: int) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_same_greedy_tokens():
-    """Two processes joined over loopback (gloo), one and then two devices each: a 1x2 and a 1x4
-    mesh spanning both give the greedy tokens of one process on one device."""
+    """Two processes joined over loopback (gloo), one or two devices each: meshes 1x2 and 1x4 (model
+    across processes), 2x1 and 2x2 (data across processes: host reads gathered from both) give the
+    greedy tokens of one process on one device."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
     single = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_multiprocess.py")], env=env,
@@ -246,8 +247,9 @@ def test_two_processes_same_greedy_tokens():
     assert single.returncode == 0, single.stderr[-2000:]
     reference = json.loads(single.stdout.strip().splitlines()[-1])
     assert reference["processes"] == 1 and reference["devices"] == 1
-    for devices_per_process, mode in ((1, "kv_heads"), (2, "q_heads")):
-        got = run_processes(2, devices_per_process)
+    for devices_per_process, data, mode in ((1, 1, "kv_heads"), (2, 1, "q_heads"), (1, 2, "replicated"),
+                                            (2, 2, "kv_heads")):
+        got = run_processes(2, devices_per_process, data)
         assert got["processes"] == 2 and got["devices"] == 2 * devices_per_process
         assert got["attention"] == mode
         assert got["ids"] == reference["ids"]
