@@ -49,7 +49,7 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 # ----------------------------------------------------------------------------- loading
 def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str] = None,
          weights: str = "dequantized", attention_impl: str = "auto", cache_dtype: Optional[str] = None,
-         max_seq_len: Optional[int] = None) -> "Model":
+         max_seq_len: Optional[int] = None, mesh=None) -> "Model":
     """Load a Llama (or Gemma 3) model and its tokenizer.
 
     model: a known model name ("smollm2-135m", "gemma3-270m"; fetched on first use), a .gguf file, or a Hugging
@@ -79,6 +79,10 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
         "bf16/q4" (KEY/VALUE), or a (key, value) tuple (jaxchunk.cache.resolve_cache_formats).
         See jaxchunk.cache and experiments/cache_quant.py for what each costs.
     max_seq_len: KV-cache capacity (prompt + generated tokens); default min(model context, 8192).
+    mesh: a `jaxchunk.sharding.make_mesh(data=, model=)` mesh: params and every new cache are placed
+        on it by jaxchunk.sharding's rules (batch over data; MLP, vocab and, where the heads divide,
+        attention over model); every method then runs data / tensor parallel. None: one device.
+        `Model.sharding_info()` says what is split.
     """
     from jaxchunk.fetch import resolve_model
     from jaxchunk.weights.load import resolve_dtype
@@ -104,9 +108,14 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
             not 0 < max_seq_len <= config.max_position_embeddings:
         raise InputError(f"max_seq_len must be an int in [1, {config.max_position_embeddings}] "
                          f"(the model's context), got {max_seq_len!r}")
-    return Model(config, jax.device_put(params), tokenizer, path=path, metadata=metadata, dtype=dtype,
+    if mesh is None:
+        params = jax.device_put(params)
+    else:
+        from jaxchunk.sharding import shard_params
+        params = shard_params(params, config, mesh)
+    return Model(config, params, tokenizer, path=path, metadata=metadata, dtype=dtype,
                  attention_impl=attention_impl, cache_dtype=cache_dtype, max_seq_len=max_seq_len,
-                 add_bos=add_bos, weights=weights if weights in QUANTIZED_MODES else dtype)
+                 add_bos=add_bos, weights=weights if weights in QUANTIZED_MODES else dtype, mesh=mesh)
 
 
 def _check_attention_impl(impl: str) -> None:
@@ -193,7 +202,8 @@ class Model:
     def __init__(self, config: LlamaConfig, params: dict, tokenizer: "Tokenizer", *, path=None,
                  metadata: Optional[Mapping[str, Any]] = None, dtype: str = "f32",
                  attention_impl: str = "auto", cache_dtype: Optional[str] = None,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_bos: bool = False, weights: Optional[str] = None):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_bos: bool = False, weights: Optional[str] = None,
+                 mesh=None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -205,6 +215,7 @@ class Model:
         self.max_seq_len = max_seq_len
         self.add_bos = add_bos
         self.weights = weights or dtype  # "q4" / "q4_q8", or the float dtype the matrices are held in
+        self.mesh = mesh  # a jaxchunk.sharding mesh the params and caches are placed on, or None
 
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, layers={self.config.num_layers}, "
@@ -234,7 +245,18 @@ class Model:
     def new_cache(self, batch: int = 1) -> "KVCache":
         """An empty KV cache of `batch` rows and `max_seq_len` positions, in `cache_dtype`."""
         from jaxchunk.cache import init_cache
-        return init_cache(self.config, batch, self.max_seq_len, self.cache_dtype)
+        cache = init_cache(self.config, batch, self.max_seq_len, self.cache_dtype)
+        if self.mesh is None:
+            return cache
+        from jaxchunk.sharding import shard_cache
+        return shard_cache(cache, self.config, self.mesh)
+
+    def sharding_info(self) -> str:
+        """What the mesh splits for this model (`jaxchunk.sharding.describe`); "one device" without one."""
+        if self.mesh is None:
+            return "one device (no mesh)"
+        from jaxchunk.sharding import describe
+        return describe(self.config, self.mesh, self.params)
 
     def prefill(self, ids, chunk_size: Optional[int] = None, *, all_logits: bool = False,
                 progress: bool = False, **schedule):

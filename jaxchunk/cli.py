@@ -144,6 +144,14 @@ def cmd_info(args) -> int:
     template = f"{tok.chat_template_chars} chars" if tok.chat_template_chars else "none"
     print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, bos {tok.bos_id} {tok.bos_token!r}, "
           f"eos {tok.eos_id} {tok.eos_token!r}, add_bos {info.add_bos}, chat template: {template}")
+    if args.mesh:
+        from jaxchunk.sharding import describe
+        try:
+            data, model = (int(n) for n in args.mesh.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--mesh takes DATAxMODEL such as 2x3, got {args.mesh!r}") from None
+        print("sharding (jaxchunk.sharding rules):")
+        print("\n".join(f"  {line}" for line in describe(info.config, {"data": data, "model": model}).splitlines()))
     return 0
 
 
@@ -331,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and a tokenizer summary, without loading the weights.")
     p.add_argument("model", metavar="MODEL",
                    help=f"a known model name ({DEFAULT_MODEL}), a .gguf file or a Hugging Face directory")
+    p.add_argument("--mesh", metavar="DxM", default=None,
+                   help="also say what a data x model mesh would split (jaxchunk.sharding), e.g. 2x3")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text (streams to stdout); --chat for a conversation",

@@ -32,6 +32,7 @@ from jaxchunk.model import model_step
 from jaxchunk.prefill import DEFAULT_MAX_ATTENTION_SIZE, DEFAULT_MAX_INPUT_LEN, prefill
 from jaxchunk.sampling import GREEDY, SamplingParams, mark_seen, sample, seen_mask_from_rows
 from jaxchunk.steps import host_lengths, run_decode_step
+from jaxchunk.sharding import mesh_context, to_host
 
 __all__ = ["generate_ids", "decode_ids", "stream_ids", "compiled_loop_count", "PAD"]
 
@@ -197,10 +198,11 @@ def decode_ids(params, config: LlamaConfig, kv_cache: KVCache, logits, *, max_ne
 
 
 def _run_loop(params, config, kv_cache, logits, seen, key, stop_mask, max_new_tokens, sampling, attention_impl):
-    kv_cache, out, _ = _decode_loop(params, kv_cache, logits, seen, key, jnp.asarray(stop_mask),
-                                    jnp.int32(max_new_tokens), config=config, attention_impl=attention_impl,
-                                    sampling=sampling, bucket=_bucket(max_new_tokens))
-    out = np.asarray(out)[:, :max_new_tokens]
+    with mesh_context(kv_cache):  # a sharded cache: the step's shard_map wrappers find its mesh
+        kv_cache, out, _ = _decode_loop(params, kv_cache, logits, seen, key, jnp.asarray(stop_mask),
+                                        jnp.int32(max_new_tokens), config=config, attention_impl=attention_impl,
+                                        sampling=sampling, bucket=_bucket(max_new_tokens))
+    out = to_host(out)[:, :max_new_tokens]
     return kv_cache, [row[row != PAD].tolist() for row in out]
 
 

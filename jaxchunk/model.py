@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchunk.cache import KVCache, resolve_cache_dtype, resolve_cache_formats, write_kv
+from jaxchunk import sharding
 from jaxchunk.config import LlamaConfig
 from jaxchunk.weights.bf16 import BF16Weight, as_array, dynamic_slice_in_dim
-from jaxchunk.weights.quantized import QuantizedWeight, embed_rows, quantized_linear
+from jaxchunk.weights.quantized import QuantizedWeight, embed_rows
 from pallas_kernels.attention import attention
 from pallas_kernels.kv_quant import fake_quantize
 from pallas_kernels.quant_matmul import DECODE_ROWS
@@ -122,7 +123,7 @@ def linear(x: jax.Array, w) -> jax.Array:
     see jaxchunk/weights/quantized.py).
     """
     if isinstance(w, QuantizedWeight):
-        return quantized_linear(x, w)
+        return sharding.quantized_linear(x, w)  # per shard under a mesh (a custom call / kernel)
     w = as_array(w)
     # Accumulate in f32 whatever the operands (what bf16 hardware does anyway). On XLA:CPU it is
     # also the fast path: a bf16-output dot runs ~1.5x slower than the same dot with f32 output
@@ -186,7 +187,8 @@ def lm_head(params: dict, config: LlamaConfig, h: jax.Array) -> jax.Array:
     spec = "...h,hv->...v" if vocab_axis else "...h,vh->...v"
     rows = math.prod(h.shape[:-1])
     tile = _head_tile(head.shape[vocab_axis])
-    if head.dtype != jnp.bfloat16 or rows > DECODE_ROWS or tile is None:
+    # On a mesh the head is vocab-split: the tile loop below would gather it; XLA splits the einsum.
+    if head.dtype != jnp.bfloat16 or rows > DECODE_ROWS or tile is None or sharding.context_mesh() is not None:
         return jnp.einsum(spec, h, as_array(head).astype(h.dtype), preferred_element_type=jnp.float32)
     # bf16, few rows (decode): XLA:CPU's bf16 matrix-vector product is ~15x slower than converting
     # the weights to f32 and using the f32 one (49152 x 576 head, 1 row: 34.5 vs 2.2 ms). Convert
@@ -358,10 +360,10 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
             # on read inside attention.
             keys, key_scales = write_kv(keys, key_scales, k, index, rows, write_index, key_quant)
             values, value_scales = write_kv(values, value_scales, v, index, rows, write_index, value_quant)
-            attn = per_layer_window(config, index, lambda window: attention(
-                q, keys, values, pos, kv_len, layer=index, impl=attention_impl, sm_scale=config.sm_scale,
-                sliding_window=window, kv_quant=(key_quant, value_quant), k_scales=key_scales,
-                v_scales=value_scales))
+            attn = per_layer_window(config, index, lambda window: sharding.attention_call(
+                attention, config, q, keys, values, pos, kv_len, layer=index, impl=attention_impl,
+                sm_scale=config.sm_scale, sliding_window=window, kv_quant=(key_quant, value_quant),
+                k_scales=key_scales, v_scales=value_scales))
             return attn, (keys, values, key_scales, value_scales)
 
         x, cache_arrays = decoder_layer(layer, config, x, positions, rope_table, attend, index)
@@ -371,6 +373,7 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     (x, (keys, values, key_scales, value_scales)), _ = scan_layers(layer_fn, carry, params["layers"])
     new_cache = kv_cache.replace(keys=keys, values=values, key_scales=key_scales,
                                  value_scales=value_scales, lengths=kv_len)
+    new_cache = sharding.constrain_cache(new_cache, config)  # same sharding out as in: donated in place
 
     if logits == "none":
         return new_cache, None

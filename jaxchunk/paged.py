@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxchunk import sharding
 from jaxchunk.cache import resolve_cache_formats, write_kv, zero_cache_arrays
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
@@ -265,10 +266,10 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
             # The pool as a cache of `num_pages` rows: a token's (row, position) is (page, slot).
             keys, key_scales = write_kv(keys, key_scales, k, index, write_page, write_slot, key_quant)
             values, value_scales = write_kv(values, value_scales, v, index, write_page, write_slot, value_quant)
-            attn = per_layer_window(config, index, lambda window: paged_attention(
-                q[0], keys, values, step.cu_q_lens, step.kv_lens, step.page_table, step.num_seqs, layer=index,
-                sm_scale=config.sm_scale, sliding_window=window, kv_quant=(key_quant, value_quant),
-                k_scales=key_scales, v_scales=value_scales, impl=attention_impl))
+            attn = per_layer_window(config, index, lambda window: sharding.paged_attention_call(
+                paged_attention, config, q[0], keys, values, step.cu_q_lens, step.kv_lens, step.page_table,
+                step.num_seqs, layer=index, sm_scale=config.sm_scale, sliding_window=window,
+                kv_quant=(key_quant, value_quant), k_scales=key_scales, v_scales=value_scales, impl=attention_impl))
             return attn[None], (keys, values, key_scales, value_scales)
 
         x, pool = decoder_layer(layer, config, x, positions, rope_table, attend, index)
@@ -277,6 +278,7 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
     pool = (paged_cache.keys, paged_cache.values, paged_cache.key_scales, paged_cache.value_scales)
     (x, (keys, values, key_scales, value_scales)), _ = scan_layers(layer_fn, (x, pool), params["layers"])
     new_cache = paged_cache.replace(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales)
+    new_cache = sharding.constrain_cache(new_cache, config)  # same sharding out as in: donated in place
     if logits == "none":
         return new_cache, None
     if logits == "all":

@@ -28,6 +28,7 @@ import numpy as np
 from jax import monitoring
 
 from jaxchunk.cache import KVCache
+from jaxchunk.sharding import mesh_context, to_host
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import CompileAfterWarmupError, InputError
 from jaxchunk.model import LogitsMode, model_step
@@ -65,7 +66,7 @@ def run_prefill_chunk(params, kv_cache: KVCache, tokens: np.ndarray, n_valid: np
     """`jitted_prefill_chunk` on host arrays the caller has already checked (as
     `jaxchunk.prefill.prefill_chunk` does), named for `compile_guard`'s message."""
     with describing_call(lambda: f"prefill_chunk({describe_arrays(tokens=tokens, kv_cache=kv_cache.keys)}, "
-                                 f"attention_impl={attention_impl!r}, logits={logits!r})"):
+                                 f"attention_impl={attention_impl!r}, logits={logits!r})"), mesh_context(kv_cache):
         return jitted_prefill_chunk(params, kv_cache, jnp.asarray(tokens), jnp.asarray(n_valid), config=config,
                                     attention_impl=attention_impl, logits=logits)
 
@@ -74,14 +75,14 @@ def run_decode_step(params, kv_cache: KVCache, tokens: np.ndarray, *, config: Ll
     """`jitted_decode_step` on host tokens [batch] the caller has already checked (as
     `jaxchunk.prefill.decode_step` does), named for `compile_guard`'s message."""
     with describing_call(lambda: f"decode_step({describe_arrays(tokens=tokens, kv_cache=kv_cache.keys)}, "
-                                 f"attention_impl={attention_impl!r})"):
+                                 f"attention_impl={attention_impl!r})"), mesh_context(kv_cache):
         return jitted_decode_step(params, kv_cache, jnp.asarray(tokens), config=config, attention_impl=attention_impl)
 
 
 # ----------------------------------------------------------------------------- host guards
 def host_lengths(kv_cache: KVCache) -> np.ndarray:
     """Per-row cache lengths on the host (waits for the step that produced them)."""
-    return np.asarray(jax.device_get(kv_cache.lengths))
+    return to_host(kv_cache.lengths)  # (gathered across processes when data spans them)
 
 
 def check_tokens(tokens, config: LlamaConfig, ndim: int, what: str) -> np.ndarray:

@@ -93,6 +93,9 @@ class QuantizedWeight:
     # How x is multiplied (pallas_kernels.quant_matmul): "float" as given, or "q8": rounded to 8 bits
     # per 32-block first, llama.cpp's arithmetic for these weight types (integer products on CPU).
     activations: str = struct.field(pytree_node=False, default="float")
+    # How jaxchunk.sharding split it over the mesh's model axis: "out" (columns), "in" (rows, the
+    # partial products summed), or None (replicated / one device). Read by its shard_map.
+    split: Optional[str] = struct.field(pytree_node=False, default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
