@@ -30,11 +30,13 @@ them before "xla" with their `supports` and `auto_platforms`.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import native_cpu
 from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
 from pallas_kernels.blockwise_attention import (attend_key_block, key_block_range, online_softmax_init,
                                                 online_softmax_result)
@@ -50,7 +52,8 @@ Q_BLOCKS = (1, 8, 128)
 KEYS_PER_BLOCK = 256
 
 
-def default_pages_per_block(page_size: int) -> int:
+def default_pages_per_block(page_size: int, block_q: int = Q_BLOCKS[-1]) -> int:
+    """Pages per key block of the XLA loop for a query tier of `block_q` tokens."""
     return max(1, KEYS_PER_BLOCK // page_size)
 
 
@@ -143,15 +146,17 @@ def paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tabl
 
 # ----------------------------------------------------------------------------- blockwise XLA
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant", "q_blocks",
-                                             "pages_per_block"))
+                                             "pages_per_block", "min_q_len"))
 def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
                         sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
-                        v_scales=None, q_blocks=Q_BLOCKS, pages_per_block=None):
-    """Online softmax over key blocks of `pages_per_block` pages (default: `default_pages_per_block`),
-    loops with traced bounds: for s < num_seqs, for each block of its query rows, over the key
-    blocks its rows can see (`key_block_range`; the interior blocks unmasked). q_blocks: query
-    tokens per block, ascending; a sequence takes the first >= its q_len, else the last. Arguments
-    as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
+                        v_scales=None, q_blocks=Q_BLOCKS, pages_per_block=None, min_q_len=1):
+    """Online softmax over key blocks of `pages_per_block` pages (None: per query tier,
+    `default_pages_per_block(page_size, block_q)`), loops with traced bounds: for s < num_seqs, for
+    each block of its query rows, over the key blocks its rows can see (`key_block_range`; the
+    interior blocks unmasked). q_blocks: query tokens per block, ascending; a sequence takes the
+    first >= its q_len, else the last. min_q_len: sequences with fewer new tokens are skipped
+    (their rows are zero: another backend's, see "native_cpu"). Arguments as `paged_attention`;
+    returns [tokens, heads, d] in q.dtype."""
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
         k_scales = None if k_scales is None else k_scales[None]
@@ -159,14 +164,13 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     k_quant, v_quant = kv_quant_pair(kv_quant)
     num_tokens, nh, d = q.shape
     page_size, kvh = k_pages.shape[2], k_pages.shape[3]
-    per_block = pages_per_block or default_pages_per_block(page_size)
-    block_k = per_block * page_size
+    q_blocks = tuple(dict.fromkeys(min(b, num_tokens) for b in q_blocks))
+    per_tier = {b: pages_per_block or default_pages_per_block(page_size, b) for b in q_blocks}
     # Pad the table so a block's slice of it never runs off the end (dynamic_slice would clamp it
     # onto other pages); the padding's keys are past kv_len, masked.
-    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % per_block)))
+    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % math.lcm(*per_tier.values()))))
     g = nh // kvh
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
-    q_blocks = tuple(min(b, num_tokens) for b in q_blocks)
     large = q_blocks[-1]
     # Scale (and rotate, for rotated keys) once; pad so every block's slice is in range.
     qr = rotate(q.astype(jnp.float32), k_quant) * scale
@@ -175,7 +179,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 
     def read_block(stored, scales, spec, pages):
         """Key block of `pages` [per_block] of one layer, gathered from the pool (not a copy of the
-        layer): f32 [1, block_k, kvh, d]."""
+        layer): f32 [1, per_block * page_size, kvh, d]."""
+        block_k = pages.shape[0] * page_size
         block = stored[layer, pages].reshape(1, block_k, kvh, stored.shape[-1])
         if spec is None:
             return block.astype(jnp.float32)
@@ -184,6 +189,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
         return dequantize(block, scales, spec)
 
     def sequence(s, out, block_q: int):
+        per_block = per_tier[block_q]
+        block_k = per_block * page_size
         q_start = cu_q_lens[s]
         q_len = cu_q_lens[s + 1] - q_start
         kv_len = kv_lens[s]
@@ -218,7 +225,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
             mine = (jnp.arange(block_q) < rows_valid)[:, None, None]
             return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, o, old), t0, 0)
 
-        return lax.fori_loop(0, cdiv(q_len, block_q), query_block, out)
+        num_blocks = jnp.where(q_len >= min_q_len, cdiv(q_len, block_q), 0)
+        return lax.fori_loop(0, num_blocks, query_block, out)
 
     def each_sequence(s, out):
         q_len = cu_q_lens[s + 1] - cu_q_lens[s]
@@ -227,6 +235,42 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 
     out = lax.fori_loop(0, num_seqs, each_sequence, out)[:num_tokens]
     return rotate(out, v_quant).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- native CPU
+# Sequences with at most this many new tokens (decode rows, speculative drafts) go to the native
+# kernel; longer ones (prefill chunks) to the XLA loop, whose matmuls the kernel does not have.
+NATIVE_MAX_Q_LEN = 8
+
+
+def paged_attention_native_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
+                               sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
+                               v_scales=None):
+    """The native CPU kernel (native_cpu.paged_decode_attention_cpu, reading the pool in place) for
+    the rows of sequences with q_len <= NATIVE_MAX_Q_LEN, the XLA loop (only its large query tier)
+    for the longer ones, run only when the step has one (lax.cond on the traced q_lens). Each side
+    leaves the other's rows zero, so their sum is exact. Arguments as `paged_attention` (an f32 /
+    bf16 pool, see `native_cpu.attention_supports`)."""
+    del k_scales, v_scales  # plain formats have none
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    out = native_cpu.paged_decode_attention_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs,
+                                                layer=layer, sm_scale=scale, soft_cap=soft_cap,
+                                                sliding_window=sliding_window, max_q_len=NATIVE_MAX_Q_LEN)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    has_long = jnp.any((jnp.arange(kv_lens.shape[0]) < num_seqs) & (q_lens > NATIVE_MAX_Q_LEN))
+    long_tiers = tuple(b for b in Q_BLOCKS if b > NATIVE_MAX_Q_LEN)
+
+    def add_long(out):
+        return out + paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, layer=layer,
+                                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                                         kv_quant=kv_quant, q_blocks=long_tiers, min_q_len=NATIVE_MAX_Q_LEN + 1)
+
+    return lax.cond(has_long, add_long, lambda out: out, out)
+
+
+def _native_cpu_supports(q, k_pages, v_pages, *args, kv_quant=None, **unused) -> str | None:
+    del args, unused
+    return native_cpu.attention_supports(q.shape[-1], k_pages.dtype, v_pages.dtype, kv_quant)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -240,6 +284,9 @@ def _reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("native_cpu", paged_attention_native_cpu, _native_cpu_supports,
+            "native CPU kernel over the page table for decode rows (q_len <= 8), the xla loop for longer "
+            "ones: f32 / bf16 pool (one format), compiled head sizes", auto_platforms=("cpu",)),
     Backend("xla", _xla, supports_everything,
             "per-sequence online softmax over its pages (XLA loops, traced bounds): every call, cost "
             "follows q_len and kv_len"),

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import require_native_cpu
 
 from jaxchunk.cache import init_cache
+
 from jaxchunk.errors import InputError
 from jaxchunk.model import forward
 from jaxchunk.paged import (MixedStep, build_step, check_step, gather_sequence_kv, init_paged_cache,
@@ -457,25 +459,37 @@ def numpy_paged_attention(q, cu, seq_kv, case: PagedCase):
     return out
 
 
-BACKEND_PARAMS = [(b, c, "f32") for c in PAGED_CASES for b in BACKENDS] + \
+# The cache formats each backend takes (its `supports` is checked against this in
+# test_backends_refuse_the_formats_they_do_not_take): the native CPU kernel reads plain f32 / bf16.
+ALL_FORMATS = ("f32", "bf16", "fp8_e4m3", "q8", "q4", *MIXED_FORMATS)
+BACKEND_FORMATS = {"native_cpu": ("f32", "bf16")}
+CPU_BACKENDS = [b for b in BACKENDS if b != "pallas"]  # the Pallas kernel: its own, smaller cases below
+BACKEND_PARAMS = [(b, c, "f32") for c in PAGED_CASES for b in CPU_BACKENDS] + \
                  [(b, c, f) for c in PAGED_CASES if c.id in FORMAT_CASES
-                  for f in ("bf16", "fp8_e4m3", "q8", "q4", *MIXED_FORMATS) for b in BACKENDS]
+                  for f in ALL_FORMATS[1:] for b in CPU_BACKENDS if f in BACKEND_FORMATS.get(b, ALL_FORMATS)]
 
 
-@pytest.mark.parametrize("backend, case, fmt", BACKEND_PARAMS,
-                         ids=[f"{b}-{c.id}-{f}" for b, c, f in BACKEND_PARAMS])
-def test_backend_against_float64_oracle(backend, case, fmt):
-    inputs, seq_kv = make_paged_inputs(case, fmt)
+def oracle_check(case: PagedCase, fmt: str, impl: str, seed: int = 0):
+    """`paged_attention(impl=...)` on `case` in cache format `fmt` against the float64 oracle."""
+    inputs, seq_kv = make_paged_inputs(case, fmt, seed)
     q, k, v, ks, vs, cu, kv_lens, page_table, num_seqs = inputs
     out = paged_attention(q, k, v, cu, kv_lens, page_table, num_seqs, sliding_window=case.sliding_window,
                           soft_cap=case.soft_cap, kv_quant=None if fmt == "f32" else format_pair(fmt), k_scales=ks,
-                          v_scales=vs, impl=backend)
+                          v_scales=vs, impl=impl)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out)
     assert np.isfinite(out).all(), "NaN/inf leaked into the output"
     want = numpy_paged_attention(q, np.asarray(cu), seq_kv, case)
     assert (out[sum(case.q_lens):] == 0).all()  # padding rows: exact zeros
     np.testing.assert_allclose(out, want, **PAGED_TOL[fmt])
+
+
+@pytest.mark.parametrize("backend, case, fmt", BACKEND_PARAMS,
+                         ids=[f"{b}-{c.id}-{f}" for b, c, f in BACKEND_PARAMS])
+def test_backend_against_float64_oracle(backend, case, fmt):
+    if backend == "native_cpu":
+        require_native_cpu()
+    oracle_check(case, fmt, backend)
 
 
 @pytest.mark.parametrize("pages_per_block", [1, 3])
@@ -510,8 +524,9 @@ def test_xla_temporaries_do_not_follow_pages_per_seq():
 
 
 def test_backend_table_and_errors():
-    assert list(BACKENDS) == ["xla", "reference"]
+    assert list(BACKENDS) == ["native_cpu", "xla", "reference"]
     assert BACKENDS["reference"].auto_platforms == ()
+    assert BACKENDS["native_cpu"].auto_platforms == ("cpu",)
     inputs, _ = make_paged_inputs(PAGED_CASES[0], "f32")
     q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -520,6 +535,89 @@ def test_backend_table_and_errors():
         paged_attention(q[None], k, v, cu, kv_lens, page_table, num_seqs)
     with pytest.raises(ValueError, match="cu_q_lens"):
         paged_attention(q, k, v, cu[:-1], kv_lens, page_table, num_seqs)
+
+
+# ----------------------------------------------------------------------------- the native CPU kernel
+def test_native_kernel_reads_only_decode_rows():
+    """The kernel alone: rows of sequences with q_len <= max_q_len match the oracle, every other row
+    (prefill chunks: the xla loop's, and padding) is exactly zero, whatever max_q_len."""
+    native_cpu = require_native_cpu()
+    case = next(c for c in PAGED_CASES if c.id == "mixed_empty_slots")  # q_lens 1, 24, 7, 1
+    inputs, seq_kv = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    want = numpy_paged_attention(q, np.asarray(cu), seq_kv, case)
+    cu_host = np.asarray(cu)
+    for max_q_len in (1, 8, 24):
+        out = np.asarray(native_cpu.paged_decode_attention_cpu(q, k, v, cu, kv_lens, page_table, num_seqs,
+                                                               sm_scale=HEAD_DIM ** -0.5, max_q_len=max_q_len))
+        for s, q_len in enumerate(case.q_lens):
+            rows = slice(cu_host[s], cu_host[s + 1])
+            if q_len <= max_q_len:
+                np.testing.assert_allclose(out[rows], want[rows], **PAGED_TOL["f32"])
+            else:
+                assert (out[rows] == 0).all(), (max_q_len, s)
+        assert (out[sum(case.q_lens):] == 0).all()
+
+
+def test_native_kernel_refuses_to_read_outside_the_pool():
+    """The host checks the step; the kernel checks again what it reads (JAX would not)."""
+    native_cpu = require_native_cpu()
+    case = PAGED_CASES[0]  # decode only
+    inputs, _ = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    call = lambda table, lens: np.asarray(native_cpu.paged_decode_attention_cpu(
+        q, k, v, cu, lens, table, num_seqs, sm_scale=1.0))
+    with pytest.raises(Exception, match="page id outside the pool"):
+        call(page_table.at[1, 0].set(k.shape[0]), kv_lens)
+    with pytest.raises(Exception, match="past the sequence's pages"):
+        call(page_table, kv_lens.at[0].set(case.pages_per_seq * case.page_size + 1))
+
+
+def test_native_backend_supports_names_what_it_refuses(monkeypatch):
+    from pallas_kernels import native_cpu
+    require_native_cpu()
+    supports = BACKENDS["native_cpu"].supports
+    q = jax.ShapeDtypeStruct((8, 6, HEAD_DIM), jnp.float32)
+    pages = lambda dtype, d=HEAD_DIM: jax.ShapeDtypeStruct((3, 10, 16, 2, d), dtype)
+    step = (jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32),
+            jax.ShapeDtypeStruct((4, 3), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    assert supports(q, pages(jnp.float32), pages(jnp.float32), *step) is None
+    assert supports(q, pages(jnp.uint16), pages(jnp.uint16), *step, kv_quant=format_pair("bf16")) is None
+    assert "cache q8 stored as uint8" in supports(q, pages(jnp.uint8), pages(jnp.uint8), *step,
+                                                  kv_quant=format_pair("q8"))
+    assert "keys q8 and values q4" in supports(q, pages(jnp.uint8), pages(jnp.uint8, 16), *step,
+                                               kv_quant=format_pair("q8/q4"))
+    q48 = jax.ShapeDtypeStruct((8, 6, 48), jnp.float32)
+    assert "head_dim 48" in supports(q48, pages(jnp.float32, 48), pages(jnp.float32, 48), *step)
+    monkeypatch.setattr(native_cpu, "available", lambda: False)
+    monkeypatch.setattr(native_cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    assert "did not build: no C++ compiler found" in supports(q, pages(jnp.float32), pages(jnp.float32), *step)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "CPU backend" in supports(q, pages(jnp.float32), pages(jnp.float32), *step)
+
+
+def test_native_backend_in_the_model(sequences, references):
+    """The random schedule (chunks, last chunks, decodes; page 16) with attention_impl="native_cpu":
+    decode rows through the native kernel, chunks through the xla loop, same tolerance."""
+    require_native_cpu()
+    ref_logits, _ = references
+    _, _, seen = run_schedule(sequences, 16, seed=4, impl="native_cpu")
+    for s, pos, logits in seen:
+        assert rel_err(logits, ref_logits[s][pos]) <= REL_TOL
+        assert logits.argmax() == ref_logits[s][pos].argmax()
+
+
+def test_native_backend_with_a_bf16_pool():
+    require_native_cpu()
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, CONFIG.vocab_size, 30)
+    cache = init_paged_cache(CONFIG, num_pages=24, page_size=16, dtype="bf16")
+    for pos, n in ((0, 27), (27, 1), (28, 1), (29, 1)):
+        cache, logits = mixed_step(PARAMS, cache, step_of([(ids[pos:pos + n], pos, [5, 2])]), config=CONFIG,
+                                   attention_impl="native_cpu")
+    want = np.asarray(forward(PARAMS, CONFIG, jnp.asarray(ids)[None], kv_quant="bf16"))[0, -1]
+    assert rel_err(logits[0], want) <= 1e-3  # the quantized pool's tolerance (see above)
+    assert int(np.asarray(logits[0]).argmax()) == int(want.argmax())
 
 
 def test_report_observed_tolerances():
