@@ -39,6 +39,7 @@ Writes results.csv, results.json (machine, load average before and after, settin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -296,24 +297,67 @@ def bench_attention(model, args, batch: int, q_len: int, kv_len: int, page_size:
     # i.e. 16 pages at page 16, gathered together): which block a decode row should read.
     one_page_fn = jax.jit(lambda q, kp, vp, t: paged_attention_xla(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
                                                                    jnp.int32(batch), layer=layer, pages_per_block=1))
+    # The named backends apart (auto is one of them): which one a step should use.
+    impl_fn = lambda impl: jax.jit(lambda q, kp, vp, t: paged_attention(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
+                                                                        jnp.int32(batch), layer=layer, impl=impl))
+    xla_fn, native_fn = impl_fn("xla"), impl_fn("native_cpu")
     contig_fn = jax.jit(lambda q, k, v: attention(q, k, v, offset, kv_lens, layer=layer))
     table = jnp.asarray(table)
-    out_p = paged_fn(q, pages_k, pages_v, table).reshape(q.shape)
     out_c = contig_fn(q, k, v)
-    err = float(jnp.max(jnp.abs(out_p - out_c)))
-    err = max(err, float(jnp.max(jnp.abs(one_page_fn(q, pages_k, pages_v, table).reshape(q.shape) - out_c))))
-    timings, warm, timed = interleaved({"paged": (lambda: paged_fn(q, pages_k, pages_v, table), tuple),
-                                        "paged_1page": (lambda: one_page_fn(q, pages_k, pages_v, table), tuple),
-                                        "contiguous": (lambda: contig_fn(q, k, v), tuple)}, args.repeats)
+    fns = {"paged": paged_fn, "paged_1page": one_page_fn, "paged_xla": xla_fn, "paged_native": native_fn}
+    err = max(float(jnp.max(jnp.abs(fn(q, pages_k, pages_v, table).reshape(q.shape) - out_c))) for fn in fns.values())
+    cases = {name: (functools.partial(fn, q, pages_k, pages_v, table), tuple) for name, fn in fns.items()}
+    timings, warm, timed = interleaved({**cases, "contiguous": (lambda: contig_fn(q, k, v), tuple)}, args.repeats)
     n = batch * q_len
     row = dict(kind="attention", config=f"1 layer, batch {batch} x q_len {q_len}, kv_len {kv_len}", chunk=q_len,
                batch=batch, page_size=page_size, tokens=n, steps=1, context=kv_len, max_abs_diff=err,
                warmup_compiles=sum(warm.values()), timed_compiles=timed)
     row.update(timing_cols(timings["paged"], n, "paged"))
     row.update(timing_cols(timings["contiguous"], n, "contig"))
-    row.update(timing_cols(timings["paged_1page"], n, "paged_1page"))
+    for name in ("paged_1page", "paged_xla", "paged_native"):
+        row.update(timing_cols(timings[name], n, name))
+        row[f"ratio{name[5:]}"] = row[f"{name}_tok_s"] / row["contig_tok_s"]
     row["ratio"] = row["paged_tok_s"] / row["contig_tok_s"]
-    row["ratio_1page"] = row["paged_1page_tok_s"] / row["contig_tok_s"]
+    return row
+
+
+def bench_blocks(model, args, q_len: int, page_size: int) -> dict:
+    """The xla backend's key-block size for one query tier: one layer's paged attention of batch
+    --batches[-1] rows of q_len (1: decode, else one prefill chunk of --chunk-sizes[0]... given as
+    q_len) over --decode-context (decode) / --prompt-len (chunk) keys, timed interleaved for each
+    pages_per_block whose block holds 16-512 keys (at least one page). Picks the table in
+    pallas_kernels.paged_attention.PAGES_PER_BLOCK."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.paged_attention import paged_attention_xla
+    config = model.config
+    h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    batch = args.batches[-1] if q_len == 1 else 1
+    kv_len = args.decode_context + 1 if q_len == 1 else args.prompt_len
+    per_seq = -(-kv_len // page_size)
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(q_len * 31 + page_size), 3)
+    q = jax.random.normal(kq, (batch * q_len, h, hd), jnp.float32)
+    pages_k = jax.random.normal(kk, (1, batch * per_seq, page_size, kvh, hd), jnp.float32)
+    pages_v = jax.random.normal(kv, (1, batch * per_seq, page_size, kvh, hd), jnp.float32)
+    table = jnp.asarray(np.random.default_rng(0).permutation(batch * per_seq).reshape(batch, per_seq).astype(np.int32))
+    cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_len
+    kv_lens = jnp.full((batch,), kv_len, jnp.int32)
+    candidates = sorted({max(1, keys // page_size) for keys in (16, 32, 64, 128, 256, 512)})
+    fns = {f"ppb_{n}": jax.jit(functools.partial(paged_attention_xla, cu_q_lens=cu, kv_lens=kv_lens, page_table=table,
+                                                 num_seqs=jnp.int32(batch), layer=jnp.int32(0), pages_per_block=n))
+           for n in candidates}
+    cases = {name: (functools.partial(fn, q, pages_k, pages_v), tuple) for name, fn in fns.items()}
+    timings, warm, timed = interleaved(cases, args.repeats)
+    n = batch * q_len
+    row = dict(kind="blocks", config=f"1 layer, batch {batch} x q_len {q_len}, kv_len {kv_len}", chunk=q_len,
+               batch=batch, page_size=page_size, tokens=n, steps=1, context=kv_len,
+               warmup_compiles=sum(warm.values()), timed_compiles=timed)
+    for name, t in timings.items():
+        row[f"{name}_median_s"] = t.median_s
+    best = min(timings, key=lambda name: timings[name].median_s)
+    row["best_pages_per_block"] = int(best[4:])
+    row["best_keys_per_block"] = int(best[4:]) * page_size
     return row
 
 
@@ -412,7 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-budget", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--sections", type=lambda s: common.parse_list(s, str),
-                   help="comma-separated, from prefill, decode, mixed, attention, llama.cpp")
+                   help="comma-separated, from prefill, decode, mixed, attention, blocks, llama.cpp")
     p.add_argument("--llama-decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (JAX uses all cores)")
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
@@ -462,6 +506,8 @@ def main(argv=None):
     if "attention" in args.sections:
         runs += [("attention", ("decode", b), ps) for b in args.batches for ps in args.page_sizes]
         runs += [("attention", ("prefill", c), ps) for c in args.chunk_sizes for ps in args.page_sizes]
+    if "blocks" in args.sections:
+        runs += [("blocks", q_len, ps) for q_len in (1, 8, args.chunk_sizes[0]) for ps in args.page_sizes]
     if "llama.cpp" in args.sections and args.model != common.TINY_MODEL:
         runs.append(("llama.cpp", None, None))
     rows = []
@@ -479,6 +525,8 @@ def main(argv=None):
                 rows.append(bench_attention(model, args, n, 1, args.decode_context + 1, ps))
             else:  # the last chunk of the prompt: the most keys
                 rows.append(bench_attention(model, args, 1, n, args.prompt_len, ps))
+        elif kind == "blocks":
+            rows.append(bench_blocks(model, args, what, ps))
         elif (row := bench_llama_cpp(args, ids)) is not None:
             rows.append(row)
     machine["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
@@ -497,10 +545,17 @@ def main(argv=None):
                f"->{machine['load_average_after_1_5_15'][0]}")
     common.print_table(df, COLUMNS, title=f"\nload average before {machine['load_average_1_5_15']}, "
                                           f"after {machine['load_average_after_1_5_15']}")
+    blocks = df[df.kind == "blocks"]
+    if len(blocks):
+        common.print_table(blocks, ["config", "page_size", *[c for c in df.columns if c.startswith("ppb_")],
+                                    "best_pages_per_block", "best_keys_per_block"],
+                           title="\nxla backend: median seconds per pages_per_block (one layer)")
     split = df[df.kind == "attention"]
     if len(split):
-        common.print_table(split, ["config", "page_size", "paged_median_s", "paged_1page_median_s", "contig_median_s",
-                                   "ratio", "ratio_1page", "step_gap_s", "attention_gap_x_layers_s"],
+        common.print_table(split, ["config", "page_size", "paged_median_s", "paged_xla_median_s",
+                                   "paged_native_median_s", "paged_1page_median_s", "contig_median_s",
+                                   "ratio", "ratio_xla", "ratio_native", "ratio_1page", "step_gap_s",
+                                   "attention_gap_x_layers_s"],
                            title=f"\nwhere the paged step's time goes: step gap (paged - contiguous, per step) vs "
                                  f"{model.config.num_layers} layers x the attention op's gap alone")
     bad = df[df.timed_compiles.fillna(0) > 0]

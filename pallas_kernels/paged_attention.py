@@ -17,15 +17,24 @@ kv_heads, stored_dim] (or the whole pool [layers, ...] with a traced `layer`) in
 on read.
 
 `BACKENDS`, in the order impl="auto" tries them:
+  "pallas"     - the Pallas mixed kernel (paged_flash_attention.py): prefill chunks and decode rows
+                 in one call, grid (sequence, KV head, row tile), one page per key tile, every cache
+                 format. Compiled on a GPU (Triton; power-of-two head_dim and page_size >= 16),
+                 interpret mode elsewhere (slow: tests). auto: GPU only.
+  "native_cpu" - the native CPU decode kernel (native_cpu.paged_decode_attention_cpu, the contiguous
+                 kernel's C++ template over a paged Layout) for the rows of sequences with q_len <=
+                 NATIVE_MAX_Q_LEN (decode rows), the "xla" loop (its large query tier only, and only
+                 when the step has such a sequence: lax.cond) for longer ones. Takes f32 / bf16
+                 pools (keys and values in one format), head_dim in native_cpu.ATTENTION_HEAD_DIMS,
+                 the CPU backend, a kernel that built. auto: CPU, where it supports the call.
   "xla"        - per sequence, per query block (`Q_BLOCKS`: 1, 8 or 128 tokens by q_len), an
-                 online-softmax loop over its key pages (`KEYS_PER_BLOCK` keys per step) with traced
-                 bounds: the work follows each sequence's q_len and kv_len (not the pages allocated,
-                 nor tokens x max context); only the pages it needs are read, straight from the
-                 whole pool (no copy of a layer). Takes every call. auto: everywhere (the fallback).
+                 online-softmax loop over its key pages (`PAGES_PER_BLOCK` per tier and page size)
+                 with traced bounds: the work follows each sequence's q_len and kv_len (not the
+                 pages allocated, nor tokens x max context); only the pages it needs are read,
+                 straight from the whole pool (no copy of a layer). Takes every call. auto:
+                 everywhere (the fallback: quantized pools on CPU).
   "reference"  - gathers each sequence's pages and runs full masked attention in f32 (the oracle;
                  cost and memory tokens x pages_per_seq x page_size). Never auto.
-Native CPU (decode rows) and Pallas GPU (mixed) paged kernels are further entries to come: insert
-them before "xla" with their `supports` and `auto_platforms`.
 """
 from __future__ import annotations
 
@@ -40,8 +49,11 @@ from pallas_kernels import native_cpu
 from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
 from pallas_kernels.blockwise_attention import (attend_key_block, key_block_range, online_softmax_init,
                                                 online_softmax_result)
-from pallas_kernels.common import cap_logits, cdiv, default_sm_scale, from_rows, to_rows, visible
+from pallas_kernels.common import (cap_logits, cdiv, default_sm_scale, from_rows, to_rows, token_sequences,
+                                   visible)
+from pallas_kernels.compat import default_interpret
 from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_pair, rotate
+from pallas_kernels.paged_flash_attention import paged_flash_attention, paged_flash_supports
 
 # Query tokens per block of the XLA backend: a sequence takes the smallest block >= its q_len (the
 # largest for longer ones), so a decode row costs one token's scores, not a block of 8 or 128
@@ -82,20 +94,6 @@ def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
-
-
-def token_sequences(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
-    """Per query row t of the flat step: (sequence index [T], absolute position [T], real [T] bool).
-    Padding rows (t >= cu_q_lens[num_seqs]) get real False, sequence 0 and position 0."""
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
-    # Sequence of t: how many sequences in use end at or before it.
-    seq = jnp.sum((cu_q_lens[1:][None, :] <= t[:, None]) & in_use[None, :], axis=1).astype(jnp.int32)
-    real = t < cu_q_lens[num_seqs]
-    seq = jnp.where(real, seq, 0)
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = jnp.where(real, kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0)
-    return seq, pos, real
 
 
 # ----------------------------------------------------------------------------- reference
@@ -275,6 +273,15 @@ def _native_cpu_supports(q, k_pages, v_pages, *args, kv_quant=None, **unused) ->
 
 # ----------------------------------------------------------------------------- the op
 # Every backend function has the op's signature (less impl); see `paged_attention` for the arguments.
+def _pallas(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs):
+    return paged_flash_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs)
+
+
+def _pallas_supports(q, k_pages, *args, **kwargs) -> str | None:
+    del args, kwargs
+    return paged_flash_supports(q, k_pages, interpret=default_interpret())
+
+
 def _xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs):
     return paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs)
 
@@ -284,6 +291,10 @@ def _reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("pallas", _pallas, _pallas_supports,
+            "Pallas mixed kernel (paged_flash_attention.py): prefill chunks and decode rows in one call, every "
+            "cache format; compiled on GPU (power-of-two head_dim and page_size >= 16), interpret mode "
+            "elsewhere (slow: tests)", auto_platforms=("gpu",)),
     Backend("native_cpu", paged_attention_native_cpu, _native_cpu_supports,
             "native CPU kernel over the page table for decode rows (q_len <= 8), the xla loop for longer "
             "ones: f32 / bf16 pool (one format), compiled head sizes", auto_platforms=("cpu",)),

@@ -524,7 +524,7 @@ def test_xla_temporaries_do_not_follow_pages_per_seq():
 
 
 def test_backend_table_and_errors():
-    assert list(BACKENDS) == ["native_cpu", "xla", "reference"]
+    assert list(BACKENDS) == ["pallas", "native_cpu", "xla", "reference"]
     assert BACKENDS["reference"].auto_platforms == ()
     assert BACKENDS["native_cpu"].auto_platforms == ("cpu",)
     inputs, _ = make_paged_inputs(PAGED_CASES[0], "f32")
@@ -618,6 +618,67 @@ def test_native_backend_with_a_bf16_pool():
     want = np.asarray(forward(PARAMS, CONFIG, jnp.asarray(ids)[None], kv_quant="bf16"))[0, -1]
     assert rel_err(logits[0], want) <= 1e-3  # the quantized pool's tolerance (see above)
     assert int(np.asarray(logits[0]).argmax()) == int(want.argmax())
+
+
+# ----------------------------------------------------------------------------- the Pallas mixed kernel
+# Interpret mode is slow (every program of the grid runs in Python-level JAX): small cases, each
+# still ragged. (case, cache formats)
+PALLAS_CASES = [
+    # a decode row, a first chunk, a last partial chunk, an empty slot, padding tokens; GQA 3.
+    (PagedCase("pallas_mixed", (1, 20, 3), (40, 20, 19), 16, 32, 4, 3),
+     ("f32", "bf16", "q4", "q8/q4")),
+    # decode only, kv_len at page boundaries (16, 32), MHA.
+    (PagedCase("pallas_decode_only", (1, 1, 1), (16, 32, 7), 16, 4, 3, 2, heads=2, kv_heads=2), ("f32",)),
+    # GQA 4 on pages of 64 (two key tiles per page), a chunk crossing a page.
+    (PagedCase("pallas_gqa4_page64", (1, 10), (100, 70), 64, 16, 2, 2, heads=8, kv_heads=2), ("f32", "fp8_e4m3")),
+    # sliding window, soft-cap with large logits.
+    (PagedCase("pallas_softcap_window", (1, 9), (33, 30), 16, 12, 2, 3, sliding_window=12, soft_cap=2.0,
+               q_gain=4.0), ("f32",)),
+]
+PALLAS_PARAMS = [(c, f) for c, fmts in PALLAS_CASES for f in fmts]
+
+
+@pytest.mark.parametrize("case, fmt", PALLAS_PARAMS, ids=[f"{c.id}-{f}" for c, f in PALLAS_PARAMS])
+def test_pallas_kernel_against_float64_oracle_interpreted(case, fmt):
+    oracle_check(case, fmt, "pallas")
+
+
+def test_pallas_kernel_block_sizes_and_supports():
+    """Smaller tiles than the defaults (two key tiles per page of 16, several row tiles per
+    sequence) give the same result; the compiled kernel's shape limits are named."""
+    from pallas_kernels.paged_flash_attention import PagedBlockSizes, paged_flash_attention, paged_flash_supports
+    case = PALLAS_CASES[0][0]
+    inputs, seq_kv = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    out = paged_flash_attention(q, k, v, cu, kv_lens, page_table, num_seqs,
+                                block_sizes=PagedBlockSizes(block_q=16, block_k=8), interpret=True)
+    np.testing.assert_allclose(np.asarray(out), numpy_paged_attention(q, np.asarray(cu), seq_kv, case),
+                               **PAGED_TOL["f32"])
+    with pytest.raises(ValueError, match="block_k 12 must divide page_size 16"):
+        paged_flash_attention(q, k, v, cu, kv_lens, page_table, num_seqs, block_sizes=PagedBlockSizes(16, 12),
+                              interpret=True)
+    assert paged_flash_supports(q, k, interpret=True) is None
+    assert paged_flash_supports(q, k, interpret=False) is None
+    assert "head_dim 48" in paged_flash_supports(jax.ShapeDtypeStruct((4, 2, 48), jnp.float32), k, interpret=False)
+    assert "page_size 8" in paged_flash_supports(q, jax.ShapeDtypeStruct((3, 8, 2, 32), jnp.float32),
+                                                 interpret=False)
+    assert BACKENDS["pallas"].auto_platforms == ("gpu",)
+
+
+def test_pallas_backend_in_the_model():
+    """Two mixed steps through `mixed_step(attention_impl="pallas")` (interpret mode): a chunk, then
+    a decode row beside a new chunk, against `forward` per sequence."""
+    rng = np.random.default_rng(9)
+    a, b = rng.integers(0, CONFIG.vocab_size, 13), rng.integers(0, CONFIG.vocab_size, 6)
+    cache = init_paged_cache(CONFIG, num_pages=8, page_size=16)
+    cache, _ = mixed_step(PARAMS, cache, step_of([(a[:12], 0, [3])], num_pages=8, T=16, S=2, P=1), config=CONFIG,
+                          attention_impl="pallas")
+    cache, logits = mixed_step(PARAMS, cache, step_of([(a[12:], 12, [3]), (b, 0, [6])], num_pages=8, T=16, S=2, P=1),
+                               config=CONFIG, attention_impl="pallas")
+    for slot, ids in enumerate((a, b)):
+        want = np.asarray(forward(PARAMS, CONFIG, jnp.asarray(ids)[None]))[0, -1]
+        assert rel_err(logits[slot], want) <= REL_TOL
+        assert int(np.asarray(logits[slot]).argmax()) == int(want.argmax())
 
 
 def test_report_observed_tolerances():
