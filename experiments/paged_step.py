@@ -136,7 +136,7 @@ def bench_prefill(model, args, ids, chunk: int, page_size: int) -> dict:
     import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
-    from jaxchunk.paged import mixed_step
+    from jaxchunk.paged import jitted_mixed_step
     from jaxchunk.steps import jitted_prefill_chunk
     config, params, n = model.config, model.params, args.prompt_len
     n_chunks = -(-n // chunk)
@@ -155,7 +155,7 @@ def bench_prefill(model, args, ids, chunk: int, page_size: int) -> dict:
 
     def paged(cache):
         for step in steps:
-            cache, logits = mixed_step(params, cache, step, config=config)
+            cache, logits = jitted_mixed_step(params, cache, step, config=config)
         state["paged"] = cache
         return cache, logits
 
@@ -182,7 +182,7 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
     import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
-    from jaxchunk.paged import mixed_step
+    from jaxchunk.paged import jitted_mixed_step
     from jaxchunk.steps import jitted_decode_step
     config, params, ctx = model.config, model.params, args.decode_context
     capacity = ctx + DECODE_ROOM
@@ -198,7 +198,7 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
     tokens = jnp.asarray(next_ids, jnp.int32)
 
     def paged(cache):
-        state["paged"], logits = mixed_step(params, cache, step, config=config)
+        state["paged"], logits = jitted_mixed_step(params, cache, step, config=config)
         return state["paged"], logits
 
     def contig(impl):
@@ -228,7 +228,7 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
 
 
 def bench_mixed(model, args, page_size: int) -> dict:
-    from jaxchunk.paged import mixed_step
+    from jaxchunk.paged import jitted_mixed_step
     config, params = model.config, model.params
     d, chunk, cached, ctx = args.mixed_decodes, args.mixed_chunk, args.mixed_chunk_cached, args.decode_context
     if d + chunk > args.mixed_budget:
@@ -247,7 +247,7 @@ def bench_mixed(model, args, page_size: int) -> dict:
 
     def runner(step):
         def run(cache):
-            state["cache"], logits = mixed_step(params, cache, step, config=config)
+            state["cache"], logits = jitted_mixed_step(params, cache, step, config=config)
             return state["cache"], logits
         return run, lambda: (state["cache"],)
 

@@ -17,12 +17,12 @@ from attention_cases import require_native_cpu
 
 from jaxchunk.cache import init_cache
 
-from jaxchunk.errors import InputError
+from jaxchunk.errors import CompileAfterWarmupError, InputError
 from jaxchunk.model import forward
 from jaxchunk.paged import (MixedStep, build_step, check_step, gather_sequence_kv, init_paged_cache,
-                            mixed_step)
+                            jitted_mixed_step, mixed_step)
 from jaxchunk.prefill import prefill
-from jaxchunk.steps import count_compiles, shape_of
+from jaxchunk.steps import compile_guard, count_compiles, shape_of
 from jaxchunk.testing import tiny_model
 from pallas_kernels.kv_quant import KV_QUANTS, decode, quantize
 from pallas_kernels.paged_attention import BACKENDS, paged_attention, paged_attention_xla
@@ -203,21 +203,35 @@ def test_quantized_pool_matches_quantized_forward(dtype):
 
 
 # ----------------------------------------------------------------------------- compiles, donation, memory
-def test_one_compile_for_every_step_of_a_shape():
+def test_one_compile_per_step_shape():
+    """One compile per (T, S, P): every step of a shape after its first compiles nothing, a new
+    (T, S, P) compiles once, and compile_guard names the mixed_step call and its shapes."""
     rng = np.random.default_rng(2)
     toks = lambda n: rng.integers(0, CONFIG.vocab_size, n)
     steps = [[(toks(20), 0, [4, 2])], [(toks(3), 20, [4, 2]), (toks(11), 0, [9]), ([5], 7, [1])],
              [([1], 23, [4, 2]), (toks(30), 0, [3, 5])]]
-    kw = dict(num_pages=12, page_size=16, T=40, S=3, P=2)
+    shapes = [dict(T=40, S=3, P=2), dict(T=48, S=3, P=2), dict(T=40, S=4, P=2), dict(T=40, S=3, P=3)]
     cache = init_paged_cache(CONFIG, num_pages=12, page_size=16)
-    before = mixed_step._cache_size()
-    cache, _ = mixed_step(PARAMS, cache, step_of(steps[0], **kw), config=CONFIG)
-    with count_compiles() as counted:
-        for seqs in steps[1:]:
-            cache, _ = mixed_step(PARAMS, cache, step_of(seqs, **kw), config=CONFIG)
-        jax.block_until_ready(cache)
-    assert counted.count == 0
-    assert mixed_step._cache_size() == before + 1
+    before = jitted_mixed_step._cache_size()
+    for n, shape in enumerate(shapes):
+        kw = dict(num_pages=12, page_size=16, **shape)
+        with count_compiles() as first:
+            cache, _ = mixed_step(PARAMS, cache, step_of(steps[0], **kw), config=CONFIG)
+        with count_compiles() as rest:
+            for seqs in steps[1:]:
+                cache, _ = mixed_step(PARAMS, cache, step_of(seqs, **kw), config=CONFIG)
+            jax.block_until_ready(cache)
+        assert first.count >= 1 and rest.count == 0, (shape, first.count, rest.count)
+        assert jitted_mixed_step._cache_size() == before + n + 1
+    warm = [step_of(steps[1], num_pages=12, page_size=16, **shape) for shape in shapes]
+    cold = step_of(steps[1], num_pages=12, page_size=16, T=24, S=3, P=2)  # built outside the guard
+    with compile_guard():
+        for step in warm:  # nothing compiles
+            cache, _ = mixed_step(PARAMS, cache, step, config=CONFIG)
+        named = (r"while running mixed_step\(tokens int32\[24\], page_table int32\[3, 2\], "
+                 r"pool keys float32\[2, 12, 16, 2, 32\]")
+        with pytest.raises(CompileAfterWarmupError, match=named):
+            mixed_step(PARAMS, cache, cold, config=CONFIG)
 
 
 @pytest.mark.parametrize("dtype", ["q8", "bf16/q4"])
@@ -238,7 +252,7 @@ def test_compiled_temporaries_do_not_grow_with_the_pool():
     temps = []
     for num_pages in (8, 512):
         cache = shape_of(init_paged_cache(CONFIG, num_pages=num_pages, page_size=16))
-        compiled = mixed_step.lower(PARAMS, cache, step, config=CONFIG).compile()
+        compiled = jitted_mixed_step.lower(PARAMS, cache, step, config=CONFIG).compile()
         temps.append(compiled.memory_analysis().temp_size_in_bytes)
     pool_growth = 2 * CONFIG.num_layers * (512 - 8) * 16 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert temps[1] - temps[0] < pool_growth / 100, (temps, pool_growth)
