@@ -59,14 +59,30 @@ from pallas_kernels.paged_flash_attention import paged_flash_attention, paged_fl
 # largest for longer ones), so a decode row costs one token's scores, not a block of 8 or 128
 # (the timing difference is within this shared machine's noise; the work is 8x less).
 Q_BLOCKS = (1, 8, 128)
-# Keys per step of the XLA backend's loop: small pages (vLLM's 16) are read several at a time, so
-# the loop's per-step overhead is paid per 256 keys, as in the contiguous blockwise backend.
-KEYS_PER_BLOCK = 256
+# Keys per step of the XLA backend's loop, per query tier (measured: `python -m experiments.paged_step
+# --sections blocks,attention`, SmolLM2-135M shapes, one layer, 2 shared cores; two runs at load
+# 7-9 and the issue-16 run at load 2.6-3.5; the fastest by minimum time):
+#   decode tier (block_q 1): one page per step at every page size. At page 16 / 64 a 256-key block
+#     gathers 16 / 4 separate pages and was the slowest (batch 32 x 513 keys: 14.0 / 13.0 ms vs 9.6 /
+#     6.3 ms with one page; under load at page 16: one page 10.0 ms, 2-32 pages 8.4-12.3 ms, one
+#     page first again by the other run's medians).
+#   small tier (block_q 8): 64 keys (4 pages of 16, one page of 64 or 256): 0.31 ms at page 16 vs
+#     0.38 (1 page) and 0.39 (16 pages), 0.30 ms at page 64 (1 or 2 pages alike).
+#   large tier (block_q 128, prefill chunks): 256 keys, as the contiguous blockwise backend: one page
+#     per step at page 16 / 64 was 0.55-0.85x as fast (q_len 128 / 512); under load 128 and 256
+#     keys were within noise of each other (2.96 vs 3.04 ms at page 16).
+# The decode tier matters on CPU for the pools the native kernel does not read (q8, q4, fp8, mixed
+# formats); f32 / bf16 decode rows go to the native kernel ("native_cpu").
+KEYS_PER_BLOCK = 256            # the large tier
+SMALL_TIER_KEYS_PER_BLOCK = 64  # block_q 2..8
 
 
 def default_pages_per_block(page_size: int, block_q: int = Q_BLOCKS[-1]) -> int:
-    """Pages per key block of the XLA loop for a query tier of `block_q` tokens."""
-    return max(1, KEYS_PER_BLOCK // page_size)
+    """Pages per key block of the XLA loop for a query tier of `block_q` tokens (table above)."""
+    if block_q == 1:
+        return 1
+    keys = SMALL_TIER_KEYS_PER_BLOCK if block_q <= 8 else KEYS_PER_BLOCK
+    return max(1, keys // page_size)
 
 
 def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
