@@ -19,7 +19,7 @@ Sections (each a set of `kind` rows in results.csv):
              xla with pages_per_block=1) vs contiguous (`attention`, auto), to say where a slower
              step loses its time (`step_gap_s` vs `attention_gap_x_layers_s`).
 - blocks:    the xla backend's key-block size per query tier (q_len 1 at batch --batches[-1], 8, and
-             --chunk-sizes[0]) and page size: one layer timed for each pages_per_block with 16-512
+             --chunk-sizes[0]) and page size: one layer timed for each pages_per_block with 16, 64, 256
              keys per block; the fastest by its minimum (the table in paged_attention.py).
 - llama.cpp: (SmolLM2 only, --llama-cpp) llama.cpp's greedy decode at batch 1 after
              --decode-context prompt tokens, run by `experiments.compare_peers`' worker in its own
@@ -337,7 +337,7 @@ def bench_blocks(model, args, q_len: int, page_size: int) -> dict:
     """The xla backend's key-block size for one query tier: one layer's paged attention of batch
     --batches[-1] rows of q_len (1: decode, else one prefill chunk of --chunk-sizes[0]... given as
     q_len) over --decode-context (decode) / --prompt-len (chunk) keys, timed interleaved for each
-    pages_per_block whose block holds 16-512 keys (at least one page). Picks the table in
+    pages_per_block whose block holds 16, 64 or 256 keys (at least one page). Picks the table in
     pallas_kernels.paged_attention.PAGES_PER_BLOCK."""
     import jax
     import jax.numpy as jnp
@@ -355,7 +355,7 @@ def bench_blocks(model, args, q_len: int, page_size: int) -> dict:
     table = jnp.asarray(np.random.default_rng(0).permutation(batch * per_seq).reshape(batch, per_seq).astype(np.int32))
     cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_len
     kv_lens = jnp.full((batch,), kv_len, jnp.int32)
-    candidates = sorted({max(1, keys // page_size) for keys in (16, 32, 64, 128, 256, 512)})
+    candidates = sorted({max(1, keys // page_size) for keys in (16, 64, 256)})  # 32, 128, 512: never clearly first
     fns = {f"ppb_{n}": jax.jit(functools.partial(paged_attention_xla, cu_q_lens=cu, kv_lens=kv_lens, page_table=table,
                                                  num_seqs=jnp.int32(batch), layer=jnp.int32(0), pages_per_block=n))
            for n in candidates}

@@ -21,7 +21,7 @@ ARGS = ["--model", "tiny-random", "--quick", "--prompt-len", "128", "--chunk-siz
 def test_paged_step_experiment_writes_every_configuration(tmp_path):
     out = tmp_path / "paged_step"
     proc = subprocess.run([sys.executable, "-m", "experiments.paged_step", *ARGS, "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)  # ~5 min at load 9
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     df = pd.read_csv(out / "results.csv")
     payload = json.loads((out / "results.json").read_text())
