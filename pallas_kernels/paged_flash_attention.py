@@ -100,9 +100,8 @@ def _paged_flash_kernel(cu_ref, kv_lens_ref, table_ref, layer_ref, q_ref, k_ref,
         page = table_ref[start // page_size]
         offset = start % page_size
         k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
-        scales = lambda ref: None if ref is None else ref.at[layer, page]
-        k = load_kv_tile(k_ref.at[layer, page], scales(ks_ref), offset, block_k, k_quant, q.dtype)
-        v = load_kv_tile(v_ref.at[layer, page], scales(vs_ref), offset, block_k, v_quant, q.dtype)
+        k = load_kv_tile(k_ref, ks_ref, offset, block_k, k_quant, q.dtype, lead=(layer, page))
+        v = load_kv_tile(v_ref, vs_ref, offset, block_k, v_quant, q.dtype, lead=(layer, page))
         return online_softmax_step(q, k, v, q_pos, k_pos, start, kv_len, carry, sm_scale=sm_scale,
                                    sliding_window=sliding_window, soft_cap=soft_cap)
 

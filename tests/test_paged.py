@@ -679,6 +679,27 @@ def test_pallas_kernel_block_sizes_and_supports():
     assert BACKENDS["pallas"].auto_platforms == ("gpu",)
 
 
+@pytest.mark.parametrize("case, fmt", PALLAS_PARAMS, ids=[f"{c.id}-{f}" for c, f in PALLAS_PARAMS])
+def test_pallas_kernel_lowers_to_triton_without_a_gpu(case, fmt):
+    """The compiled path's first half, checked here: `jax.export` for platform "cuda" runs the
+    Pallas -> Triton lowering (interpret=False) on this CPU-only machine, which rejects what
+    Triton cannot take (non-power-of-two tiles, two indexers on one load, unsupported ops). The
+    Triton -> PTX compile and the numbers need a GPU (tests/test_paged_gpu.py)."""
+    from jax import export
+
+    from pallas_kernels.paged_flash_attention import paged_flash_attention
+    inputs, _ = make_paged_inputs(case, fmt)
+    q, k, v, ks, vs, cu, kv_lens, page_table, num_seqs = inputs
+    fn = jax.jit(lambda *a, **kw: paged_flash_attention(*a, sliding_window=case.sliding_window, soft_cap=case.soft_cap,
+                                                        kv_quant=None if fmt == "f32" else format_pair(fmt),
+                                                        interpret=False, **kw))
+    triton_call = "__gpu$xla.gpu.triton"
+    lower = export.export(fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(triton_call)])
+    exported = lower(q, k, v, cu, kv_lens, page_table, num_seqs, k_scales=ks, v_scales=vs)
+    text = exported.mlir_module()
+    assert text.count(triton_call) == 1 and "jaxchunk_paged_flash" in text
+
+
 def test_pallas_backend_in_the_model():
     """Two mixed steps through `mixed_step(attention_impl="pallas")` (interpret mode): a chunk, then
     a decode row beside a new chunk, against `forward` per sequence."""
