@@ -245,8 +245,8 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
     `mixed_step`); the per-layer code is `jaxchunk.model.decoder_layer`, as for `model_step`.
 
     attention_impl: a `pallas_kernels.paged_attention` impl; "auto" is the Pallas mixed kernel on a
-    GPU, on CPU the native decode kernel for decode rows (xla for chunks) over an f32 / bf16 pool and
-    the xla backend over the other formats.
+    GPU and the xla backend on CPU; "native_cpu" runs decode rows through the native kernel (f32 /
+    bf16 pools).
     Returns (paged_cache, logits): logits [S, vocab] at each sequence's last token in the step
     ("last"; garbage for slots >= num_seqs), [T, vocab] ("all"), or None ("none").
     """

@@ -26,13 +26,15 @@ on read.
                  NATIVE_MAX_Q_LEN (decode rows), the "xla" loop (its large query tier only, and only
                  when the step has such a sequence: lax.cond) for longer ones. Takes f32 / bf16
                  pools (keys and values in one format), head_dim in native_cpu.ATTENTION_HEAD_DIMS,
-                 the CPU backend, a kernel that built. auto: CPU, where it supports the call.
+                 the CPU backend, a kernel that built. auto: never (measured not faster than
+                 xla's one-page decode blocks: the "native CPU" section below), only as
+                 impl="native_cpu".
   "xla"        - per sequence, per query block (`Q_BLOCKS`: 1, 8 or 128 tokens by q_len), an
                  online-softmax loop over its key pages (`PAGES_PER_BLOCK` per tier and page size)
                  with traced bounds: the work follows each sequence's q_len and kv_len (not the
                  pages allocated, nor tokens x max context); only the pages it needs are read,
                  straight from the whole pool (no copy of a layer). Takes every call. auto:
-                 everywhere (the fallback: quantized pools on CPU).
+                 everywhere but where pallas takes the call (on CPU: every pool format).
   "reference"  - gathers each sequence's pages and runs full masked attention in f32 (the oracle;
                  cost and memory tokens x pages_per_seq x page_size). Never auto.
 """
@@ -252,6 +254,15 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 
 
 # ----------------------------------------------------------------------------- native CPU
+# Why "native_cpu" is not auto (the issue: auto where it measures faster than xla). One layer of
+# SmolLM2-135M decode attention, 513 keys, `python -m experiments.paged_step --sections attention
+# --repeats 7`, minimum of the rounds, 2 shared cores at load 8.9-9.2: batch 32 at page 16 / 64 / 256
+# native 20.2 / 20.6 / 18.2 ms vs xla (one page per key block for decode rows) 17.6 / 11.5 / 16.9 ms;
+# batch 8: 2.6 / 2.4 / 2.6 vs 3.8 / 1.4 / 2.3 ms; batch 1: 0.33 / 0.32 / 0.33 vs 0.27 / 0.19 / 0.29
+# ms. Against xla's earlier 256-key blocks it had won (batch 32: 7.4 / 10.5 vs 14.7 / 13.9 ms, page 16
+# / 64); at the step level (decode batch 1 / 8 / 32) the two were within this load's noise. The native
+# kernel shares two cores with XLA's threads (its helpers wait on descheduled ones under load): a
+# quieter machine should re-measure before making it auto.
 # Sequences with at most this many new tokens (decode rows, speculative drafts) go to the native
 # kernel; longer ones (prefill chunks) to the XLA loop, whose matmuls the kernel does not have.
 NATIVE_MAX_Q_LEN = 8
@@ -313,7 +324,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "elsewhere (slow: tests)", auto_platforms=("gpu",)),
     Backend("native_cpu", paged_attention_native_cpu, _native_cpu_supports,
             "native CPU kernel over the page table for decode rows (q_len <= 8), the xla loop for longer "
-            "ones: f32 / bf16 pool (one format), compiled head sizes", auto_platforms=("cpu",)),
+            "ones: f32 / bf16 pool (one format), compiled head sizes; never auto (not faster than xla's "
+            "one-page decode blocks, measured: see the native CPU section)", auto_platforms=()),
     Backend("xla", _xla, supports_everything,
             "per-sequence online softmax over its pages (XLA loops, traced bounds): every call, cost "
             "follows q_len and kv_len"),
