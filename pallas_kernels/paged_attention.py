@@ -263,6 +263,7 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 # / 64); at the step level (decode batch 1 / 8 / 32) the two were within this load's noise. The native
 # kernel shares two cores with XLA's threads (its helpers wait on descheduled ones under load): a
 # quieter machine should re-measure before making it auto.
+
 # Sequences with at most this many new tokens (decode rows, speculative drafts) go to the native
 # kernel; longer ones (prefill chunks) to the XLA loop, whose matmuls the kernel does not have.
 NATIVE_MAX_Q_LEN = 8
