@@ -6,18 +6,21 @@ Sections (each a set of `kind` rows in results.csv):
              (T = C, S = 1) vs the contiguous `jitted_prefill_chunk` at chunk C; per --page-sizes.
              One timed call = the whole prompt, chunk after chunk.
 - decode:    batch B (--batches) of sequences with --decode-context tokens cached, one token each:
-             one paged `mixed_step` (T = S = B) vs the contiguous `jitted_decode_step` (its
-             default attention: the native CPU decode kernel) and, to tell the backend from the
-             paging, the contiguous step with attention_impl="xla" (the same blockwise XLA kind
-             the paged step runs); per --page-sizes.
+             one paged `mixed_step` (T = S = B; attention auto: on CPU the paged xla backend)
+             and the same step with attention_impl="native_cpu" (the native kernel over the page
+             table; f32 / bf16 pools), vs the contiguous `jitted_decode_step` (auto: the native
+             CPU decode kernel) and the contiguous step with attention_impl="xla"; per --page-sizes.
 - mixed:     one paged step of --mixed-decodes decode tokens + one --mixed-chunk-token prefill
              chunk (after --mixed-chunk-cached cached tokens) in a token budget --mixed-budget, vs
              the sum of its parts run separately as paged steps (the decodes in T = S = decodes,
              the chunk in T = chunk, S = 1); per --page-sizes.
 - attention: the attention op alone for one layer at the decode and prefill shapes, per page
-             size: paged (`paged_attention`, auto = xla; and the xla backend with
-             pages_per_block=1, one page per key block) vs contiguous (`attention`, auto), to say
-             where a slower step loses its time (`step_gap_s` vs `attention_gap_x_layers_s`).
+             size: paged (`paged_attention` auto = xla on CPU, the native_cpu and xla backends, and
+             xla with pages_per_block=1) vs contiguous (`attention`, auto), to say where a slower
+             step loses its time (`step_gap_s` vs `attention_gap_x_layers_s`).
+- blocks:    the xla backend's key-block size per query tier (q_len 1 at batch --batches[-1], 8, and
+             --chunk-sizes[0]) and page size: one layer timed for each pages_per_block with 16, 64, 256
+             keys per block; the fastest by its minimum (the table in paged_attention.py).
 - llama.cpp: (SmolLM2 only, --llama-cpp) llama.cpp's greedy decode at batch 1 after
              --decode-context prompt tokens, run by `experiments.compare_peers`' worker in its own
              process (its Q4_1 GGUF weights, not f32: a reference point, not a like-for-like).
@@ -39,6 +42,7 @@ Writes results.csv, results.json (machine, load average before and after, settin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -135,7 +139,7 @@ def bench_prefill(model, args, ids, chunk: int, page_size: int) -> dict:
     import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
-    from jaxchunk.paged import mixed_step
+    from jaxchunk.paged import jitted_mixed_step
     from jaxchunk.steps import jitted_prefill_chunk
     config, params, n = model.config, model.params, args.prompt_len
     n_chunks = -(-n // chunk)
@@ -154,7 +158,7 @@ def bench_prefill(model, args, ids, chunk: int, page_size: int) -> dict:
 
     def paged(cache):
         for step in steps:
-            cache, logits = mixed_step(params, cache, step, config=config)
+            cache, logits = jitted_mixed_step(params, cache, step, config=config)
         state["paged"] = cache
         return cache, logits
 
@@ -181,7 +185,7 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
     import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
-    from jaxchunk.paged import mixed_step
+    from jaxchunk.paged import jitted_mixed_step
     from jaxchunk.steps import jitted_decode_step
     config, params, ctx = model.config, model.params, args.decode_context
     capacity = ctx + DECODE_ROOM
@@ -196,9 +200,12 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
     state = {"paged": pool.cache, "contiguous": contig0, "contiguous_xla": None}
     tokens = jnp.asarray(next_ids, jnp.int32)
 
-    def paged(cache):
-        state["paged"], logits = mixed_step(params, cache, step, config=config)
-        return state["paged"], logits
+    def paged(impl):
+        def run(cache):
+            # One pool serves both paged cases, as one cache both contiguous ones.
+            state["paged"], logits = jitted_mixed_step(params, cache, step, config=config, attention_impl=impl)
+            return state["paged"], logits
+        return run
 
     def contig(impl):
         key = "contiguous" if impl == "auto" else "contiguous_xla"
@@ -209,7 +216,9 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
             return state["contiguous"], logits
         return key, run
 
-    cases = {"paged": (paged, lambda: (state["paged"],))}
+    # paged: attention "auto" (on CPU the xla backend); paged_native: the native CPU kernel's backend.
+    pool_now = lambda: (state["paged"],)
+    cases = {"paged": (paged("auto"), pool_now), "paged_native": (paged("native_cpu"), pool_now)}
     for impl in ("auto", "xla"):
         key, run = contig(impl)
         # A fresh lengths array each call (the donated cache takes its lengths with it).
@@ -221,13 +230,16 @@ def bench_decode(model, args, batch: int, page_size: int) -> dict:
     row.update(timing_cols(timings["paged"], batch, "paged"))
     row.update(timing_cols(timings["contiguous"], batch, "contig"))
     row.update(timing_cols(timings["contiguous_xla"], batch, "contig_xla"))
+    row.update(timing_cols(timings["paged_native"], batch, "paged_native"))
     row["ratio"] = row["paged_tok_s"] / row["contig_tok_s"]
+    row["ratio_native"] = row["paged_native_tok_s"] / row["contig_tok_s"]
+    row["paged_native_vs_auto"] = row["paged_native_tok_s"] / row["paged_tok_s"]
     row["ratio_vs_contig_xla"] = row["paged_tok_s"] / row["contig_xla_tok_s"]
     return row
 
 
 def bench_mixed(model, args, page_size: int) -> dict:
-    from jaxchunk.paged import mixed_step
+    from jaxchunk.paged import jitted_mixed_step
     config, params = model.config, model.params
     d, chunk, cached, ctx = args.mixed_decodes, args.mixed_chunk, args.mixed_chunk_cached, args.decode_context
     if d + chunk > args.mixed_budget:
@@ -246,7 +258,7 @@ def bench_mixed(model, args, page_size: int) -> dict:
 
     def runner(step):
         def run(cache):
-            state["cache"], logits = mixed_step(params, cache, step, config=config)
+            state["cache"], logits = jitted_mixed_step(params, cache, step, config=config)
             return state["cache"], logits
         return run, lambda: (state["cache"],)
 
@@ -292,28 +304,74 @@ def bench_attention(model, args, batch: int, q_len: int, kv_len: int, page_size:
     layer = jnp.int32(0)
     paged_fn = jax.jit(lambda q, kp, vp, t: paged_attention(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
                                                             jnp.int32(batch), layer=layer))
-    # The XLA backend with one page per key block (its default: KEYS_PER_BLOCK = 256 keys per block,
+    # The XLA backend with one page per key block (its default since the per-tier table for decode
+    # rows, 64 / 256 keys for the small / large tiers; before it, 256 keys per block for every tier,
     # i.e. 16 pages at page 16, gathered together): which block a decode row should read.
     one_page_fn = jax.jit(lambda q, kp, vp, t: paged_attention_xla(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
                                                                    jnp.int32(batch), layer=layer, pages_per_block=1))
+    # The named backends apart (auto is one of them): which one a step should use.
+    impl_fn = lambda impl: jax.jit(lambda q, kp, vp, t: paged_attention(q.reshape(-1, h, hd), kp, vp, cu, kv_lens, t,
+                                                                        jnp.int32(batch), layer=layer, impl=impl))
+    xla_fn, native_fn = impl_fn("xla"), impl_fn("native_cpu")
     contig_fn = jax.jit(lambda q, k, v: attention(q, k, v, offset, kv_lens, layer=layer))
     table = jnp.asarray(table)
-    out_p = paged_fn(q, pages_k, pages_v, table).reshape(q.shape)
     out_c = contig_fn(q, k, v)
-    err = float(jnp.max(jnp.abs(out_p - out_c)))
-    err = max(err, float(jnp.max(jnp.abs(one_page_fn(q, pages_k, pages_v, table).reshape(q.shape) - out_c))))
-    timings, warm, timed = interleaved({"paged": (lambda: paged_fn(q, pages_k, pages_v, table), tuple),
-                                        "paged_1page": (lambda: one_page_fn(q, pages_k, pages_v, table), tuple),
-                                        "contiguous": (lambda: contig_fn(q, k, v), tuple)}, args.repeats)
+    fns = {"paged": paged_fn, "paged_1page": one_page_fn, "paged_xla": xla_fn, "paged_native": native_fn}
+    err = max(float(jnp.max(jnp.abs(fn(q, pages_k, pages_v, table).reshape(q.shape) - out_c))) for fn in fns.values())
+    cases = {name: (functools.partial(fn, q, pages_k, pages_v, table), tuple) for name, fn in fns.items()}
+    timings, warm, timed = interleaved({**cases, "contiguous": (lambda: contig_fn(q, k, v), tuple)}, args.repeats)
     n = batch * q_len
     row = dict(kind="attention", config=f"1 layer, batch {batch} x q_len {q_len}, kv_len {kv_len}", chunk=q_len,
                batch=batch, page_size=page_size, tokens=n, steps=1, context=kv_len, max_abs_diff=err,
                warmup_compiles=sum(warm.values()), timed_compiles=timed)
     row.update(timing_cols(timings["paged"], n, "paged"))
     row.update(timing_cols(timings["contiguous"], n, "contig"))
-    row.update(timing_cols(timings["paged_1page"], n, "paged_1page"))
+    for name in ("paged_1page", "paged_xla", "paged_native"):
+        row.update(timing_cols(timings[name], n, name))
+        row[f"ratio{name[5:]}"] = row[f"{name}_tok_s"] / row["contig_tok_s"]
     row["ratio"] = row["paged_tok_s"] / row["contig_tok_s"]
-    row["ratio_1page"] = row["paged_1page_tok_s"] / row["contig_tok_s"]
+    return row
+
+
+def bench_blocks(model, args, q_len: int, page_size: int) -> dict:
+    """The xla backend's key-block size for one query tier: one layer's paged attention of batch
+    --batches[-1] rows of q_len (1: decode, else one prefill chunk of --chunk-sizes[0]... given as
+    q_len) over --decode-context (decode) / --prompt-len (chunk) keys, timed interleaved for each
+    pages_per_block whose block holds 16, 64 or 256 keys (at least one page). Picks the table in
+    pallas_kernels.paged_attention.PAGES_PER_BLOCK."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.paged_attention import paged_attention_xla
+    config = model.config
+    h, kvh, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    batch = args.batches[-1] if q_len == 1 else 1
+    kv_len = args.decode_context + 1 if q_len == 1 else args.prompt_len
+    per_seq = -(-kv_len // page_size)
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(q_len * 31 + page_size), 3)
+    q = jax.random.normal(kq, (batch * q_len, h, hd), jnp.float32)
+    pages_k = jax.random.normal(kk, (1, batch * per_seq, page_size, kvh, hd), jnp.float32)
+    pages_v = jax.random.normal(kv, (1, batch * per_seq, page_size, kvh, hd), jnp.float32)
+    table = jnp.asarray(np.random.default_rng(0).permutation(batch * per_seq).reshape(batch, per_seq).astype(np.int32))
+    cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_len
+    kv_lens = jnp.full((batch,), kv_len, jnp.int32)
+    candidates = sorted({max(1, keys // page_size) for keys in (16, 64, 256)})  # 32, 128, 512: never clearly first
+    fns = {f"ppb_{n}": jax.jit(functools.partial(paged_attention_xla, cu_q_lens=cu, kv_lens=kv_lens, page_table=table,
+                                                 num_seqs=jnp.int32(batch), layer=jnp.int32(0), pages_per_block=n))
+           for n in candidates}
+    cases = {name: (functools.partial(fn, q, pages_k, pages_v), tuple) for name, fn in fns.items()}
+    timings, warm, timed = interleaved(cases, args.repeats)
+    n = batch * q_len
+    row = dict(kind="blocks", config=f"1 layer, batch {batch} x q_len {q_len}, kv_len {kv_len}", chunk=q_len,
+               batch=batch, page_size=page_size, tokens=n, steps=1, context=kv_len,
+               warmup_compiles=sum(warm.values()), timed_compiles=timed)
+    for name, t in timings.items():
+        row[f"{name}_median_s"], row[f"{name}_min_s"] = t.median_s, t.min_s
+    # The fastest by its minimum: on this shared machine other jobs only ever add time, and the
+    # medians of candidates ~10% apart swap places from run to run under load.
+    best = min(timings, key=lambda name: timings[name].min_s)
+    row["best_pages_per_block"] = int(best[4:])
+    row["best_keys_per_block"] = int(best[4:]) * page_size
     return row
 
 
@@ -412,7 +470,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-budget", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--sections", type=lambda s: common.parse_list(s, str),
-                   help="comma-separated, from prefill, decode, mixed, attention, llama.cpp")
+                   help="comma-separated, from prefill, decode, mixed, attention, blocks, llama.cpp")
     p.add_argument("--llama-decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (JAX uses all cores)")
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK} (explicit flags still win)")
@@ -442,7 +500,8 @@ def add_time_split(df, num_layers: int):
 
 
 COLUMNS = ["kind", "config", "page_size", "paged_tok_s", "contig_tok_s", "ratio", "contig_xla_tok_s",
-           "ratio_vs_contig_xla", "paged_median_s", "paged_min_s", "paged_max_s", "contig_median_s", "contig_min_s",
+           "ratio_vs_contig_xla", "paged_native_tok_s", "ratio_native", "paged_native_vs_auto", "paged_median_s",
+           "paged_min_s", "paged_max_s", "contig_median_s", "contig_min_s",
            "contig_max_s", "sum_parts_median_s", "host_build_ms_per_step", "warmup_compiles", "timed_compiles"]
 
 
@@ -462,6 +521,8 @@ def main(argv=None):
     if "attention" in args.sections:
         runs += [("attention", ("decode", b), ps) for b in args.batches for ps in args.page_sizes]
         runs += [("attention", ("prefill", c), ps) for c in args.chunk_sizes for ps in args.page_sizes]
+    if "blocks" in args.sections:
+        runs += [("blocks", q_len, ps) for q_len in (1, 8, args.chunk_sizes[0]) for ps in args.page_sizes]
     if "llama.cpp" in args.sections and args.model != common.TINY_MODEL:
         runs.append(("llama.cpp", None, None))
     rows = []
@@ -479,6 +540,8 @@ def main(argv=None):
                 rows.append(bench_attention(model, args, n, 1, args.decode_context + 1, ps))
             else:  # the last chunk of the prompt: the most keys
                 rows.append(bench_attention(model, args, 1, n, args.prompt_len, ps))
+        elif kind == "blocks":
+            rows.append(bench_blocks(model, args, what, ps))
         elif (row := bench_llama_cpp(args, ids)) is not None:
             rows.append(row)
     machine["load_average_after_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
@@ -497,10 +560,17 @@ def main(argv=None):
                f"->{machine['load_average_after_1_5_15'][0]}")
     common.print_table(df, COLUMNS, title=f"\nload average before {machine['load_average_1_5_15']}, "
                                           f"after {machine['load_average_after_1_5_15']}")
+    blocks = df[df.kind == "blocks"]
+    if len(blocks):
+        common.print_table(blocks, ["config", "page_size", *[c for c in df.columns if c.startswith("ppb_")],
+                                    "best_pages_per_block", "best_keys_per_block"],
+                           title="\nxla backend: median and min seconds per pages_per_block (one layer)")
     split = df[df.kind == "attention"]
     if len(split):
-        common.print_table(split, ["config", "page_size", "paged_median_s", "paged_1page_median_s", "contig_median_s",
-                                   "ratio", "ratio_1page", "step_gap_s", "attention_gap_x_layers_s"],
+        common.print_table(split, ["config", "page_size", "paged_median_s", "paged_xla_median_s",
+                                   "paged_native_median_s", "paged_1page_median_s", "contig_median_s",
+                                   "ratio", "ratio_xla", "ratio_native", "ratio_1page", "step_gap_s",
+                                   "attention_gap_x_layers_s"],
                            title=f"\nwhere the paged step's time goes: step gap (paged - contiguous, per step) vs "
                                  f"{model.config.num_layers} layers x the attention op's gap alone")
     bad = df[df.timed_compiles.fillna(0) > 0]

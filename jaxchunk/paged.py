@@ -10,8 +10,9 @@ tokens of many sequences together (the serving step of vLLM / SGLang / jax's rag
   `build_step` makes one on the host from per-sequence (new tokens, cached length, page ids) and
   checks it first (`check_step`): JAX clamps out-of-range indices silently, so a bad page id or
   length would corrupt the pool without an error.
-- `mixed_step(params, paged_cache, step, *, config)`: jitted, the pool donated (updated in place);
-  one compile per (T, S, P), pool shape, config, attention impl and logits mode.
+- `mixed_step(params, paged_cache, step, *, config)`: `jitted_mixed_step`, the pool donated (updated
+  in place), named for `jaxchunk.steps.compile_guard`; one compile per (T, S, P), pool shape,
+  config, attention impl and logits mode.
 
     cache = init_paged_cache(config, num_pages=64, page_size=16)
     step = build_step([(prompt_chunk, 0, [5, 2, 9]), ([next_token], 40, [7, 3, 1])], token_budget=64,
@@ -32,13 +33,14 @@ from jaxchunk import sharding
 from jaxchunk.cache import resolve_cache_formats, write_kv, zero_cache_arrays
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
+from jaxchunk.steps import describe_arrays, describing_call
 from jaxchunk.model import (LogitsMode, decoder_layer, embed_tokens, layer_rope_table, lm_head, per_layer_window,
                             scan_layers)
 from pallas_kernels.kv_quant import KVQuant
 from pallas_kernels.paged_attention import paged_attention, token_sequences
 
 __all__ = ["PagedKVCache", "init_paged_cache", "MixedStep", "StepSequence", "build_step", "check_step",
-           "paged_model_step", "mixed_step", "gather_sequence_kv"]
+           "paged_model_step", "jitted_mixed_step", "mixed_step", "gather_sequence_kv"]
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -243,6 +245,9 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
     (quantized on write), then paged attention of each sequence over its pages. Unjitted (see
     `mixed_step`); the per-layer code is `jaxchunk.model.decoder_layer`, as for `model_step`.
 
+    attention_impl: a `pallas_kernels.paged_attention` impl; "auto" is the Pallas mixed kernel on a
+    GPU and the xla backend on CPU; "native_cpu" runs decode rows through the native kernel (f32 /
+    bf16 pools).
     Returns (paged_cache, logits): logits [S, vocab] at each sequence's last token in the step
     ("last"; garbage for slots >= num_seqs), [T, vocab] ("all"), or None ("none").
     """
@@ -288,14 +293,26 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention_impl", "logits"), donate_argnames=("paged_cache",))
-def mixed_step(params, paged_cache: PagedKVCache, step: MixedStep, *, config: LlamaConfig,
-               attention_impl: str = "auto", logits: LogitsMode = "last"):
+def jitted_mixed_step(params, paged_cache: PagedKVCache, step: MixedStep, *, config: LlamaConfig,
+                      attention_impl: str = "auto", logits: LogitsMode = "last"):
     """One jitted step of many sequences over the paged pool: `paged_model_step` with the pool
     donated (updated in place: the caller's `paged_cache` buffers are deleted). One compile per
     (T, S, P), pool shape and format, config, attention_impl (a `pallas_kernels.paged_attention`
     impl) and logits. It checks nothing: build the step with `build_step` (or run `check_step`).
     Returns (paged_cache, logits [S, vocab] for "last" / [T, vocab] for "all" / None)."""
     return paged_model_step(params, config, paged_cache, step, attention_impl=attention_impl, logits=logits)
+
+
+def mixed_step(params, paged_cache: PagedKVCache, step: MixedStep, *, config: LlamaConfig,
+               attention_impl: str = "auto", logits: LogitsMode = "last"):
+    """`jitted_mixed_step` (the pool donated), named for `jaxchunk.steps.compile_guard`: a compile
+    inside the guard reports "mixed_step(tokens int32[T], page_table int32[S, P], pool ..., ...)".
+    It checks nothing: build the step with `build_step` (or run `check_step`)."""
+    with describing_call(lambda: f"mixed_step({describe_arrays(tokens=step.tokens, page_table=step.page_table)}, "
+                                 f"pool {describe_arrays(keys=paged_cache.keys)}, "
+                                 f"attention_impl={attention_impl!r}, logits={logits!r})"):
+        return jitted_mixed_step(params, paged_cache, step, config=config, attention_impl=attention_impl,
+                                 logits=logits)
 
 
 def gather_sequence_kv(paged_cache: PagedKVCache, pages, length: int):

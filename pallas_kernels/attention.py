@@ -29,9 +29,6 @@ from pallas_kernels.decode_attention import decode_attention, decode_attention_s
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.kv_quant import kv_quant_pair
 
-NATIVE_STORAGE = {"float32": "float32", "bfloat16": "uint16"}  # cache format -> array dtype
-
-
 def _one_layer(layer, k, v, k_scales, v_scales):
     """The cache of `layer` when k, v (and scales) are the whole stacked cache; else as given."""
     if layer is None:
@@ -67,28 +64,9 @@ def _native_cpu(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding
 
 def _native_cpu_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) -> str | None:
     del q_offset, kv_len, unused
-    platform = jax.default_backend()
-    if platform != "cpu":
-        return f"the native kernel runs on the CPU backend, this is {platform!r}"
-    if (why := decode_attention_supports(q)) is not None:
+    if jax.default_backend() == "cpu" and (why := decode_attention_supports(q)) is not None:
         return why
-    k_quant, v_quant = kv_quant_pair(kv_quant)
-    k_name, v_name = ("float" if s is None else s.name for s in (k_quant, v_quant))
-    if k_name != v_name and {k_name, v_name} != {"float", "f32"}:
-        return (f"keys {k_name} and values {v_name}: the native kernel reads keys and values in one "
-                f"plain f32 / bf16 format, not two formats")
-    spec = k_quant
-    storage = "float32" if spec is None else spec.storage
-    if storage not in NATIVE_STORAGE or str(k.dtype) != NATIVE_STORAGE[storage] or v.dtype != k.dtype:
-        cache = "float" if spec is None else spec.name
-        return (f"cache {cache} stored as {k.dtype}: the native kernel takes a plain f32 / bf16 cache "
-                f"(float32, or bf16 as uint16 bits)")
-    head_dim = q.shape[-1]
-    if head_dim not in native_cpu.ATTENTION_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one the native kernel is compiled for {native_cpu.ATTENTION_HEAD_DIMS}"
-    if not native_cpu.available():
-        return f"the native CPU kernels did not build: {native_cpu.unavailable_reason()}"
-    return None
+    return native_cpu.attention_supports(q.shape[-1], k.dtype, v.dtype, kv_quant)
 
 
 def _xla(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,

@@ -133,3 +133,17 @@ def check_triton_blocks(*sizes: int) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def token_sequences(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
+    """Per query row t of the flat step: (sequence index [T], absolute position [T], real [T] bool).
+    Padding rows (t >= cu_q_lens[num_seqs]) get real False, sequence 0 and position 0."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
+    # Sequence of t: how many sequences in use end at or before it.
+    seq = jnp.sum((cu_q_lens[1:][None, :] <= t[:, None]) & in_use[None, :], axis=1).astype(jnp.int32)
+    real = t < cu_q_lens[num_seqs]
+    seq = jnp.where(real, seq, 0)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = jnp.where(real, kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0)
+    return seq, pos, real

@@ -62,19 +62,22 @@ def online_softmax_step(q, k, v, q_pos, k_pos, first_new_key, kv_len, carry, *,
     return alpha[:, None] * acc + pv, m_new, l
 
 
-def load_kv_tile(ref, scale_ref, start, block_k: int, kv_quant, dtype):
+def load_kv_tile(ref, scale_ref, start, block_k: int, kv_quant, dtype, lead=()):
     """Rows [start, start + block_k) of one head's cache ref, as [block_k, d] in `dtype`.
 
-    ref [max_seq, stored_dim]: plain values, or packed codes of `kv_quant` with scale_ref
-    [max_seq, d / 32]; each packed field is loaded as its own (power-of-two wide) tile."""
+    ref [*lead dims, max_seq, stored_dim]: plain values, or packed codes of `kv_quant` with
+    scale_ref [*lead dims, max_seq, d / 32]; each packed field is loaded as its own (power-of-two
+    wide) tile. lead: (traced) scalar indices of the leading dims (the paged kernel's layer and
+    page), part of the same load: the Triton lowering takes one indexer per load, not a ref view
+    (`ref.at[...]`) indexed again."""
     rows = pl.ds(start, block_k)
     if kv_quant is None:
-        return ref[rows, :].astype(dtype)
+        return ref[(*lead, rows, slice(None))].astype(dtype)
     if not kv_quant.packed:
-        return float_values(ref[rows, :], kv_quant, dtype)
+        return float_values(ref[(*lead, rows, slice(None))], kv_quant, dtype)
     head_dim = ref.shape[-1] * 8 // kv_quant.bits
-    fields = [ref[rows, pl.ds(off, n)] for off, n in kv_quant.field_slices(head_dim)]
-    return dequantize_fields(fields, scale_ref[rows, :], kv_quant, dtype)
+    fields = [ref[(*lead, rows, pl.ds(off, n))] for off, n in kv_quant.field_slices(head_dim)]
+    return dequantize_fields(fields, scale_ref[(*lead, rows, slice(None))], kv_quant, dtype)
 
 
 def split_scale_refs(refs, k_quant, v_quant):

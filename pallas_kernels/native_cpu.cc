@@ -50,6 +50,11 @@
 // of kSplitLen keys): it reads its keys once for all G query heads of the KV head, softmaxes
 // exactly (scores kept), reads its values once, and leaves an unnormalised partial (acc, max, sum);
 // the caller merges the splits (flash-decoding's log-sum-exp merge).
+//
+// JaxchunkPagedDecodeAttention: the same kernel over a page pool and a page table (ragged paged
+// attention's layout, pallas_kernels/paged_attention.py), for the rows of sequences with at most
+// max_q_len new tokens (a serving step's decode rows); the kernel is written once over a Layout that
+// says where a sequence's queries and cached vectors are (ContiguousLayout, PagedLayout).
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -588,49 +593,97 @@ inline float ExpNonPositive(float x) {
   return x < -87.0f ? 0.0f : poly * two_n;
 }
 
-struct AttnProblem {
-  const float* q;
-  const void* k;
-  const void* v;
+// Where a sequence's queries and cached vectors are: the kernel below is written once over a Layout,
+// which says, for sequence b, its query rows (first row, q_len, position of query 0, kv_len) and the
+// element offset of the cached vector (position pos, KV head h). Two layouts:
+//   ContiguousLayout: the contiguous cache [layers, batch, max_seq, kv_heads, d], q [batch, q_len, ...]
+//   PagedLayout:      the page pool [layers, num_pages, page_size, kv_heads, d] with a page table,
+//                     q [tokens, ...] ragged by cu_q_lens (pallas_kernels/paged_attention.py's layout)
+struct ContiguousLayout {
   const int32_t* q_offset;
   const int32_t* kv_len;
-  float* out;
-  int64_t batch, q_len, heads, kv_heads, d, max_seq, layer, splits;
+  int64_t batch, q_len, max_seq, kv_heads, d, layer;
+
+  int64_t Seqs() const { return batch; }
+  int64_t MaxQLen() const { return q_len; }
+  int64_t QStart(int64_t b) const { return b * q_len; }
+  int64_t QLen(int64_t) const { return q_len; }
+  int64_t QOffset(int64_t b) const { return q_offset[b]; }
+  int64_t KvLen(int64_t b) const { return kv_len[b]; }
+  int64_t Vector(int64_t b, int64_t pos, int64_t h) const {
+    return (((layer * batch + b) * max_seq + pos) * kv_heads + h) * d;
+  }
+};
+
+struct PagedLayout {
+  const int32_t* cu_q_lens;   // [max_seqs + 1]
+  const int32_t* kv_lens;     // [max_seqs]
+  const int32_t* page_table;  // [max_seqs, pages_per_seq]
+  int64_t num_seqs, pages_per_seq, num_pages, page_size, kv_heads, d, layer;
+  int64_t max_q_len;   // sequences with more new tokens are another backend's: no rows here
+  int page_shift;      // log2(page_size) when a power of two (a shift, not a division, per key), else -1
+
+  int64_t Seqs() const { return num_seqs; }
+  int64_t MaxQLen() const { return max_q_len; }
+  int64_t QStart(int64_t s) const { return cu_q_lens[s]; }
+  int64_t NewTokens(int64_t s) const { return cu_q_lens[s + 1] - cu_q_lens[s]; }
+  int64_t QLen(int64_t s) const { return NewTokens(s) <= max_q_len ? NewTokens(s) : 0; }
+  int64_t QOffset(int64_t s) const { return kv_lens[s] - NewTokens(s); }  // bottom-right aligned
+  int64_t KvLen(int64_t s) const { return kv_lens[s]; }
+  int64_t Vector(int64_t s, int64_t pos, int64_t h) const {
+    const int64_t j = page_shift >= 0 ? pos >> page_shift : pos / page_size;
+    const int64_t slot = page_shift >= 0 ? pos & (page_size - 1) : pos % page_size;
+    const int64_t page = page_table[s * pages_per_seq + j];
+    return (((layer * num_pages + page) * page_size + slot) * kv_heads + h) * d;
+  }
+};
+
+template <typename Layout>
+struct AttnProblem {
+  Layout layout;
+  const float* q;   // [rows of every sequence, heads, d]
+  const void* k;
+  const void* v;
+  float* out;       // as q
+  int64_t heads, kv_heads, d, splits;
   float scale, soft_cap;
   int64_t window;
-  // Per item: acc [rows, d], then max [rows], sum [rows].
+  // Per item: acc [rows, d], then max [rows], sum [rows] (rows: at most MaxQLen() * group()).
   float* partials;
   int64_t partial_size;
 
   int64_t group() const { return heads / kv_heads; }
-  int64_t rows() const { return q_len * group(); }
-  // Keys [lo, hi) some query of batch row b sees.
+  int64_t rows(int64_t b) const { return layout.QLen(b) * group(); }
+  // Keys [lo, hi) some query of sequence b sees (empty for a sequence with no rows here).
   int64_t KeyLo(int64_t b) const {
-    return window > 0 ? std::max<int64_t>(0, q_offset[b] - window + 1) : 0;
+    return window > 0 ? std::max<int64_t>(0, layout.QOffset(b) - window + 1) : 0;
   }
   int64_t KeyHi(int64_t b) const {
-    return std::max<int64_t>(0, std::min<int64_t>(kv_len[b], q_offset[b] + q_len));
+    if (layout.QLen(b) == 0) return 0;
+    return std::max<int64_t>(0, std::min<int64_t>(layout.KvLen(b), layout.QOffset(b) + layout.QLen(b)));
   }
 };
 
-// Cached vectors are d elements every kv_heads * d: a strided walk the hardware prefetchers follow
-// poorly, so each loop asks for the vector kPrefetchKeys positions ahead (at 2048 cached tokens:
-// 5.3-6.3 -> 4.2-4.5 ms of attention per decode step).
+// Cached vectors are d elements every kv_heads * d (and pages anywhere in the pool): a walk the
+// hardware prefetchers follow poorly, so each loop asks for the vector kPrefetchKeys positions ahead
+// (at 2048 cached tokens: 5.3-6.3 -> 4.2-4.5 ms of attention per decode step).
 constexpr int64_t kPrefetchKeys = 8;
 
-// One work item: the keys [t0, t1) of one (batch row, KV head) for all its query rows.
+// One work item: the keys [t0, t1) of one (sequence, KV head) for all its query rows.
 // C = head_dim / 16 is a compile-time constant so that a key or value vector, and the output rows
 // being accumulated, live in registers: the loops read the cache and write scores, nothing else
-// (a store-and-reload scratch vector here ran 4x slower inside XLA than in isolation).
-template <typename T, int C>
-void AttendSplit(const AttnProblem& p, int64_t item) {
+// (a store-and-reload scratch vector here ran 4x slower inside XLA than in isolation). The split's
+// vector offsets come from the layout once (for a page table: one lookup per key, shared by keys
+// and values).
+template <typename T, int C, typename Layout>
+void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
   constexpr int64_t d = 16 * C;
   constexpr int64_t kRowBlock = C <= 4 ? 4 : 2;  // rows accumulated together: kRowBlock * C registers
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t split = item % p.splits;
   const int64_t h = (item / p.splits) % p.kv_heads;
   const int64_t b = item / (p.splits * p.kv_heads);
-  const int64_t g = p.group(), rows = p.rows();
+  const int64_t g = p.group(), rows = p.rows(b);
   float* acc = p.partials + item * p.partial_size;
   float* row_max = acc + rows * d;
   float* row_sum = row_max + rows;
@@ -647,23 +700,26 @@ void AttendSplit(const AttnProblem& p, int64_t item) {
   std::vector<Vec16> q_rows(rows * C);
   std::vector<int64_t> row_pos(rows);
   std::vector<float> scores(rows * n);
+  const int64_t q_start = p.layout.QStart(b), q_offset = p.layout.QOffset(b);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r / g;
-    const float* src = p.q + ((b * p.q_len + i) * p.heads + h * g + r % g) * d;
+    const float* src = p.q + ((q_start + i) * p.heads + h * g + r % g) * d;
     for (int c = 0; c < C; ++c) q_rows[r * C + c] = Load16(src + 16 * c) * p.scale;
-    row_pos[r] = p.q_offset[b] + i;
+    row_pos[r] = q_offset + i;
   }
-  const int64_t stride = p.kv_heads * d;  // between consecutive positions
-  const int64_t base = (((p.layer * p.batch + b) * p.max_seq + t0) * p.kv_heads + h) * d;
-  const T* keys = static_cast<const T*>(p.k) + base;
-  const T* values = static_cast<const T*>(p.v) + base;
+  // Offsets of keys t0 .. t1 - 1, then kPrefetchKeys repeats of the last (what the prefetches read).
+  std::vector<int64_t> offset(n + kPrefetchKeys);
+  for (int64_t t = 0; t < n; ++t) offset[t] = p.layout.Vector(b, t0 + t, h);
+  std::fill(offset.begin() + n, offset.end(), offset[n - 1]);
+  const T* keys = static_cast<const T*>(p.k);
+  const T* values = static_cast<const T*>(p.v);
   // Every row sees every key of this split (the usual decode case): no per-key mask.
   const bool all_seen = t1 - 1 <= row_pos[0] && (p.window <= 0 || t0 > row_pos[rows - 1] - p.window);
 
   for (int64_t t = 0; t < n; ++t) {
-    Prefetch(keys + (t + kPrefetchKeys) * stride, d * sizeof(T));
+    Prefetch(keys + offset[t + kPrefetchKeys], d * sizeof(T));
     Vec16 key[C];
-    for (int c = 0; c < C; ++c) key[c] = Load16(keys + t * stride + 16 * c);
+    for (int c = 0; c < C; ++c) key[c] = Load16(keys + offset[t] + 16 * c);
     for (int64_t r = 0; r < rows; ++r) {
       Vec16 prod = q_rows[r * C] * key[0];
       for (int c = 1; c < C; ++c) prod += q_rows[r * C + c] * key[c];
@@ -694,9 +750,9 @@ void AttendSplit(const AttnProblem& p, int64_t item) {
     for (int64_t j = 0; j < kRowBlock; ++j) w[j] = &scores[(r0 + std::min(j, rb - 1)) * n];
     Vec16 out[kRowBlock][C] = {};
     for (int64_t t = 0; t < n; ++t) {
-      if (r0 == 0) Prefetch(values + (t + kPrefetchKeys) * stride, d * sizeof(T));
+      if (r0 == 0) Prefetch(values + offset[t + kPrefetchKeys], d * sizeof(T));
       Vec16 value[C];
-      for (int c = 0; c < C; ++c) value[c] = Load16(values + t * stride + 16 * c);
+      for (int c = 0; c < C; ++c) value[c] = Load16(values + offset[t] + 16 * c);
       for (int64_t j = 0; j < kRowBlock; ++j) {
         // A row that sees no key at all kept -inf weights; a masked key has weight exactly 0
         // (and 0 * a finite cached value is 0: keys below kv_len were written).
@@ -713,8 +769,8 @@ void AttendSplit(const AttnProblem& p, int64_t item) {
 // The head sizes AttendSplit is compiled for (native_cpu.py's ATTENTION_HEAD_DIMS mirrors this).
 bool SupportedHeadDim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128; }
 
-template <typename T>
-void AttendSplitFor(const AttnProblem& p, int64_t item) {  // p.d is a SupportedHeadDim
+template <typename T, typename Layout>
+void AttendSplitFor(const AttnProblem<Layout>& p, int64_t item) {  // p.d is a SupportedHeadDim
   switch (p.d) {
     case 16: AttendSplit<T, 1>(p, item); break;
     case 32: AttendSplit<T, 2>(p, item); break;
@@ -726,13 +782,15 @@ void AttendSplitFor(const AttnProblem& p, int64_t item) {  // p.d is a Supported
 }
 
 // out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s; zeros where no key is seen.
-void MergeSplits(const AttnProblem& p) {
-  const int64_t g = p.group(), rows = p.rows(), d = p.d;
-  for (int64_t b = 0; b < p.batch; ++b) {
+template <typename Layout>
+void MergeSplits(const AttnProblem<Layout>& p) {
+  const int64_t g = p.group(), d = p.d;
+  for (int64_t b = 0; b < p.layout.Seqs(); ++b) {
+    const int64_t rows = p.rows(b), q_start = p.layout.QStart(b);
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       const float* first = p.partials + (b * p.kv_heads + h) * p.splits * p.partial_size;
       for (int64_t r = 0; r < rows; ++r) {
-        float* o = p.out + ((b * p.q_len + r / g) * p.heads + h * g + r % g) * d;
+        float* o = p.out + ((q_start + r / g) * p.heads + h * g + r % g) * d;
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < p.splits; ++s) m = std::max(m, first[s * p.partial_size + rows * d + r]);
         std::fill(o, o + d, 0.f);
@@ -753,75 +811,181 @@ void MergeSplits(const AttnProblem& p) {
   }
 }
 
+// The (sequence, KV head, split) items of a checked problem on the pool's threads, then the merge.
+template <typename Layout>
+void RunAttention(ffi::ThreadPool& pool, AttnProblem<Layout>& p, bool bf16) {
+  int64_t most_keys = 0, total_keys = 0;
+  for (int64_t b = 0; b < p.layout.Seqs(); ++b) {
+    const int64_t keys = std::max<int64_t>(0, p.KeyHi(b) - p.KeyLo(b));
+    most_keys = std::max(most_keys, keys);
+    total_keys += keys;
+  }
+  p.splits = std::max<int64_t>(1, (most_keys + kSplitLen - 1) / kSplitLen);
+  p.partial_size = p.layout.MaxQLen() * p.group() * (p.d + 2);
+  const int64_t items = p.layout.Seqs() * p.kv_heads * p.splits;
+  std::vector<float> partials(items * p.partial_size);
+  p.partials = partials.data();
+  // One helper thread per ~256 KB of K/V read (below that, waking one costs more than it saves).
+  const int64_t bytes = p.kv_heads * total_keys * p.d * (bf16 ? 2 : 4) * 2;
+  const AttnProblem<Layout>& problem = p;
+  if (items > 0) {
+    ParallelFor(pool, items, bytes / (256 << 10), [&problem, bf16](int64_t item) {
+      if (bf16) {
+        AttendSplitFor<uint16_t>(problem, item);
+      } else {
+        AttendSplitFor<float>(problem, item);
+      }
+    });
+  }
+  MergeSplits(p);
+}
+
+// k, v: both f32 or both u16 (bf16 bits), the same 5-d shape; sets bf16.
+ffi::Error CheckCachePair(const char* op, ffi::AnyBuffer k, ffi::AnyBuffer v, bool& bf16) {
+  auto k_dims = k.dimensions();
+  if (k_dims.size() != 5) return ffi::Error::InvalidArgument(std::string(op) + ": k and v must be 5-d");
+  bf16 = k.element_type() == ffi::U16;
+  if ((!bf16 && k.element_type() != ffi::F32) || v.element_type() != k.element_type()) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": k and v must both be f32 or u16 (bf16 bits)");
+  }
+  for (size_t i = 0; i < 5; ++i) {
+    if (v.dimensions()[i] != k_dims[i]) return ffi::Error::InvalidArgument(std::string(op) + ": k and v differ in shape");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                                ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_offset,
                                ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::S32> layer_buf,
                                ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
                                int64_t window) {
   auto q_dims = q.dimensions();
-  auto k_dims = k.dimensions();
-  if (q_dims.size() != 4 || k_dims.size() != 5) {
+  if (q_dims.size() != 4) {
     return ffi::Error::InvalidArgument(
         "decode_attention: q must be [batch, q_len, heads, d] and k [layers, batch, max_seq, kv_heads, d]");
   }
-  const bool bf16 = k.element_type() == ffi::U16;
-  if ((!bf16 && k.element_type() != ffi::F32) || v.element_type() != k.element_type()) {
-    return ffi::Error::InvalidArgument("decode_attention: k and v must both be f32 or u16 (bf16 bits)");
-  }
-  for (size_t i = 0; i < 5; ++i) {
-    if (v.dimensions()[i] != k_dims[i]) return ffi::Error::InvalidArgument("decode_attention: k and v differ in shape");
-  }
-  AttnProblem p{};
-  p.batch = q_dims[0];
-  p.q_len = q_dims[1];
+  bool bf16 = false;
+  if (ffi::Error error = CheckCachePair("decode_attention", k, v, bf16); error.failure()) return error;
+  auto k_dims = k.dimensions();
+  AttnProblem<ContiguousLayout> p{};
+  ContiguousLayout& c = p.layout;
+  c.batch = q_dims[0];
+  c.q_len = q_dims[1];
   p.heads = q_dims[2];
-  p.d = q_dims[3];
-  p.max_seq = k_dims[2];
-  p.kv_heads = k_dims[3];
-  if (k_dims[1] != p.batch || k_dims[4] != p.d || p.heads % p.kv_heads != 0) {
+  p.d = c.d = q_dims[3];
+  c.max_seq = k_dims[2];
+  p.kv_heads = c.kv_heads = k_dims[3];
+  if (k_dims[1] != c.batch || k_dims[4] != p.d || p.heads % p.kv_heads != 0) {
     return ffi::Error::InvalidArgument("decode_attention: q and k shapes do not match");
   }
   if (!SupportedHeadDim(p.d)) {
     return ffi::Error::InvalidArgument("decode_attention: head_dim must be 16, 32, 64, 80, 96 or 128");
   }
-  p.layer = layer_buf.typed_data()[0];
-  if (p.layer < 0 || p.layer >= k_dims[0]) {
+  c.layer = layer_buf.typed_data()[0];
+  if (c.layer < 0 || c.layer >= k_dims[0]) {
     return ffi::Error::InvalidArgument("decode_attention: layer index out of range");
+  }
+  c.q_offset = q_offset.typed_data();
+  c.kv_len = kv_len.typed_data();
+  for (int64_t b = 0; b < c.batch; ++b) {
+    if (c.kv_len[b] > c.max_seq) {  // the host checks this; never read past the cache
+      return ffi::Error::InvalidArgument("decode_attention: kv_len exceeds the cache length");
+    }
   }
   p.q = q.typed_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
-  p.q_offset = q_offset.typed_data();
-  p.kv_len = kv_len.typed_data();
   p.out = out->typed_data();
   p.scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = window;
-  int64_t most_keys = 0;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    if (p.kv_len[b] > p.max_seq) {  // the host checks this; never read past the cache
-      return ffi::Error::InvalidArgument("decode_attention: kv_len exceeds the cache length");
-    }
-    most_keys = std::max(most_keys, p.KeyHi(b) - p.KeyLo(b));
-  }
-  p.splits = std::max<int64_t>(1, (most_keys + kSplitLen - 1) / kSplitLen);
-  p.partial_size = p.rows() * (p.d + 2);
-  const int64_t items = p.batch * p.kv_heads * p.splits;
-  std::vector<float> partials(items * p.partial_size);
-  p.partials = partials.data();
-  // One helper thread per ~256 KB of K/V read (below that, waking one costs more than it saves).
-  const int64_t bytes = p.batch * p.kv_heads * most_keys * p.d * (bf16 ? 2 : 4) * 2;
-  ParallelFor(pool, items, bytes / (256 << 10), [&p, bf16](int64_t item) {
-    if (bf16) {
-      AttendSplitFor<uint16_t>(p, item);
-    } else {
-      AttendSplitFor<float>(p, item);
-    }
-  });
-  MergeSplits(p);
+  RunAttention(pool, p, bf16);
   return ffi::Error::Success();
 }
 
+// Ragged paged attention for the rows of sequences with at most max_q_len new tokens (decode rows);
+// every other row of out (padding, longer sequences) is zero. Layout and semantics of
+// pallas_kernels/paged_attention.py:
+//   q:          f32 [tokens, heads, d]
+//   k, v:       f32, or u16 holding bf16 bits, [layers, num_pages, page_size, kv_heads, d]
+//   cu_q_lens:  s32 [max_seqs + 1];  kv_lens: s32 [max_seqs];  page_table: s32 [max_seqs, pages_per_seq]
+//   num_seqs, layer: s32 scalars
+//   attrs:      sm_scale, soft_cap (0: none), window (0: none), max_q_len
+//   out:        f32 [tokens, heads, d]
+// The host checks the step (jaxchunk.paged.check_step); the lengths and page ids this kernel reads
+// are checked again here so that nothing reads outside the pool.
+ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                                    ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_q_lens,
+                                    ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_table,
+                                    ffi::Buffer<ffi::S32> num_seqs_buf, ffi::Buffer<ffi::S32> layer_buf,
+                                    ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
+                                    int64_t window, int64_t max_q_len) {
+  auto q_dims = q.dimensions();
+  auto t_dims = page_table.dimensions();
+  if (q_dims.size() != 3 || t_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("paged_decode_attention: q must be [tokens, heads, d], page_table 2-d");
+  }
+  bool bf16 = false;
+  if (ffi::Error error = CheckCachePair("paged_decode_attention", k, v, bf16); error.failure()) return error;
+  auto k_dims = k.dimensions();
+  AttnProblem<PagedLayout> p{};
+  PagedLayout& l = p.layout;
+  const int64_t tokens = q_dims[0], max_seqs = t_dims[0];
+  p.heads = q_dims[1];
+  p.d = l.d = q_dims[2];
+  l.num_pages = k_dims[1];
+  l.page_size = k_dims[2];
+  p.kv_heads = l.kv_heads = k_dims[3];
+  l.pages_per_seq = t_dims[1];
+  if (k_dims[4] != p.d || p.heads % p.kv_heads != 0 || kv_lens.dimensions()[0] != max_seqs ||
+      cu_q_lens.dimensions()[0] != max_seqs + 1) {
+    return ffi::Error::InvalidArgument("paged_decode_attention: q, pages and step shapes do not match");
+  }
+  if (!SupportedHeadDim(p.d)) {
+    return ffi::Error::InvalidArgument("paged_decode_attention: head_dim must be 16, 32, 64, 80, 96 or 128");
+  }
+  if (max_q_len < 1) return ffi::Error::InvalidArgument("paged_decode_attention: max_q_len must be >= 1");
+  l.layer = layer_buf.typed_data()[0];
+  if (l.layer < 0 || l.layer >= k_dims[0]) {
+    return ffi::Error::InvalidArgument("paged_decode_attention: layer index out of range");
+  }
+  l.page_shift = -1;
+  for (int shift = 0; shift < 31; ++shift) {
+    if ((int64_t{1} << shift) == l.page_size) l.page_shift = shift;
+  }
+  l.cu_q_lens = cu_q_lens.typed_data();
+  l.kv_lens = kv_lens.typed_data();
+  l.page_table = page_table.typed_data();
+  l.num_seqs = num_seqs_buf.typed_data()[0];
+  l.max_q_len = max_q_len;
+  if (l.num_seqs < 0 || l.num_seqs > max_seqs || l.cu_q_lens[0] < 0 || l.cu_q_lens[l.num_seqs] > tokens) {
+    return ffi::Error::InvalidArgument("paged_decode_attention: num_seqs or cu_q_lens out of range");
+  }
+  for (int64_t s = 0; s < l.num_seqs; ++s) {
+    const int64_t q_len = l.NewTokens(s), kv_len = l.KvLen(s);
+    if (q_len < 0) return ffi::Error::InvalidArgument("paged_decode_attention: cu_q_lens decreases");
+    if (l.QLen(s) == 0) continue;  // not read here
+    if (q_len > kv_len || kv_len > l.pages_per_seq * l.page_size) {
+      return ffi::Error::InvalidArgument("paged_decode_attention: kv_len below q_len or past the sequence's pages");
+    }
+    for (int64_t j = 0; j < (kv_len + l.page_size - 1) / l.page_size; ++j) {
+      const int32_t page = l.page_table[s * l.pages_per_seq + j];
+      if (page < 0 || page >= l.num_pages) {
+        return ffi::Error::InvalidArgument("paged_decode_attention: page id outside the pool");
+      }
+    }
+  }
+  p.q = q.typed_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out->typed_data();
+  std::fill(p.out, p.out + tokens * p.heads * p.d, 0.f);  // rows no sequence here owns
+  p.scale = sm_scale;
+  p.soft_cap = soft_cap;
+  p.window = window;
+  RunAttention(pool, p, bf16);
+  return ffi::Error::Success();
+}
 
 // ----------------------------------------------------------------------------- dequantize
 // W [k, n] in f32 (row-major, column j = column j % tile of tile j / tile) from one layer of the
@@ -934,6 +1098,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, DecodeAttentionImpl,
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")
                                   .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedDecodeAttention, PagedDecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("max_q_len"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDequantize, DequantizeImpl,
                               ffi::Ffi::Bind()

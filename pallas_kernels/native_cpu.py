@@ -14,6 +14,9 @@
   step's attention on per-block transposing copies and loop overhead; the kernel reads each cached
   key and value once for all query heads of its KV head. Semantics of
   pallas_kernels/attention_reference.py.
+- `paged_decode_attention_cpu`: the same kernel (one C++ template over where a sequence's queries
+  and cached vectors are) over a page pool and a page table, for the decode rows of a ragged paged
+  step (pallas_kernels/paged_attention.py's layout).
 - `dequantize_cpu`: one layer's float32 W from the packed weights, for prefill (many rows), where
   XLA's dot is the right engine and only the dequantization was slow (SmolLM2's 30 layers, summed
   to force a full read: 24 ms here vs 75 ms for XLA's fusion).
@@ -44,10 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.cache_dir import cache_root
+from pallas_kernels.kv_quant import kv_quant_pair
 
 QUANT_GEMV = "jaxchunk_quant_gemv"
 DECODE_ATTENTION = "jaxchunk_decode_attention"
 DEQUANTIZE = "jaxchunk_dequantize"
+PAGED_DECODE_ATTENTION = "jaxchunk_paged_decode_attention"
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # decode_attention_cpu's compiled head sizes
 SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -111,6 +116,8 @@ def _register() -> str:
     jax.ffi.register_ffi_target(DECODE_ATTENTION, jax.ffi.pycapsule(library.JaxchunkDecodeAttention),
                                 platform="cpu")
     jax.ffi.register_ffi_target(DEQUANTIZE, jax.ffi.pycapsule(library.JaxchunkDequantize), platform="cpu")
+    jax.ffi.register_ffi_target(PAGED_DECODE_ATTENTION, jax.ffi.pycapsule(library.JaxchunkPagedDecodeAttention),
+                                platform="cpu")
     return ""
 
 
@@ -127,6 +134,33 @@ def _require() -> None:
     why = _register()
     if why:
         raise RuntimeError(f"the native CPU kernels are unavailable: {why}")
+
+
+NATIVE_STORAGE = {"float32": "float32", "bfloat16": "uint16"}  # cache format -> array dtype the kernels read
+
+
+def attention_supports(head_dim: int, k_dtype, v_dtype, kv_quant=None) -> str | None:
+    """None if the attention kernels (`decode_attention_cpu`, `paged_decode_attention_cpu`) take a
+    cache of this format and head size here, else why not: the CPU backend, keys and values in one
+    plain f32 / bf16 format (bf16 as its uint16 bits), a compiled head size, a kernel that built.
+    kv_quant as the attention ops' (a format, a (keys, values) pair, or None: plain floats)."""
+    platform_name = jax.default_backend()
+    if platform_name != "cpu":
+        return f"the native kernel runs on the CPU backend, this is {platform_name!r}"
+    k_quant, v_quant = kv_quant_pair(kv_quant)
+    k_name, v_name = ("float" if spec is None else spec.name for spec in (k_quant, v_quant))
+    if k_name != v_name and {k_name, v_name} != {"float", "f32"}:
+        return (f"keys {k_name} and values {v_name}: the native kernel reads keys and values in one "
+                f"plain f32 / bf16 format, not two formats")
+    storage = "float32" if k_quant is None else k_quant.storage
+    if storage not in NATIVE_STORAGE or str(k_dtype) != NATIVE_STORAGE[storage] or v_dtype != k_dtype:
+        return (f"cache {k_name} stored as {k_dtype}: the native kernel takes a plain f32 / bf16 cache "
+                f"(float32, or bf16 as uint16 bits)")
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one the native kernel is compiled for {ATTENTION_HEAD_DIMS}"
+    if not available():
+        return f"the native CPU kernels did not build: {unavailable_reason()}"
+    return None
 
 
 def _packed_operands(op: str, qs, scales, mins, layer):
@@ -168,11 +202,7 @@ def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax
     or bfloat16 held as uint16 bits (the cache's bf16 format). q_offset, kv_len: int32 [batch].
     Returns [batch, q_len, heads, d] in q.dtype, computed in float32; rows that see no key are zero.
     Masking as pallas_kernels.attention. Raises RuntimeError if the kernel is unavailable."""
-    _require()
-    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"decode_attention_cpu takes head_dim in {ATTENTION_HEAD_DIMS}, got {q.shape[-1]}")
-    if k.dtype not in (jnp.float32, jnp.uint16) or v.dtype != k.dtype:
-        raise ValueError(f"decode_attention_cpu takes an f32 cache or bf16 bits (uint16), got {k.dtype}")
+    _check_attention_operands("decode_attention_cpu", q.shape[-1], k, v)
     if layer is None:
         k, v, layer = k[None], v[None], 0
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
@@ -180,6 +210,37 @@ def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax
     o = call(q.astype(jnp.float32), k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_len, jnp.int32),
              jnp.asarray(layer, jnp.int32), sm_scale=np.float32(sm_scale),
              soft_cap=np.float32(soft_cap or 0.0), window=np.int64(sliding_window or 0))
+    return o.astype(q.dtype)
+
+
+def _check_attention_operands(op: str, head_dim: int, k: jax.Array, v: jax.Array) -> None:
+    _require()
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"{op} takes head_dim in {ATTENTION_HEAD_DIMS}, got {head_dim}")
+    if k.dtype not in (jnp.float32, jnp.uint16) or v.dtype != k.dtype:
+        raise ValueError(f"{op} takes an f32 cache or bf16 bits (uint16), got {k.dtype}")
+
+
+def paged_decode_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, cu_q_lens: jax.Array,
+                               kv_lens: jax.Array, page_table: jax.Array, num_seqs: jax.Array, *, layer=None,
+                               sm_scale: float, soft_cap: float | None = None,
+                               sliding_window: int | None = None, max_q_len: int = 8) -> jax.Array:
+    """Ragged paged attention (layout of pallas_kernels/paged_attention.py) for the query rows of the
+    sequences with at most `max_q_len` new tokens; every other row (padding, longer sequences) is
+    zero. q [tokens, heads, d]; k_pages, v_pages [num_pages, page_size, kv_heads, d] (or the whole
+    pool [layers, ...] with a traced `layer`, read in place), float32 or bf16 bits (uint16);
+    cu_q_lens [max_seqs + 1], kv_lens [max_seqs], page_table [max_seqs, pages_per_seq], num_seqs []
+    int32. Returns [tokens, heads, d] in q.dtype, computed in float32. The kernel rejects (an error
+    at run time) page ids outside the pool and lengths past a sequence's pages among the rows it
+    reads. Raises RuntimeError if the kernel is unavailable."""
+    _check_attention_operands("paged_decode_attention_cpu", q.shape[-1], k_pages, v_pages)
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    call = jax.ffi.ffi_call(PAGED_DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    o = call(q.astype(jnp.float32), k_pages, v_pages, i32(cu_q_lens), i32(kv_lens), i32(page_table), i32(num_seqs),
+             i32(layer), sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
+             window=np.int64(sliding_window or 0), max_q_len=np.int64(max_q_len))
     return o.astype(q.dtype)
 
 

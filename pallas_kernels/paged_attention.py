@@ -17,41 +17,74 @@ kv_heads, stored_dim] (or the whole pool [layers, ...] with a traced `layer`) in
 on read.
 
 `BACKENDS`, in the order impl="auto" tries them:
+  "pallas"     - the Pallas mixed kernel (paged_flash_attention.py): prefill chunks and decode rows
+                 in one call, grid (sequence, KV head, row tile), one page per key tile, every cache
+                 format. Compiled on a GPU (Triton; power-of-two head_dim and page_size >= 16),
+                 interpret mode elsewhere (slow: tests). auto: GPU only.
+  "native_cpu" - the native CPU decode kernel (native_cpu.paged_decode_attention_cpu, the contiguous
+                 kernel's C++ template over a paged Layout) for the rows of sequences with q_len <=
+                 NATIVE_MAX_Q_LEN (decode rows), the "xla" loop (its large query tier only, and only
+                 when the step has such a sequence: lax.cond) for longer ones. Takes f32 / bf16
+                 pools (keys and values in one format), head_dim in native_cpu.ATTENTION_HEAD_DIMS,
+                 the CPU backend, a kernel that built. auto: never (measured not faster than
+                 xla's one-page decode blocks: the "native CPU" section below), only as
+                 impl="native_cpu".
   "xla"        - per sequence, per query block (`Q_BLOCKS`: 1, 8 or 128 tokens by q_len), an
-                 online-softmax loop over its key pages (`KEYS_PER_BLOCK` keys per step) with traced
-                 bounds: the work follows each sequence's q_len and kv_len (not the pages allocated,
-                 nor tokens x max context); only the pages it needs are read, straight from the
-                 whole pool (no copy of a layer). Takes every call. auto: everywhere (the fallback).
+                 online-softmax loop over its key pages (`PAGES_PER_BLOCK` per tier and page size)
+                 with traced bounds: the work follows each sequence's q_len and kv_len (not the
+                 pages allocated, nor tokens x max context); only the pages it needs are read,
+                 straight from the whole pool (no copy of a layer). Takes every call. auto:
+                 everywhere but where pallas takes the call (on CPU: every pool format).
   "reference"  - gathers each sequence's pages and runs full masked attention in f32 (the oracle;
                  cost and memory tokens x pages_per_seq x page_size). Never auto.
-Native CPU (decode rows) and Pallas GPU (mixed) paged kernels are further entries to come: insert
-them before "xla" with their `supports` and `auto_platforms`.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import native_cpu
 from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
 from pallas_kernels.blockwise_attention import (attend_key_block, key_block_range, online_softmax_init,
                                                 online_softmax_result)
-from pallas_kernels.common import cap_logits, cdiv, default_sm_scale, from_rows, to_rows, visible
+from pallas_kernels.common import (cap_logits, cdiv, default_sm_scale, from_rows, to_rows, token_sequences,
+                                   visible)
+from pallas_kernels.compat import default_interpret
 from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_pair, rotate
+from pallas_kernels.paged_flash_attention import paged_flash_attention, paged_flash_supports
 
 # Query tokens per block of the XLA backend: a sequence takes the smallest block >= its q_len (the
 # largest for longer ones), so a decode row costs one token's scores, not a block of 8 or 128
 # (the timing difference is within this shared machine's noise; the work is 8x less).
 Q_BLOCKS = (1, 8, 128)
-# Keys per step of the XLA backend's loop: small pages (vLLM's 16) are read several at a time, so
-# the loop's per-step overhead is paid per 256 keys, as in the contiguous blockwise backend.
-KEYS_PER_BLOCK = 256
+# Keys per step of the XLA backend's loop, per query tier (measured: `python -m experiments.paged_step
+# --sections blocks,attention`, SmolLM2-135M shapes, one layer, 2 shared cores; two runs at load
+# 7-9 and the issue-16 run at load 2.6-3.5; the fastest by minimum time):
+#   decode tier (block_q 1): one page per step at every page size. At page 16 / 64 a 256-key block
+#     gathers 16 / 4 separate pages and was the slowest (batch 32 x 513 keys: 14.0 / 13.0 ms vs 9.6 /
+#     6.3 ms with one page; under load at page 16: one page 10.0 ms, 2-32 pages 8.4-12.3 ms, one
+#     page first again by the other run's medians).
+#   small tier (block_q 8): 64 keys (4 pages of 16, one page of 64 or 256): 0.31 ms at page 16 vs
+#     0.38 (1 page) and 0.39 (16 pages), 0.30 ms at page 64 (1 or 2 pages alike).
+#   large tier (block_q 128, prefill chunks): 256 keys, as the contiguous blockwise backend: one page
+#     per step at page 16 / 64 was 0.55-0.85x as fast (q_len 128 / 512); under load 128 and 256
+#     keys were within noise of each other (2.96 vs 3.04 ms at page 16).
+# The decode tier matters on CPU for the pools the native kernel does not read (q8, q4, fp8, mixed
+# formats); f32 / bf16 decode rows go to the native kernel ("native_cpu").
+KEYS_PER_BLOCK = 256            # the large tier
+SMALL_TIER_KEYS_PER_BLOCK = 64  # block_q 2..8
 
 
-def default_pages_per_block(page_size: int) -> int:
-    return max(1, KEYS_PER_BLOCK // page_size)
+def default_pages_per_block(page_size: int, block_q: int = Q_BLOCKS[-1]) -> int:
+    """Pages per key block of the XLA loop for a query tier of `block_q` tokens (table above)."""
+    if block_q == 1:
+        return 1
+    keys = SMALL_TIER_KEYS_PER_BLOCK if block_q <= 8 else KEYS_PER_BLOCK
+    return max(1, keys // page_size)
 
 
 def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
@@ -79,20 +112,6 @@ def check_paged_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
-
-
-def token_sequences(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
-    """Per query row t of the flat step: (sequence index [T], absolute position [T], real [T] bool).
-    Padding rows (t >= cu_q_lens[num_seqs]) get real False, sequence 0 and position 0."""
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    in_use = jnp.arange(kv_lens.shape[0]) < num_seqs
-    # Sequence of t: how many sequences in use end at or before it.
-    seq = jnp.sum((cu_q_lens[1:][None, :] <= t[:, None]) & in_use[None, :], axis=1).astype(jnp.int32)
-    real = t < cu_q_lens[num_seqs]
-    seq = jnp.where(real, seq, 0)
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = jnp.where(real, kv_lens[seq] - q_len + (t - cu_q_lens[seq]), 0)
-    return seq, pos, real
 
 
 # ----------------------------------------------------------------------------- reference
@@ -143,15 +162,17 @@ def paged_attention_reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tabl
 
 # ----------------------------------------------------------------------------- blockwise XLA
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_quant", "q_blocks",
-                                             "pages_per_block"))
+                                             "pages_per_block", "min_q_len"))
 def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
                         sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
-                        v_scales=None, q_blocks=Q_BLOCKS, pages_per_block=None):
-    """Online softmax over key blocks of `pages_per_block` pages (default: `default_pages_per_block`),
-    loops with traced bounds: for s < num_seqs, for each block of its query rows, over the key
-    blocks its rows can see (`key_block_range`; the interior blocks unmasked). q_blocks: query
-    tokens per block, ascending; a sequence takes the first >= its q_len, else the last. Arguments
-    as `paged_attention`; returns [tokens, heads, d] in q.dtype."""
+                        v_scales=None, q_blocks=Q_BLOCKS, pages_per_block=None, min_q_len=1):
+    """Online softmax over key blocks of `pages_per_block` pages (None: per query tier,
+    `default_pages_per_block(page_size, block_q)`), loops with traced bounds: for s < num_seqs, for
+    each block of its query rows, over the key blocks its rows can see (`key_block_range`; the
+    interior blocks unmasked). q_blocks: query tokens per block, ascending; a sequence takes the
+    first >= its q_len, else the last. min_q_len: sequences with fewer new tokens are skipped
+    (their rows are zero: another backend's, see "native_cpu"). Arguments as `paged_attention`;
+    returns [tokens, heads, d] in q.dtype."""
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
         k_scales = None if k_scales is None else k_scales[None]
@@ -159,14 +180,13 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     k_quant, v_quant = kv_quant_pair(kv_quant)
     num_tokens, nh, d = q.shape
     page_size, kvh = k_pages.shape[2], k_pages.shape[3]
-    per_block = pages_per_block or default_pages_per_block(page_size)
-    block_k = per_block * page_size
+    q_blocks = tuple(dict.fromkeys(min(b, num_tokens) for b in q_blocks))
+    per_tier = {b: pages_per_block or default_pages_per_block(page_size, b) for b in q_blocks}
     # Pad the table so a block's slice of it never runs off the end (dynamic_slice would clamp it
     # onto other pages); the padding's keys are past kv_len, masked.
-    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % per_block)))
+    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % math.lcm(*per_tier.values()))))
     g = nh // kvh
     scale = default_sm_scale(d) if sm_scale is None else sm_scale
-    q_blocks = tuple(min(b, num_tokens) for b in q_blocks)
     large = q_blocks[-1]
     # Scale (and rotate, for rotated keys) once; pad so every block's slice is in range.
     qr = rotate(q.astype(jnp.float32), k_quant) * scale
@@ -175,7 +195,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 
     def read_block(stored, scales, spec, pages):
         """Key block of `pages` [per_block] of one layer, gathered from the pool (not a copy of the
-        layer): f32 [1, block_k, kvh, d]."""
+        layer): f32 [1, per_block * page_size, kvh, d]."""
+        block_k = pages.shape[0] * page_size
         block = stored[layer, pages].reshape(1, block_k, kvh, stored.shape[-1])
         if spec is None:
             return block.astype(jnp.float32)
@@ -184,6 +205,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
         return dequantize(block, scales, spec)
 
     def sequence(s, out, block_q: int):
+        per_block = per_tier[block_q]
+        block_k = per_block * page_size
         q_start = cu_q_lens[s]
         q_len = cu_q_lens[s + 1] - q_start
         kv_len = kv_lens[s]
@@ -218,7 +241,8 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
             mine = (jnp.arange(block_q) < rows_valid)[:, None, None]
             return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, o, old), t0, 0)
 
-        return lax.fori_loop(0, cdiv(q_len, block_q), query_block, out)
+        num_blocks = jnp.where(q_len >= min_q_len, cdiv(q_len, block_q), 0)
+        return lax.fori_loop(0, num_blocks, query_block, out)
 
     def each_sequence(s, out):
         q_len = cu_q_lens[s + 1] - cu_q_lens[s]
@@ -229,8 +253,63 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     return rotate(out, v_quant).astype(q.dtype)
 
 
+# ----------------------------------------------------------------------------- native CPU
+# Why "native_cpu" is not auto (the issue: auto where it measures faster than xla). One layer of
+# SmolLM2-135M decode attention, 513 keys, `python -m experiments.paged_step --sections attention
+# --repeats 7`, minimum of the rounds, 2 shared cores at load 8.9-9.2: batch 32 at page 16 / 64 / 256
+# native 20.2 / 20.6 / 18.2 ms vs xla (one page per key block for decode rows) 17.6 / 11.5 / 16.9 ms;
+# batch 8: 2.6 / 2.4 / 2.6 vs 3.8 / 1.4 / 2.3 ms; batch 1: 0.33 / 0.32 / 0.33 vs 0.27 / 0.19 / 0.29
+# ms. Against xla's earlier 256-key blocks it had won (batch 32: 7.4 / 10.5 vs 14.7 / 13.9 ms, page 16
+# / 64); at the step level (decode batch 1 / 8 / 32) the two were within this load's noise. The native
+# kernel shares two cores with XLA's threads (its helpers wait on descheduled ones under load): a
+# quieter machine should re-measure before making it auto.
+
+# Sequences with at most this many new tokens (decode rows, speculative drafts) go to the native
+# kernel; longer ones (prefill chunks) to the XLA loop, whose matmuls the kernel does not have.
+NATIVE_MAX_Q_LEN = 8
+
+
+def paged_attention_native_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
+                               sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
+                               v_scales=None):
+    """The native CPU kernel (native_cpu.paged_decode_attention_cpu, reading the pool in place) for
+    the rows of sequences with q_len <= NATIVE_MAX_Q_LEN, the XLA loop (only its large query tier)
+    for the longer ones, run only when the step has one (lax.cond on the traced q_lens). Each side
+    leaves the other's rows zero, so their sum is exact. Arguments as `paged_attention` (an f32 /
+    bf16 pool, see `native_cpu.attention_supports`)."""
+    del k_scales, v_scales  # plain formats have none
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    out = native_cpu.paged_decode_attention_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs,
+                                                layer=layer, sm_scale=scale, soft_cap=soft_cap,
+                                                sliding_window=sliding_window, max_q_len=NATIVE_MAX_Q_LEN)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    has_long = jnp.any((jnp.arange(kv_lens.shape[0]) < num_seqs) & (q_lens > NATIVE_MAX_Q_LEN))
+    long_tiers = tuple(b for b in Q_BLOCKS if b > NATIVE_MAX_Q_LEN)
+
+    def add_long(out):
+        return out + paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, layer=layer,
+                                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                                         kv_quant=kv_quant, q_blocks=long_tiers, min_q_len=NATIVE_MAX_Q_LEN + 1)
+
+    return lax.cond(has_long, add_long, lambda out: out, out)
+
+
+def _native_cpu_supports(q, k_pages, v_pages, *args, kv_quant=None, **unused) -> str | None:
+    del args, unused
+    return native_cpu.attention_supports(q.shape[-1], k_pages.dtype, v_pages.dtype, kv_quant)
+
+
 # ----------------------------------------------------------------------------- the op
 # Every backend function has the op's signature (less impl); see `paged_attention` for the arguments.
+def _pallas(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs):
+    return paged_flash_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs)
+
+
+def _pallas_supports(q, k_pages, *args, **kwargs) -> str | None:
+    del args, kwargs
+    return paged_flash_supports(q, k_pages, interpret=default_interpret())
+
+
 def _xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs):
     return paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **kwargs)
 
@@ -240,6 +319,14 @@ def _reference(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, **
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("pallas", _pallas, _pallas_supports,
+            "Pallas mixed kernel (paged_flash_attention.py): prefill chunks and decode rows in one call, every "
+            "cache format; compiled on GPU (power-of-two head_dim and page_size >= 16), interpret mode "
+            "elsewhere (slow: tests)", auto_platforms=("gpu",)),
+    Backend("native_cpu", paged_attention_native_cpu, _native_cpu_supports,
+            "native CPU kernel over the page table for decode rows (q_len <= 8), the xla loop for longer "
+            "ones: f32 / bf16 pool (one format), compiled head sizes; never auto (not faster than xla's "
+            "one-page decode blocks, measured: see the native CPU section)", auto_platforms=()),
     Backend("xla", _xla, supports_everything,
             "per-sequence online softmax over its pages (XLA loops, traced bounds): every call, cost "
             "follows q_len and kv_len"),

@@ -13,14 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import require_native_cpu
 
 from jaxchunk.cache import init_cache
-from jaxchunk.errors import InputError
+
+from jaxchunk.errors import CompileAfterWarmupError, InputError
 from jaxchunk.model import forward
 from jaxchunk.paged import (MixedStep, build_step, check_step, gather_sequence_kv, init_paged_cache,
-                            mixed_step)
+                            jitted_mixed_step, mixed_step)
 from jaxchunk.prefill import prefill
-from jaxchunk.steps import count_compiles, shape_of
+from jaxchunk.steps import compile_guard, count_compiles, shape_of
 from jaxchunk.testing import tiny_model
 from pallas_kernels.kv_quant import KV_QUANTS, decode, quantize
 from pallas_kernels.paged_attention import BACKENDS, paged_attention, paged_attention_xla
@@ -201,21 +203,35 @@ def test_quantized_pool_matches_quantized_forward(dtype):
 
 
 # ----------------------------------------------------------------------------- compiles, donation, memory
-def test_one_compile_for_every_step_of_a_shape():
+def test_one_compile_per_step_shape():
+    """One compile per (T, S, P): every step of a shape after its first compiles nothing, a new
+    (T, S, P) compiles once, and compile_guard names the mixed_step call and its shapes."""
     rng = np.random.default_rng(2)
     toks = lambda n: rng.integers(0, CONFIG.vocab_size, n)
     steps = [[(toks(20), 0, [4, 2])], [(toks(3), 20, [4, 2]), (toks(11), 0, [9]), ([5], 7, [1])],
              [([1], 23, [4, 2]), (toks(30), 0, [3, 5])]]
-    kw = dict(num_pages=12, page_size=16, T=40, S=3, P=2)
+    shapes = [dict(T=40, S=3, P=2), dict(T=48, S=3, P=2), dict(T=40, S=4, P=2), dict(T=40, S=3, P=3)]
     cache = init_paged_cache(CONFIG, num_pages=12, page_size=16)
-    before = mixed_step._cache_size()
-    cache, _ = mixed_step(PARAMS, cache, step_of(steps[0], **kw), config=CONFIG)
-    with count_compiles() as counted:
-        for seqs in steps[1:]:
-            cache, _ = mixed_step(PARAMS, cache, step_of(seqs, **kw), config=CONFIG)
-        jax.block_until_ready(cache)
-    assert counted.count == 0
-    assert mixed_step._cache_size() == before + 1
+    before = jitted_mixed_step._cache_size()
+    for n, shape in enumerate(shapes):
+        kw = dict(num_pages=12, page_size=16, **shape)
+        with count_compiles() as first:
+            cache, _ = mixed_step(PARAMS, cache, step_of(steps[0], **kw), config=CONFIG)
+        with count_compiles() as rest:
+            for seqs in steps[1:]:
+                cache, _ = mixed_step(PARAMS, cache, step_of(seqs, **kw), config=CONFIG)
+            jax.block_until_ready(cache)
+        assert first.count >= 1 and rest.count == 0, (shape, first.count, rest.count)
+        assert jitted_mixed_step._cache_size() == before + n + 1
+    warm = [step_of(steps[1], num_pages=12, page_size=16, **shape) for shape in shapes]
+    cold = step_of(steps[1], num_pages=12, page_size=16, T=24, S=3, P=2)  # built outside the guard
+    with compile_guard():
+        for step in warm:  # nothing compiles
+            cache, _ = mixed_step(PARAMS, cache, step, config=CONFIG)
+        named = (r"while running mixed_step\(tokens int32\[24\], page_table int32\[3, 2\], "
+                 r"pool keys float32\[2, 12, 16, 2, 32\]")
+        with pytest.raises(CompileAfterWarmupError, match=named):
+            mixed_step(PARAMS, cache, cold, config=CONFIG)
 
 
 @pytest.mark.parametrize("dtype", ["q8", "bf16/q4"])
@@ -236,7 +252,7 @@ def test_compiled_temporaries_do_not_grow_with_the_pool():
     temps = []
     for num_pages in (8, 512):
         cache = shape_of(init_paged_cache(CONFIG, num_pages=num_pages, page_size=16))
-        compiled = mixed_step.lower(PARAMS, cache, step, config=CONFIG).compile()
+        compiled = jitted_mixed_step.lower(PARAMS, cache, step, config=CONFIG).compile()
         temps.append(compiled.memory_analysis().temp_size_in_bytes)
     pool_growth = 2 * CONFIG.num_layers * (512 - 8) * 16 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert temps[1] - temps[0] < pool_growth / 100, (temps, pool_growth)
@@ -457,25 +473,37 @@ def numpy_paged_attention(q, cu, seq_kv, case: PagedCase):
     return out
 
 
-BACKEND_PARAMS = [(b, c, "f32") for c in PAGED_CASES for b in BACKENDS] + \
+# The cache formats each backend takes (its `supports` is checked against this in
+# test_backends_refuse_the_formats_they_do_not_take): the native CPU kernel reads plain f32 / bf16.
+ALL_FORMATS = ("f32", "bf16", "fp8_e4m3", "q8", "q4", *MIXED_FORMATS)
+BACKEND_FORMATS = {"native_cpu": ("f32", "bf16")}
+CPU_BACKENDS = [b for b in BACKENDS if b != "pallas"]  # the Pallas kernel: its own, smaller cases below
+BACKEND_PARAMS = [(b, c, "f32") for c in PAGED_CASES for b in CPU_BACKENDS] + \
                  [(b, c, f) for c in PAGED_CASES if c.id in FORMAT_CASES
-                  for f in ("bf16", "fp8_e4m3", "q8", "q4", *MIXED_FORMATS) for b in BACKENDS]
+                  for f in ALL_FORMATS[1:] for b in CPU_BACKENDS if f in BACKEND_FORMATS.get(b, ALL_FORMATS)]
 
 
-@pytest.mark.parametrize("backend, case, fmt", BACKEND_PARAMS,
-                         ids=[f"{b}-{c.id}-{f}" for b, c, f in BACKEND_PARAMS])
-def test_backend_against_float64_oracle(backend, case, fmt):
-    inputs, seq_kv = make_paged_inputs(case, fmt)
+def oracle_check(case: PagedCase, fmt: str, impl: str, seed: int = 0):
+    """`paged_attention(impl=...)` on `case` in cache format `fmt` against the float64 oracle."""
+    inputs, seq_kv = make_paged_inputs(case, fmt, seed)
     q, k, v, ks, vs, cu, kv_lens, page_table, num_seqs = inputs
     out = paged_attention(q, k, v, cu, kv_lens, page_table, num_seqs, sliding_window=case.sliding_window,
                           soft_cap=case.soft_cap, kv_quant=None if fmt == "f32" else format_pair(fmt), k_scales=ks,
-                          v_scales=vs, impl=backend)
+                          v_scales=vs, impl=impl)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out)
     assert np.isfinite(out).all(), "NaN/inf leaked into the output"
     want = numpy_paged_attention(q, np.asarray(cu), seq_kv, case)
     assert (out[sum(case.q_lens):] == 0).all()  # padding rows: exact zeros
     np.testing.assert_allclose(out, want, **PAGED_TOL[fmt])
+
+
+@pytest.mark.parametrize("backend, case, fmt", BACKEND_PARAMS,
+                         ids=[f"{b}-{c.id}-{f}" for b, c, f in BACKEND_PARAMS])
+def test_backend_against_float64_oracle(backend, case, fmt):
+    if backend == "native_cpu":
+        require_native_cpu()
+    oracle_check(case, fmt, backend)
 
 
 @pytest.mark.parametrize("pages_per_block", [1, 3])
@@ -510,8 +538,9 @@ def test_xla_temporaries_do_not_follow_pages_per_seq():
 
 
 def test_backend_table_and_errors():
-    assert list(BACKENDS) == ["xla", "reference"]
+    assert list(BACKENDS) == ["pallas", "native_cpu", "xla", "reference"]
     assert BACKENDS["reference"].auto_platforms == ()
+    assert BACKENDS["native_cpu"].auto_platforms == ()  # measured: paged_attention.py's native CPU section
     inputs, _ = make_paged_inputs(PAGED_CASES[0], "f32")
     q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -520,6 +549,171 @@ def test_backend_table_and_errors():
         paged_attention(q[None], k, v, cu, kv_lens, page_table, num_seqs)
     with pytest.raises(ValueError, match="cu_q_lens"):
         paged_attention(q, k, v, cu[:-1], kv_lens, page_table, num_seqs)
+
+
+# ----------------------------------------------------------------------------- the native CPU kernel
+def test_native_kernel_reads_only_decode_rows():
+    """The kernel alone: rows of sequences with q_len <= max_q_len match the oracle, every other row
+    (prefill chunks: the xla loop's, and padding) is exactly zero, whatever max_q_len."""
+    native_cpu = require_native_cpu()
+    case = next(c for c in PAGED_CASES if c.id == "mixed_empty_slots")  # q_lens 1, 24, 7, 1
+    inputs, seq_kv = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    want = numpy_paged_attention(q, np.asarray(cu), seq_kv, case)
+    cu_host = np.asarray(cu)
+    for max_q_len in (1, 8, 24):
+        out = np.asarray(native_cpu.paged_decode_attention_cpu(q, k, v, cu, kv_lens, page_table, num_seqs,
+                                                               sm_scale=HEAD_DIM ** -0.5, max_q_len=max_q_len))
+        for s, q_len in enumerate(case.q_lens):
+            rows = slice(cu_host[s], cu_host[s + 1])
+            if q_len <= max_q_len:
+                np.testing.assert_allclose(out[rows], want[rows], **PAGED_TOL["f32"])
+            else:
+                assert (out[rows] == 0).all(), (max_q_len, s)
+        assert (out[sum(case.q_lens):] == 0).all()
+
+
+def test_native_kernel_refuses_to_read_outside_the_pool():
+    """The host checks the step; the kernel checks again what it reads (JAX would not)."""
+    native_cpu = require_native_cpu()
+    case = PAGED_CASES[0]  # decode only
+    inputs, _ = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    call = lambda table, lens: np.asarray(native_cpu.paged_decode_attention_cpu(
+        q, k, v, cu, lens, table, num_seqs, sm_scale=1.0))
+    with pytest.raises(Exception, match="page id outside the pool"):
+        call(page_table.at[1, 0].set(k.shape[0]), kv_lens)
+    with pytest.raises(Exception, match="past the sequence's pages"):
+        call(page_table, kv_lens.at[0].set(case.pages_per_seq * case.page_size + 1))
+
+
+def test_native_backend_supports_names_what_it_refuses(monkeypatch):
+    from pallas_kernels import native_cpu
+    require_native_cpu()
+    supports = BACKENDS["native_cpu"].supports
+    q = jax.ShapeDtypeStruct((8, 6, HEAD_DIM), jnp.float32)
+    pages = lambda dtype, d=HEAD_DIM: jax.ShapeDtypeStruct((3, 10, 16, 2, d), dtype)
+    step = (jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32),
+            jax.ShapeDtypeStruct((4, 3), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    assert supports(q, pages(jnp.float32), pages(jnp.float32), *step) is None
+    assert supports(q, pages(jnp.uint16), pages(jnp.uint16), *step, kv_quant=format_pair("bf16")) is None
+    assert "cache q8 stored as uint8" in supports(q, pages(jnp.uint8), pages(jnp.uint8), *step,
+                                                  kv_quant=format_pair("q8"))
+    assert "keys q8 and values q4" in supports(q, pages(jnp.uint8), pages(jnp.uint8, 16), *step,
+                                               kv_quant=format_pair("q8/q4"))
+    q48 = jax.ShapeDtypeStruct((8, 6, 48), jnp.float32)
+    assert "head_dim 48" in supports(q48, pages(jnp.float32, 48), pages(jnp.float32, 48), *step)
+    monkeypatch.setattr(native_cpu, "available", lambda: False)
+    monkeypatch.setattr(native_cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    assert "did not build: no C++ compiler found" in supports(q, pages(jnp.float32), pages(jnp.float32), *step)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "CPU backend" in supports(q, pages(jnp.float32), pages(jnp.float32), *step)
+
+
+def test_native_backend_in_the_model(sequences, references):
+    """The random schedule (chunks, last chunks, decodes; page 16) with attention_impl="native_cpu":
+    decode rows through the native kernel, chunks through the xla loop, same tolerance."""
+    require_native_cpu()
+    ref_logits, _ = references
+    _, _, seen = run_schedule(sequences, 16, seed=4, impl="native_cpu")
+    for s, pos, logits in seen:
+        assert rel_err(logits, ref_logits[s][pos]) <= REL_TOL
+        assert logits.argmax() == ref_logits[s][pos].argmax()
+
+
+def test_native_backend_with_a_bf16_pool():
+    require_native_cpu()
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, CONFIG.vocab_size, 30)
+    cache = init_paged_cache(CONFIG, num_pages=24, page_size=16, dtype="bf16")
+    for pos, n in ((0, 27), (27, 1), (28, 1), (29, 1)):
+        cache, logits = mixed_step(PARAMS, cache, step_of([(ids[pos:pos + n], pos, [5, 2])]), config=CONFIG,
+                                   attention_impl="native_cpu")
+    want = np.asarray(forward(PARAMS, CONFIG, jnp.asarray(ids)[None], kv_quant="bf16"))[0, -1]
+    assert rel_err(logits[0], want) <= 1e-3  # the quantized pool's tolerance (see above)
+    assert int(np.asarray(logits[0]).argmax()) == int(want.argmax())
+
+
+# ----------------------------------------------------------------------------- the Pallas mixed kernel
+# Interpret mode is slow (every program of the grid runs in Python-level JAX): small cases, each
+# still ragged. (case, cache formats)
+PALLAS_CASES = [
+    # a decode row, a first chunk, a last partial chunk, an empty slot, padding tokens; GQA 3.
+    (PagedCase("pallas_mixed", (1, 20, 3), (40, 20, 19), 16, 32, 4, 3),
+     ("f32", "bf16", "q4", "q8/q4")),
+    # decode only, kv_len at page boundaries (16, 32), MHA.
+    (PagedCase("pallas_decode_only", (1, 1, 1), (16, 32, 7), 16, 4, 3, 2, heads=2, kv_heads=2), ("f32",)),
+    # GQA 4 on pages of 64 (two key tiles per page), a chunk crossing a page.
+    (PagedCase("pallas_gqa4_page64", (1, 10), (100, 70), 64, 16, 2, 2, heads=8, kv_heads=2), ("f32", "fp8_e4m3")),
+    # sliding window, soft-cap with large logits.
+    (PagedCase("pallas_softcap_window", (1, 9), (33, 30), 16, 12, 2, 3, sliding_window=12, soft_cap=2.0,
+               q_gain=4.0), ("f32",)),
+]
+PALLAS_PARAMS = [(c, f) for c, fmts in PALLAS_CASES for f in fmts]
+
+
+@pytest.mark.parametrize("case, fmt", PALLAS_PARAMS, ids=[f"{c.id}-{f}" for c, f in PALLAS_PARAMS])
+def test_pallas_kernel_against_float64_oracle_interpreted(case, fmt):
+    oracle_check(case, fmt, "pallas")
+
+
+def test_pallas_kernel_block_sizes_and_supports():
+    """Smaller tiles than the defaults (two key tiles per page of 16, several row tiles per
+    sequence) give the same result; the compiled kernel's shape limits are named."""
+    from pallas_kernels.paged_flash_attention import PagedBlockSizes, paged_flash_attention, paged_flash_supports
+    case = PALLAS_CASES[0][0]
+    inputs, seq_kv = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    out = paged_flash_attention(q, k, v, cu, kv_lens, page_table, num_seqs,
+                                block_sizes=PagedBlockSizes(block_q=16, block_k=8), interpret=True)
+    np.testing.assert_allclose(np.asarray(out), numpy_paged_attention(q, np.asarray(cu), seq_kv, case),
+                               **PAGED_TOL["f32"])
+    with pytest.raises(ValueError, match="block_k 12 must divide page_size 16"):
+        paged_flash_attention(q, k, v, cu, kv_lens, page_table, num_seqs, block_sizes=PagedBlockSizes(16, 12),
+                              interpret=True)
+    assert paged_flash_supports(q, k, interpret=True) is None
+    assert paged_flash_supports(q, k, interpret=False) is None
+    assert "head_dim 48" in paged_flash_supports(jax.ShapeDtypeStruct((4, 2, 48), jnp.float32), k, interpret=False)
+    assert "page_size 8" in paged_flash_supports(q, jax.ShapeDtypeStruct((3, 8, 2, 32), jnp.float32),
+                                                 interpret=False)
+    assert BACKENDS["pallas"].auto_platforms == ("gpu",)
+
+
+@pytest.mark.parametrize("case, fmt", PALLAS_PARAMS, ids=[f"{c.id}-{f}" for c, f in PALLAS_PARAMS])
+def test_pallas_kernel_lowers_to_triton_without_a_gpu(case, fmt):
+    """The compiled path's first half, checked here: `jax.export` for platform "cuda" runs the
+    Pallas -> Triton lowering (interpret=False) on this CPU-only machine, which rejects what
+    Triton cannot take (non-power-of-two tiles, two indexers on one load, unsupported ops). The
+    Triton -> PTX compile and the numbers need a GPU (tests/test_paged_gpu.py)."""
+    from jax import export
+
+    from pallas_kernels.paged_flash_attention import paged_flash_attention
+    inputs, _ = make_paged_inputs(case, fmt)
+    q, k, v, ks, vs, cu, kv_lens, page_table, num_seqs = inputs
+    fn = jax.jit(lambda *a, **kw: paged_flash_attention(*a, sliding_window=case.sliding_window, soft_cap=case.soft_cap,
+                                                        kv_quant=None if fmt == "f32" else format_pair(fmt),
+                                                        interpret=False, **kw))
+    triton_call = "__gpu$xla.gpu.triton"
+    lower = export.export(fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(triton_call)])
+    exported = lower(q, k, v, cu, kv_lens, page_table, num_seqs, k_scales=ks, v_scales=vs)
+    text = exported.mlir_module()
+    assert text.count(triton_call) == 1 and "jaxchunk_paged_flash" in text
+
+
+def test_pallas_backend_in_the_model():
+    """Two mixed steps through `mixed_step(attention_impl="pallas")` (interpret mode): a chunk, then
+    a decode row beside a new chunk, against `forward` per sequence."""
+    rng = np.random.default_rng(9)
+    a, b = rng.integers(0, CONFIG.vocab_size, 13), rng.integers(0, CONFIG.vocab_size, 6)
+    cache = init_paged_cache(CONFIG, num_pages=8, page_size=16)
+    cache, _ = mixed_step(PARAMS, cache, step_of([(a[:12], 0, [3])], num_pages=8, T=16, S=2, P=1), config=CONFIG,
+                          attention_impl="pallas")
+    cache, logits = mixed_step(PARAMS, cache, step_of([(a[12:], 12, [3]), (b, 0, [6])], num_pages=8, T=16, S=2, P=1),
+                               config=CONFIG, attention_impl="pallas")
+    for slot, ids in enumerate((a, b)):
+        want = np.asarray(forward(PARAMS, CONFIG, jnp.asarray(ids)[None]))[0, -1]
+        assert rel_err(logits[slot], want) <= REL_TOL
+        assert int(np.asarray(logits[slot]).argmax()) == int(want.argmax())
 
 
 def test_report_observed_tolerances():

@@ -15,17 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny-random", "--quick", "--prompt-len", "128", "--chunk-sizes", "32,128", "--decode-context",
         "64", "--batches", "1,4", "--page-sizes", "16,64", "--mixed-decodes", "4", "--mixed-chunk", "28",
         "--mixed-chunk-cached", "16", "--mixed-budget", "32", "--repeats", "2",
-        "--sections", "prefill,decode,mixed,attention,llama.cpp"]
+        "--sections", "prefill,decode,mixed,attention,blocks,llama.cpp"]
 
 
 def test_paged_step_experiment_writes_every_configuration(tmp_path):
     out = tmp_path / "paged_step"
     proc = subprocess.run([sys.executable, "-m", "experiments.paged_step", *ARGS, "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)  # ~5 min at load 9
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     df = pd.read_csv(out / "results.csv")
     payload = json.loads((out / "results.json").read_text())
     assert len(payload["rows"]) == len(df)
+    # The pages_per_block sweep: per query tier (1, 8, the first chunk size) and page size, a time for
+    # each candidate and the fastest named.
+    blocks, df = df[df.kind == "blocks"], df[df.kind != "blocks"]
+    assert sorted(zip(blocks.chunk, blocks.page_size)) == [(q, p) for q in (1, 8, 32) for p in (16, 64)]
+    assert (blocks.best_pages_per_block >= 1).all() and (blocks.timed_compiles == 0).all()
+    assert (blocks.ppb_1_min_s > 0).all() and (blocks.ppb_1_min_s <= blocks.ppb_1_median_s).all()
     machine = payload["machine"]
     assert len(machine["load_average_1_5_15"]) == len(machine["load_average_after_1_5_15"]) == 3
     assert payload["settings"]["page_sizes"] == [16, 64]
@@ -51,6 +57,9 @@ def test_paged_step_experiment_writes_every_configuration(tmp_path):
         part = df[df.kind.isin(["prefill", "decode", "attention"])][col]
         assert (part > 0).all(), col
     assert (df[df.kind == "decode"].contig_xla_tok_s > 0).all()
+    assert (df[df.kind == "decode"].paged_native_tok_s > 0).all()  # the paged step on the native backend too
+    attention = df[df.kind == "attention"]
+    assert (attention.paged_native_median_s > 0).all() and (attention.paged_xla_median_s > 0).all()
     mixed = df[df.kind == "mixed"]
     assert (mixed.sum_parts_median_s > 0).all() and (mixed.decodes_median_s > 0).all()
     assert (df.paged_min_s <= df.paged_median_s).all() and (df.paged_median_s <= df.paged_max_s).all()
