@@ -62,10 +62,10 @@ QUICK = dict(workloads=["W1", "W2", "W3", "W4", "batch"], policies=["b16", "b64"
              slo_tbt=0.5, hf_budget=64)
 # SmolLM2 in ~15 minutes on 2 loaded cores: W1 rate sweep + W2, the goal's budgets and the peer.
 SMOLLM = dict(workloads=["W1", "W2"], policies=["b64", "b256", "prefill_first", "exllamav2", "hf"],
-              rates=[1.0, 2.0, 4.0, 8.0], requests=12, prompt_len=128, output_len=16, w2_background=4,
+              rates=[0.5, 1.0, 2.0, 4.0], requests=10, prompt_len=128, output_len=16, w2_background=4,
               w2_prompt_len=1024, w2_long=2, w2_output_len=48, w3_short=32, w3_long=512, w3_short_frac=0.8,
               w4_prefix=256, w4_suffix=16, batch_jobs=8, batch_prompt=32, batch_output=16, batch_budget=256,
-              page_size=64, max_seqs=16, exl_chunk=256, slo_tbt=0.5, hf_budget=256)
+              page_size=64, max_seqs=16, exl_chunk=256, slo_tbt=1.0, hf_budget=256)
 PRESETS = {"quick": QUICK, "smollm": SMOLLM, "full": FULL}
 PEER = "hf"  # the policy name of the transformers continuous-batching peer
 
@@ -207,13 +207,14 @@ def hf_worker(spec: dict) -> dict:
 
     from experiments.compare_peers import load_transformers
     model = load_transformers(spec["gguf"], spec["dtype"], spec["threads"], attn_implementation="paged|sdpa")
-    config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=1)
     rng = np.random.default_rng(99)
     out, attn = {}, None
     for name, requests in spec["workloads"].items():
+        config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(r[2] for r in requests))
         cb = ContinuousBatchingConfig(page_size=spec["page_size"], num_blocks=spec["num_pages"][name],
                                       max_batch_tokens=spec["hf_budget"], max_requests_per_batch=spec["max_seqs"])
         manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
+        manager.warmup()
         manager.start()
         attn = model.config._attn_implementation
         try:
