@@ -42,6 +42,9 @@ __all__ = ["load", "Model", "GenerationResult", "StopStrings", "TextStream", "st
 DEFAULT_MAX_SEQ_LEN = 8192
 PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
 PERPLEXITY_MAX_CHUNK = 512    # auto chunk cap for perplexity: "all" logits are [chunk, vocab] f32
+GENERATOR_PAGE_SIZE = 64      # generate(engine="generator"): pages of the generator's pool,
+GENERATOR_MAX_SEQS = 32       # jobs at once,
+GENERATOR_TOKEN_BUDGET = 256  # and tokens per step unless chunk_size says
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
@@ -311,7 +314,7 @@ class Model:
     def generate(self, prompts, max_new_tokens: int = 64, chunk_size: Optional[int] = None, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int = 0, stop: Union[str, Sequence[str]] = (),
-                 stream: bool = False, progress: bool = False, return_ids: bool = False):
+                 stream: bool = False, progress: bool = False, return_ids: bool = False, engine: str = "batch"):
         """Continue one prompt or a batch of prompts (text or token ids).
 
         Sampling: greedy when temperature == 0; otherwise temperature, top_k (0: off), top_p (1: off),
@@ -326,11 +329,24 @@ class Model:
         (a character split across tokens comes out whole), concatenating to the same text.
         Prefill runs when generate() is called; errors (e.g. a prompt longer than the cache) are
         raised then, not on the first piece.
+
+        engine: "batch" (one contiguous cache for the batch, one on-device decode loop) or "generator"
+        (the prompts as jobs of a `jaxchunk.Generator` over a paged cache, chunk_size tokens per step,
+        default 256: continuous batching, each row leaves as it ends). Greedy ids are the same on both;
+        sampled ids differ (the generator draws each job from its own key, `seed`, whatever its
+        neighbours). The generator engine takes no stream and no repetition_penalty.
         """
         from jaxchunk import generate as gen
         from jaxchunk.sampling import SamplingParams
 
+        if engine not in ("batch", "generator"):
+            raise InputError(f"engine must be 'batch' or 'generator', got {engine!r}")
         rows, single = self.prompt_rows(prompts)
+        if engine == "generator":
+            return self._generate_on_generator(rows, single, max_new_tokens, chunk_size, stream=stream,
+                                               repetition_penalty=repetition_penalty, return_ids=return_ids,
+                                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                               seed=seed, stop=stop)
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty)
         stops = stop_list(stop)
@@ -351,6 +367,30 @@ class Model:
             return results[0] if single else results
         texts = [self._text(ids, set(stop_ids), stops) for ids in outputs]
         return texts[0] if single else texts
+
+    def _generate_on_generator(self, rows, single, max_new_tokens, chunk_size, *, stream, repetition_penalty,
+                               return_ids, **job_kwargs):
+        """generate(engine="generator"): the rows as jobs of one Generator sized for them (a pool
+        holding all at once, in pages of GENERATOR_PAGE_SIZE tokens)."""
+        from jaxchunk.generator import Generator
+        if stream:
+            raise InputError("stream=True runs on engine='batch'; the generator streams with Generator.iterate()")
+        if repetition_penalty != 1.0:
+            raise InputError("repetition_penalty is not supported on engine='generator'")
+        longest = max(map(len, rows)) + max_new_tokens
+        if longest > self.max_seq_len:
+            raise InputError(f"prompt + max_new_tokens = {longest} tokens exceeds max_seq_len={self.max_seq_len}")
+        page_size = GENERATOR_PAGE_SIZE
+        max_seqs = min(len(rows), GENERATOR_MAX_SEQS)
+        pages_per_job = -(-longest // page_size)
+        # Attention reads a page-table bucket per row: one sized for these jobs (the full-length one
+        # is required, never used here).
+        generator = Generator(self, token_budget=chunk_size or GENERATOR_TOKEN_BUDGET, max_seqs=max_seqs,
+                              page_size=page_size, num_pages=max_seqs * pages_per_job,
+                              page_buckets=sorted({pages_per_job, -(-self.max_seq_len // page_size)}))
+        out = generator.generate([list(r) for r in rows], max_new_tokens=max_new_tokens, return_ids=return_ids,
+                                 **job_kwargs)
+        return out[0] if single else out
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **generate_kwargs):
         """Reply to a conversation ([{"role": "system" | "user" | "assistant", "content": ...}, ...]).
