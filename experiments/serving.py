@@ -13,15 +13,16 @@ max_new_tokens):
 Policies: "b<N>" = stall_free with token budget N; "prefill_first" (whole prompts, decodes wait);
 "exllamav2" (each prefilling job's chunk as its own call, then one decode call; --exl-chunk tokens);
 "hf" = the peer: Hugging Face transformers' continuous batching (ContinuousBatchingManager from
-model.init_continuous_batching, attn_implementation="paged|sdpa", f32 / bf16 as --dtype, greedy,
-no EOS) on the same GGUF weights (compare_peers.load_transformers), in its own subprocess (this module
-with --worker), torch threads = the usable cores; its scheduler chunks prefill under
-max_batch_tokens = --hf-budget with at most --max-seqs requests per batch, page size --page-size and
-as many pages as jaxchunk's generator gets. Its manager runs steps in a background thread, so each
-request is added at its arrival on the wall clock; its timings come from the manager's own
-per-token timestamps (record_timestamps=True), queueing from its admission stamp (lifespan[0]).
-Same workloads (token ids), same max_new_tokens; one fresh manager per workload, warmed up by one
-request of the longest prompt (random ids, 2 tokens) first. SmolLM2 only (it needs the GGUF).
+model.init_continuous_batching, attn_implementation="paged|sdpa", which transformers 5.24 runs as "sdpa"
+over its paged cache (the note records it), f32 / bf16 as --dtype, greedy, no EOS) on the same GGUF
+weights (compare_peers.load_transformers), in its own subprocess (this module with --worker), torch
+threads = the usable cores; its scheduler chunks prefill under max_batch_tokens = --hf-budget with at
+most --max-seqs requests per batch, page size --page-size and as many pages as jaxchunk's generator
+gets. Its manager runs steps in a background thread, so each request is added at its arrival on the wall
+clock; its timings come from the manager's own per-token timestamps (record_timestamps=True), queueing
+from its admission stamp (lifespan[0]). Same workloads (token ids), same max_new_tokens; one fresh
+manager per workload, warmed up by one request of the longest prompt (random ids, 2 tokens) first.
+SmolLM2 only (it needs the GGUF).
 
 Metrics as `vllm bench serve` reports them: TTFT (arrival to first token; the generator's jobs are
 enqueued between steps, so their enqueue lag after the arrival is added to TTFT, queueing and latency)
