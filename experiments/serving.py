@@ -26,11 +26,11 @@ SmolLM2 only (it needs the GGUF).
 
 Metrics as `vllm bench serve` reports them: TTFT (arrival to first token; the generator's jobs are
 enqueued between steps, so their enqueue lag after the arrival is added to TTFT, queueing and latency)
-and TBT (each gap between a job's tokens), median / P99, TPOT ((latency - TTFT) / (tokens - 1)), end-to-
-end latency, queueing delay, request and output-token throughput; compiles during the run (after warm-
-up; must be 0); host scheduling vs model-call seconds. Capacity (W1): the highest rate with P99 TBT <=
---slo-tbt and median queueing delay <= 2 s (Sarathi-Serve's definition). A step-time model is fitted on
-every call of every run: call seconds = a + b * prefill tokens + c * decode rows + d * cached tokens
+and TBT (each gap between a job's tokens), median / P99, TPOT ((latency - TTFT) / (tokens - 1)),
+end-to-end latency, queueing delay, request and output-token throughput; compiles during the run (after
+warm-up; must be 0); host scheduling vs model-call seconds. Capacity (W1): the highest rate with P99 TBT
+<= --slo-tbt and median queueing delay <= 2 s (Sarathi-Serve's definition). A step-time model is fitted
+on every call of every run: call seconds = a + b * prefill tokens + c * decode rows + d * cached tokens
 read (least squares; relative RMS error reported), and the largest budget it predicts for a TBT target
 (a step of the W2 background's decode rows + one budget of prefill) is written next to the measured
 best.
