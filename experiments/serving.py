@@ -199,7 +199,6 @@ def hf_worker(spec: dict) -> dict:
     """In its own process: transformers' continuous batching on each workload in spec["workloads"]
     (name -> requests), requests added at their arrival on the wall clock. Returns name -> {"jobs":
     [{"output_ids", "timings"} in arrival order], "makespan_s"} and a note."""
-    import threading
 
     import torch
     import transformers
@@ -252,7 +251,7 @@ def hf_worker(spec: dict) -> dict:
                                      "preemptions": 0}})  # the manager does not count its requeues
         out[name] = {"jobs": jobs, "makespan_s": max(r.lifespan[1] for r in results.values()) - start}
     note = (f"transformers {transformers.__version__} (torch {torch.__version__}) continuous batching, attn={attn}, "
-            f"{spec['dtype']}, threads={torch.get_num_threads()} of {threading.active_count()} Python threads, "
+            f"{spec['dtype']}, threads={torch.get_num_threads()}, "
             f"max_batch_tokens={spec['hf_budget']}, max_requests_per_batch={spec['max_seqs']}, "
             f"page_size={spec['page_size']}")
     return {"workloads": out, "note": note}
