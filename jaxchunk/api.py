@@ -42,9 +42,6 @@ __all__ = ["load", "Model", "GenerationResult", "StopStrings", "TextStream", "st
 DEFAULT_MAX_SEQ_LEN = 8192
 PROGRESS_MIN_TOKENS = 1024    # prefill progress bars only for prompts at least this long
 PERPLEXITY_MAX_CHUNK = 512    # auto chunk cap for perplexity: "all" logits are [chunk, vocab] f32
-GENERATOR_PAGE_SIZE = 64      # generate(engine="generator"): pages of the generator's pool,
-GENERATOR_MAX_SEQS = 32       # jobs at once,
-GENERATOR_TOKEN_BUDGET = 256  # and tokens per step unless chunk_size says
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
@@ -314,7 +311,7 @@ class Model:
     def generate(self, prompts, max_new_tokens: int = 64, chunk_size: Optional[int] = None, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int = 0, stop: Union[str, Sequence[str]] = (),
-                 stream: bool = False, progress: bool = False, return_ids: bool = False, engine: str = "batch"):
+                 stream: bool = False, progress: bool = False, return_ids: bool = False, engine: Any = "batch"):
         """Continue one prompt or a batch of prompts (text or token ids).
 
         Sampling: greedy when temperature == 0; otherwise temperature, top_k (0: off), top_p (1: off),
@@ -330,20 +327,21 @@ class Model:
         Prefill runs when generate() is called; errors (e.g. a prompt longer than the cache) are
         raised then, not on the first piece.
 
-        engine: "batch" (one contiguous cache for the batch, one on-device decode loop) or "generator"
-        (the prompts as jobs of a `jaxchunk.Generator` over a paged cache, chunk_size tokens per step,
-        default 256: continuous batching, each row leaves as it ends). Greedy ids are the same on both;
-        sampled ids differ (the generator draws each job from its own key, `seed`, whatever its
-        neighbours). The generator engine takes no stream and no repetition_penalty.
+        engine: "batch" (one contiguous cache for the batch, one on-device decode loop) or a
+        `jaxchunk.Generator` over this model (the prompts become its jobs, next to any it holds:
+        continuous batching over its paged cache and token budget; chunk_size is then the
+        generator's). Greedy ids are the same on both; sampled ids differ (the generator draws each
+        job from its own key, `seed`, whatever its neighbours). A generator takes no stream and no
+        repetition_penalty. (The generator imports this module, so it is passed in, not built here.)
         """
         from jaxchunk import generate as gen
         from jaxchunk.sampling import SamplingParams
 
-        if engine not in ("batch", "generator"):
-            raise InputError(f"engine must be 'batch' or 'generator', got {engine!r}")
+        if not (isinstance(engine, str) and engine == "batch") and getattr(engine, "model", None) is not self:
+            raise InputError(f"engine must be 'batch' or a jaxchunk.Generator over this model, got {engine!r}")
         rows, single = self.prompt_rows(prompts)
-        if engine == "generator":
-            return self._generate_on_generator(rows, single, max_new_tokens, chunk_size, stream=stream,
+        if engine != "batch":
+            return self._generate_on_generator(engine, rows, single, max_new_tokens, stream=stream,
                                                repetition_penalty=repetition_penalty, return_ids=return_ids,
                                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                                seed=seed, stop=stop)
@@ -368,26 +366,13 @@ class Model:
         texts = [self._text(ids, set(stop_ids), stops) for ids in outputs]
         return texts[0] if single else texts
 
-    def _generate_on_generator(self, rows, single, max_new_tokens, chunk_size, *, stream, repetition_penalty,
+    def _generate_on_generator(self, generator, rows, single, max_new_tokens, *, stream, repetition_penalty,
                                return_ids, **job_kwargs):
-        """generate(engine="generator"): the rows as jobs of one Generator sized for them (a pool
-        holding all at once, in pages of GENERATOR_PAGE_SIZE tokens)."""
-        from jaxchunk.generator import Generator
+        """generate(engine=generator): the rows as the generator's jobs, run to completion."""
         if stream:
-            raise InputError("stream=True runs on engine='batch'; the generator streams with Generator.iterate()")
+            raise InputError("stream=True runs on engine='batch'; a generator streams with Generator.iterate()")
         if repetition_penalty != 1.0:
-            raise InputError("repetition_penalty is not supported on engine='generator'")
-        longest = max(map(len, rows)) + max_new_tokens
-        if longest > self.max_seq_len:
-            raise InputError(f"prompt + max_new_tokens = {longest} tokens exceeds max_seq_len={self.max_seq_len}")
-        page_size = GENERATOR_PAGE_SIZE
-        max_seqs = min(len(rows), GENERATOR_MAX_SEQS)
-        pages_per_job = -(-longest // page_size)
-        # Attention reads a page-table bucket per row: one sized for these jobs (the full-length one
-        # is required, never used here).
-        generator = Generator(self, token_budget=chunk_size or GENERATOR_TOKEN_BUDGET, max_seqs=max_seqs,
-                              page_size=page_size, num_pages=max_seqs * pages_per_job,
-                              page_buckets=sorted({pages_per_job, -(-self.max_seq_len // page_size)}))
+            raise InputError("repetition_penalty is not supported on a generator engine")
         out = generator.generate([list(r) for r in rows], max_new_tokens=max_new_tokens, return_ids=return_ids,
                                  **job_kwargs)
         return out[0] if single else out
