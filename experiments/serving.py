@@ -248,7 +248,7 @@ def hf_worker(spec: dict) -> dict:
             jobs.append({"output_ids": list(map(int, r.generated_tokens)),
                          "timings": {"queued_s": r.lifespan[0] - r.created_time, "ttft_s": since[0],
                                      "token_times_s": since, "total_s": r.lifespan[1] - r.created_time,
-                                     "preemptions": 0}})  # the manager does not count its requeues
+                                     "preemptions": np.nan}})  # the manager does not count its requeues
         out[name] = {"jobs": jobs, "makespan_s": max(r.lifespan[1] for r in results.values()) - start}
     note = (f"transformers {transformers.__version__} (torch {torch.__version__}) continuous batching, attn={attn}, "
             f"{spec['dtype']}, threads={torch.get_num_threads()}, "
