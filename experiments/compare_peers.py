@@ -117,23 +117,30 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
                                                           f"attention_impl={impl}, cache=prompt+decode")
 
 
-def transformers_worker(spec) -> tuple[list[dict], str]:
-    import inspect
-
+def load_transformers(gguf: str, dtype: str, threads: int, hf_weights: str = "dense", **kwargs):
+    """The transformers peer: AutoModelForCausalLM on the GGUF jaxchunk loads (its own dequantization),
+    in `dtype` ("f32" / "bf16"), torch using `threads` threads; `kwargs` go to from_pretrained (e.g.
+    attn_implementation). Shared by every experiment that runs transformers."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
-    torch.set_num_threads(spec["threads"])
-    path = Path(spec["gguf"])
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    kwargs = {}
-    if spec["hf_weights"] == "dense":
+    torch.set_num_threads(threads)
+    path = Path(gguf)
+    if hf_weights == "dense":
         try:  # transformers >= 5: GGUF weights stay packed unless asked otherwise
             from transformers import GgufConfig
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
         except ImportError:  # older transformers always dequantize
             pass
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kwargs).eval()
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype, **kwargs).eval()
+
+
+def transformers_worker(spec) -> tuple[list[dict], str]:
+    import inspect
+
+    import torch
+    import transformers
+    model = load_transformers(spec["gguf"], spec["dtype"], spec["threads"], spec["hf_weights"])
     params = inspect.signature(model.forward).parameters
     keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     last_only = {keep: 1} if keep else {}

@@ -333,7 +333,7 @@ class Model:
     def generate(self, prompts, max_new_tokens: int = 64, chunk_size: Optional[int] = None, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int = 0, stop: Union[str, Sequence[str]] = (),
-                 stream: bool = False, progress: bool = False, return_ids: bool = False):
+                 stream: bool = False, progress: bool = False, return_ids: bool = False, engine: Any = "batch"):
         """Continue one prompt or a batch of prompts (text or token ids).
 
         Sampling: greedy when temperature == 0; otherwise temperature, top_k (0: off), top_p (1: off),
@@ -348,11 +348,25 @@ class Model:
         (a character split across tokens comes out whole), concatenating to the same text.
         Prefill runs when generate() is called; errors (e.g. a prompt longer than the cache) are
         raised then, not on the first piece.
+
+        engine: "batch" (one contiguous cache for the batch, one on-device decode loop) or a
+        `jaxchunk.Generator` over this model (the prompts become its jobs, next to any it holds:
+        continuous batching over its paged cache and token budget; chunk_size is then the
+        generator's). Greedy ids are the same on both; sampled ids differ (the generator draws each
+        job from its own key, `seed`, whatever its neighbours). A generator takes no stream and no
+        repetition_penalty. (The generator imports this module, so it is passed in, not built here.)
         """
         from jaxchunk import generate as gen
         from jaxchunk.sampling import SamplingParams
 
+        if not (isinstance(engine, str) and engine == "batch") and getattr(engine, "model", None) is not self:
+            raise InputError(f"engine must be 'batch' or a jaxchunk.Generator over this model, got {engine!r}")
         rows, single = self.prompt_rows(prompts)
+        if engine != "batch":
+            return self._generate_on_generator(engine, rows, single, max_new_tokens, stream=stream,
+                                               repetition_penalty=repetition_penalty, return_ids=return_ids,
+                                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                               seed=seed, stop=stop)
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty)
         stops = stop_list(stop)
@@ -373,6 +387,17 @@ class Model:
             return results[0] if single else results
         texts = [self._text(ids, set(stop_ids), stops) for ids in outputs]
         return texts[0] if single else texts
+
+    def _generate_on_generator(self, generator, rows, single, max_new_tokens, *, stream, repetition_penalty,
+                               return_ids, **job_kwargs):
+        """generate(engine=generator): the rows as the generator's jobs, run to completion."""
+        if stream:
+            raise InputError("stream=True runs on engine='batch'; a generator streams with Generator.iterate()")
+        if repetition_penalty != 1.0:
+            raise InputError("repetition_penalty is not supported on a generator engine")
+        out = generator.generate([list(r) for r in rows], max_new_tokens=max_new_tokens, return_ids=return_ids,
+                                 **job_kwargs)
+        return out[0] if single else out
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **generate_kwargs):
         """Reply to a conversation ([{"role": "system" | "user" | "assistant", "content": ...}, ...]).

@@ -303,3 +303,34 @@ def test_smollm2_jobs_equal_model_generate_ids_text_and_stops(smollm2):
         assert "".join(pieces) == job.text and all("\ufffd" not in p for p in pieces)
     check_events(events, jobs)
     assert gen.generate(SMOL_PROMPTS[0], max_new_tokens=8) == smollm2.generate(SMOL_PROMPTS[0], max_new_tokens=8)
+
+
+# ----------------------------------------------------------------------------- Model.generate(engine=...)
+def test_model_generate_engine_checks_its_arguments():
+    gen = Generator(MODEL, token_budget=16, max_seqs=2, page_size=16, num_pages=8)
+    other = Generator(Model(CONFIG, PARAMS, None, max_seq_len=1024), token_budget=16, max_seqs=2, page_size=16,
+                      num_pages=8)
+    for bad in ("generator", other, None):
+        with pytest.raises(InputError, match="engine"):
+            MODEL.generate([[1, 2, 3]], max_new_tokens=2, engine=bad)
+    with pytest.raises(InputError, match="stream"):
+        MODEL.generate([1, 2, 3], max_new_tokens=2, stream=True, engine=gen)
+    with pytest.raises(InputError, match="repetition_penalty"):
+        MODEL.generate([[1, 2, 3]], max_new_tokens=2, repetition_penalty=1.2, engine=gen)
+    assert gen.idle  # nothing was enqueued by the refused calls
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_model_generate_on_the_generator_equals_the_batch_engine(smollm2):
+    """A list of prompts of different lengths (text, with EOS and a stop string in play): the same
+    ids, texts and finish reasons with engine=a Generator as on the batch engine (greedy, f32)."""
+    kwargs = dict(max_new_tokens=20, stop="\n\n", return_ids=True)
+    gen = Generator(smollm2, token_budget=16, max_seqs=4, page_size=16, num_pages=64)
+    batch = smollm2.generate(SMOL_PROMPTS, **kwargs)
+    on_generator = smollm2.generate(SMOL_PROMPTS, engine=gen, **kwargs)
+    assert [(r.ids, r.text, r.finish_reason) for r in on_generator] == [(r.ids, r.text, r.finish_reason)
+                                                                         for r in batch]
+    assert len({len(r.ids) for r in batch}) > 1  # rows end at different steps: continuous batching is exercised
+    assert smollm2.generate(SMOL_PROMPTS[0], max_new_tokens=6, engine=gen) == \
+        smollm2.generate(SMOL_PROMPTS[0], max_new_tokens=6)

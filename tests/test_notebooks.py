@@ -14,7 +14,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-ALL = ["01_chunked_prefill.ipynb", "02_chunk_size_sweep.ipynb"]
+ALL = ["01_chunked_prefill.ipynb", "02_chunk_size_sweep.ipynb", "03_serving.ipynb"]
 
 
 def outputs_text(nb) -> str:
@@ -34,10 +34,10 @@ def test_stored_notebook_is_executed_without_errors(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(ALL[0], marks=pytest.mark.model), ALL[1]])
+@pytest.mark.parametrize("name", [pytest.param(ALL[0], marks=pytest.mark.model), ALL[1], ALL[2]])
 def test_notebook_runs(name, monkeypatch, tmp_path):
     monkeypatch.setenv("JAXCHUNK_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("JAXCHUNK_NOTEBOOK_OUT", str(tmp_path))  # notebook 02's sweep output
+    monkeypatch.setenv("JAXCHUNK_NOTEBOOK_OUT", str(tmp_path))  # notebooks 02 / 03: the run's output
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})

@@ -41,3 +41,34 @@ def test_serving_experiment_writes_every_run(tmp_path):
     assert analysis["step_model"]["calls"] > 8 and set(analysis["capacity_rps"]) == {"b16", "prefill_first"}
     data = (out / "serving.png").read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_the_transformers_peer_needs_the_gguf():
+    from experiments import serving
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--model", "tiny-random", "--quick", "--policies", "b16,hf"])
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.peers
+def test_transformers_peer_runs_the_same_workload(tmp_path, smollm2_gguf):
+    """The "hf" policy (transformers' continuous batching, its own process) next to the generator on
+    SmolLM2: a row per workload with its metrics, and its greedy ids equal the generator's (f32 on
+    both sides; transformers is the independent implementation)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "serving"
+    proc = subprocess.run([sys.executable, "-m", "experiments.serving", "--quick", "--workloads", "W1,W2",
+                           "--policies", "b64,hf", "--rates", "8", "--requests", "3", "--w2-output-len", "8",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    df = pd.read_csv(out / "results.csv")
+    peer = df[df.policy == "hf"]
+    assert sorted(peer.workload) == ["W1", "W2"] and (peer.system == "transformers").all()
+    assert (peer.requests == [3, 4]).all()
+    for col in ("ttft_median_s", "tbt_p99_s", "token_throughput", "queue_median_s"):
+        assert (peer[col] > 0).all(), col
+    assert (peer.same_ids_frac == 1.0).all()
+    assert (df[df.policy == "b64"].same_ids_frac == 1.0).all()
+    note = json.loads((out / "results.json").read_text())["settings"]["peer"]
+    assert "continuous batching" in note and "attn=" in note
