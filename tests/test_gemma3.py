@@ -445,7 +445,7 @@ def test_load_generate_and_perplexity(gemma_gguf, reference):
     on <eos> and <end_of_turn>; `Model.perplexity` of 256 corpus tokens equals transformers'."""
     import jaxchunk
     model = jaxchunk.load(MODEL, max_seq_len=256)
-    assert model.add_bos and set(model._stop_ids(())) == {1, 106}
+    assert model.add_bos and set(model.stop_token_ids(())) == {1, 106}
     result = model.generate(GREEDY_PROMPTS[0], max_new_tokens=12, return_ids=True)
     assert result.ids == reference["greedy0"][:12].tolist(), result.text
     ids = reference["ids"][:256]
