@@ -23,11 +23,14 @@ run: fetch
 
 # One pytest process per test file: in one process of the whole suite (~1300 tests, thousands of
 # compiles) XLA:CPU has segfaulted while compiling, late in the run, in tests that pass alone. Each
-# file's time is printed; the failed files are listed at the end and fail the target.
+# file's time is printed; the failed files are listed at the end and fail the target. pytest's exit
+# status 5 (nothing collected: a whole file skipped, e.g. llama-cpp-python not installed) is not a failure.
+TEST_FILES ?= $(wildcard tests/test_*.py)
 test: fetch
-	@failed=""; for f in tests/test_*.py; do \
+	@failed=""; for f in $(TEST_FILES); do \
 	  start=$$(date +%s); \
-	  $(PY) -m pytest -q $$f || failed="$$failed $$f"; \
+	  $(PY) -m pytest -q $$f; rc=$$?; \
+	  if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then failed="$$failed $$f"; fi; \
 	  echo "== $$f: $$(( $$(date +%s) - start )) s"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; echo "all test files passed"
