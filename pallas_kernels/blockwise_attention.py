@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import (BlockSizes, cap_logits, cdiv, check_inputs,
+from pallas_kernels.common import (BlockSizes, as_layer_stack, cap_logits, cdiv, check_inputs,
                                     default_sm_scale, from_rows, to_rows, visible)
 from pallas_kernels.kv_quant import dequantize, kv_quant_pair, rotate
 
@@ -160,10 +160,7 @@ def blockwise_attention(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None,
     tile (rows = q_len * G). Tiling rows lets early tiles stop at their own causal
     bound; each tile is a separate loop, so only worth it for long chunks.
     """
-    if layer is None:
-        k, v, layer = k[None], v[None], 0
-        k_scales = None if k_scales is None else k_scales[None]
-        v_scales = None if v_scales is None else v_scales[None]
+    layer, k, v, k_scales, v_scales = as_layer_stack(layer, k, v, k_scales, v_scales)
     q_offset, kv_len = check_inputs(
         q, k[0], v[0], q_offset, kv_len, sliding_window, soft_cap, kv_quant,
         None if k_scales is None else k_scales[0], None if v_scales is None else v_scales[0])

@@ -61,6 +61,14 @@ def default_sm_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def as_layer_stack(layer, k, v, k_scales=None, v_scales=None):
+    """(layer, k, v, k_scales, v_scales) as a stack the kernels index with a traced `layer`: with
+    layer None, one layer's arrays get a leading axis of 1 and layer 0 (None scales stay None)."""
+    if layer is not None:
+        return layer, k, v, k_scales, v_scales
+    return 0, k[None], v[None], *(None if a is None else a[None] for a in (k_scales, v_scales))
+
+
 def cdiv(a, b: int):
     """Ceil-div for non-negative traced int32 scalars (lax.div: Triton-friendly)."""
     return lax.div(a + (b - 1), b)

@@ -51,8 +51,8 @@ from pallas_kernels import native_cpu
 from pallas_kernels.backends import Backend, choose_backend, impl_names, supports_everything
 from pallas_kernels.blockwise_attention import (attend_key_block, key_block_range, online_softmax_init,
                                                 online_softmax_result)
-from pallas_kernels.common import (cap_logits, cdiv, default_sm_scale, from_rows, to_rows, token_sequences,
-                                   visible)
+from pallas_kernels.common import (as_layer_stack, cap_logits, cdiv, default_sm_scale, from_rows, to_rows,
+                                   token_sequences, visible)
 from pallas_kernels.compat import default_interpret
 from pallas_kernels.kv_quant import check_quantized_cache, decode, dequantize, kv_quant_pair, rotate
 from pallas_kernels.paged_flash_attention import paged_flash_attention, paged_flash_supports
@@ -173,10 +173,7 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
     first >= its q_len, else the last. min_q_len: sequences with fewer new tokens are skipped
     (their rows are zero: another backend's, see "native_cpu"). Arguments as `paged_attention`;
     returns [tokens, heads, d] in q.dtype."""
-    if layer is None:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-        k_scales = None if k_scales is None else k_scales[None]
-        v_scales = None if v_scales is None else v_scales[None]
+    layer, k_pages, v_pages, k_scales, v_scales = as_layer_stack(layer, k_pages, v_pages, k_scales, v_scales)
     k_quant, v_quant = kv_quant_pair(kv_quant)
     num_tokens, nh, d = q.shape
     page_size, kvh = k_pages.shape[2], k_pages.shape[3]

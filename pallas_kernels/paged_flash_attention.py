@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import cdiv, check_triton_blocks, default_sm_scale, next_pow2, token_sequences
+from pallas_kernels.common import (as_layer_stack, cdiv, check_triton_blocks, default_sm_scale, next_pow2,
+                                   token_sequences)
 from pallas_kernels.compat import default_interpret, triton_compiler_params
 from pallas_kernels.flash_attention import load_kv_tile, online_softmax_step, split_scale_refs
 from pallas_kernels.kv_quant import kv_quant_pair, rotate
@@ -136,10 +137,7 @@ def paged_flash_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, n
     [num_pages, page_size, kv_heads, stored_dim] or the whole pool [layers, ...] with a traced
     `layer`; returns [tokens, heads, d] in q.dtype, padding rows zero. block_sizes:
     `PagedBlockSizes` (None: its default for head_dim); interpret: None = interpret unless on a GPU."""
-    if layer is None:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-        k_scales = None if k_scales is None else k_scales[None]
-        v_scales = None if v_scales is None else v_scales[None]
+    layer, k_pages, v_pages, k_scales, v_scales = as_layer_stack(layer, k_pages, v_pages, k_scales, v_scales)
     k_quant, v_quant = kv_quant_pair(kv_quant)
     num_tokens, nh, d = q.shape
     max_seqs = page_table.shape[0]
