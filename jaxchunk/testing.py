@@ -11,9 +11,12 @@ several layers, tied or untied head).
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
+from jaxchunk.cache import init_cache
 from jaxchunk.config import LlamaConfig
 from jaxchunk.model import init_params
+from jaxchunk.prefill import decode_step, prefill
 
 __all__ = ["TINY", "tiny_config", "tiny_model", "tiny_gemma3_config"]
 
@@ -45,3 +48,19 @@ def tiny_gemma3_config(window: int = 16, pattern: int = 3, **overrides) -> Llama
                   qk_norm=True, sandwich_norms=True, mlp_activation="gelu_tanh",
                   embed_scale=TINY["hidden_size"] ** 0.5, query_pre_attn_scalar=24.0, rms_norm_eps=1e-6)
     return tiny_config(**{**fields, **overrides})
+
+
+def greedy_step_by_step(params, config, ids, n_new: int, chunk_size: int, cache_len: int) -> list:
+    """Greedy ids after `ids`, one `decode_step` at a time after a chunked `prefill` into a cache of
+    `cache_len` tokens (the reference tests' loop: stops after EOS or `n_new` tokens)."""
+    cache = init_cache(config, 1, cache_len)
+    cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk_size)
+    out = []
+    for _ in range(n_new):
+        token = int(np.asarray(logits)[0].argmax())
+        out.append(token)
+        if token == config.eos_token_id:
+            break
+        if len(out) < n_new:
+            cache, logits = decode_step(params, cache, np.array([token]), config=config)
+    return out

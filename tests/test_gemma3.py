@@ -29,7 +29,7 @@ from jaxchunk.corpus import reference_text
 from jaxchunk.model import forward, init_params
 from jaxchunk.prefill import decode_step, iter_prefill, prefill
 from jaxchunk.steps import compiled_step_counts
-from jaxchunk.testing import tiny_gemma3_config
+from jaxchunk.testing import greedy_step_by_step, tiny_gemma3_config
 
 REL_TOL = 1e-4
 MODEL = "gemma3-270m"
@@ -340,17 +340,8 @@ def test_agreement_and_perplexity_match_transformers(gemma_f32, gemma_tokenizer,
 
 
 def greedy(params, config, ids, n_new, chunk_size):
-    cache = init_cache(config, 1, N_TOKENS)  # the agreement test's shapes: its compiles serve here too
-    cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk_size)
-    out = []
-    for _ in range(n_new):
-        token = int(np.asarray(logits)[0].argmax())
-        out.append(token)
-        if token == config.eos_token_id:
-            break
-        if len(out) < n_new:
-            cache, logits = decode_step(params, cache, np.array([token]), config=config)
-    return out
+    # the agreement test's shapes: its compiles serve here too
+    return greedy_step_by_step(params, config, ids, n_new, chunk_size, cache_len=N_TOKENS)
 
 
 @pytest.mark.model

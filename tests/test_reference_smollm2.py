@@ -9,7 +9,8 @@ import pytest
 
 from jaxchunk.cache import init_cache
 from jaxchunk.corpus import reference_text
-from jaxchunk.prefill import decode_step, prefill
+from jaxchunk.prefill import prefill
+from jaxchunk.testing import greedy_step_by_step
 
 pytestmark = [pytest.mark.model, pytest.mark.peers, pytest.mark.slow]
 N_TOKENS = 2048
@@ -45,17 +46,8 @@ def test_logits_and_perplexity_match_transformers(smollm2_f32, hf_smollm2):
 
 
 def greedy(params, config, ids, n_new, chunk_size):
-    cache = init_cache(config, 1, 256)  # one cache shape for every prompt: compiled once
-    cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk_size)
-    out = []
-    for _ in range(n_new):
-        token = int(np.asarray(logits)[0].argmax())
-        out.append(token)
-        if token == config.eos_token_id:
-            break
-        if len(out) < n_new:
-            cache, logits = decode_step(params, cache, np.array([token]), config=config)
-    return out
+    # one cache shape for every prompt: compiled once
+    return greedy_step_by_step(params, config, ids, n_new, chunk_size, cache_len=256)
 
 
 @pytest.mark.parametrize("prompt", [
