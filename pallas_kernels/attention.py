@@ -8,12 +8,16 @@
                  Takes q_len <= 8, a plain f32 cache or the bf16 cache's uint16 bits, head_dim in
                  native_cpu.ATTENTION_HEAD_DIMS, the CPU backend, and a kernel that built.
                  auto: CPU only, where it supports the call.
+  "native_flash" - the native CPU flash kernel for prefill chunks (native_cpu.flash_attention_cpu),
+                 reading a stacked cache in place. Takes any q_len, a plain f32 cache or the bf16
+                 cache's uint16 bits, head_dim a multiple of 16 (up to 512), the CPU backend, a
+                 kernel that built. auto: see NATIVE_FLASH_AUTO_PLATFORMS.
   "xla"        - blockwise online-softmax XLA (blockwise_attention.py): fast on CPU, cost follows
                  kv_len, reads a stacked cache in place. Takes every call. auto: the fallback.
   "reference"  - full masked attention in f32 over the whole cache. Takes every call; never auto.
 
-impl="auto" thus means: Pallas on a GPU; on CPU the native decode kernel where it fits, blockwise
-XLA otherwise. impl=NAME takes that backend, and raises ValueError with its reason when it cannot
+impl="auto" thus means: Pallas on a GPU; on CPU the native decode kernel for decode, the native
+flash kernel for chunks, where they take the cache; blockwise XLA otherwise. impl=NAME takes that backend, and raises ValueError with its reason when it cannot
 take the call. A new backend (e.g. paged attention) is one more `Backend` entry in `BACKENDS`.
 """
 from __future__ import annotations
@@ -69,6 +73,23 @@ def _native_cpu_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) 
     return native_cpu.attention_supports(q.shape[-1], k.dtype, v.dtype, kv_quant)
 
 
+def _native_flash(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
+                  soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
+                  v_scales=None):
+    del block_sizes, interpret, k_scales, v_scales  # fixed tiles; plain caches have no scales
+    one_layer = (lambda a: a[0]) if layer is not None else (lambda a: a)
+    q_offset, kv_len = check_inputs(q, one_layer(k), one_layer(v), q_offset, kv_len,
+                                    sliding_window, soft_cap, kv_quant)
+    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
+    return native_cpu.flash_attention_cpu(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale,
+                                          soft_cap=soft_cap, sliding_window=sliding_window)
+
+
+def _native_flash_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) -> str | None:
+    del q_offset, kv_len, unused
+    return native_cpu.attention_supports(q.shape[-1], k.dtype, v.dtype, kv_quant, flash=True)
+
+
 def _xla(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
          soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
          v_scales=None):
@@ -89,6 +110,9 @@ def _reference(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_
                                kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
 
 
+# Where impl="auto" takes the native flash kernel for chunks (native_cpu takes decode first).
+NATIVE_FLASH_AUTO_PLATFORMS: tuple[str, ...] = ()
+
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("pallas", _pallas, supports_everything,
             "Pallas split-K decode (q_len <= 8) / flash kernels; interpret mode off a GPU",
@@ -96,6 +120,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("native_cpu", _native_cpu, _native_cpu_supports,
             "native CPU decode kernel: q_len <= 8, f32 / bf16 cache, compiled head sizes",
             auto_platforms=("cpu",)),
+    Backend("native_flash", _native_flash, _native_flash_supports,
+            "native CPU flash kernel for chunks: f32 / bf16 cache, head_dim a multiple of 16",
+            auto_platforms=NATIVE_FLASH_AUTO_PLATFORMS),
     Backend("xla", _xla, supports_everything,
             "blockwise online-softmax XLA: every call, cost follows kv_len"),
     Backend("reference", _reference, supports_everything,

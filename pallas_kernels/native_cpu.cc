@@ -620,14 +620,18 @@ struct PagedLayout {
   const int32_t* kv_lens;     // [max_seqs]
   const int32_t* page_table;  // [max_seqs, pages_per_seq]
   int64_t num_seqs, pages_per_seq, num_pages, page_size, kv_heads, d, layer;
-  int64_t max_q_len;   // sequences with more new tokens are another backend's: no rows here
+  int64_t min_q_len;   // sequences with fewer or more new tokens than [min_q_len, max_q_len] are
+  int64_t max_q_len;   // another kernel's (or backend's): no rows here
   int page_shift;      // log2(page_size) when a power of two (a shift, not a division, per key), else -1
 
   int64_t Seqs() const { return num_seqs; }
   int64_t MaxQLen() const { return max_q_len; }
   int64_t QStart(int64_t s) const { return cu_q_lens[s]; }
   int64_t NewTokens(int64_t s) const { return cu_q_lens[s + 1] - cu_q_lens[s]; }
-  int64_t QLen(int64_t s) const { return NewTokens(s) <= max_q_len ? NewTokens(s) : 0; }
+  int64_t QLen(int64_t s) const {
+    const int64_t n = NewTokens(s);
+    return n >= min_q_len && n <= max_q_len ? n : 0;
+  }
   int64_t QOffset(int64_t s) const { return kv_lens[s] - NewTokens(s); }  // bottom-right aligned
   int64_t KvLen(int64_t s) const { return kv_lens[s]; }
   int64_t Vector(int64_t s, int64_t pos, int64_t h) const {
@@ -840,6 +844,266 @@ void RunAttention(ffi::ThreadPool& pool, AttnProblem<Layout>& p, bool bf16) {
   MergeSplits(p);
 }
 
+// ----------------------------------------------------------------------------- flash prefill attention
+// JaxchunkFlashAttention and the long rows of JaxchunkPagedAttention: attention of prefill chunks
+// (many query positions) against the cache, written once over a Layout like the decode kernel.
+//
+// XLA's blockwise loop (blockwise_attention.py) runs two batched dots per key block plus the
+// softmax's elementwise passes, each a separate XLA op writing its [rows, keys] tile to memory.
+// Here one work item is one (sequence, KV head, tile of kTileRows query rows: positions x the G
+// heads of the KV head, position-major). The tile is held transposed, rows along the vector lanes:
+// Q^T [d, rows] (pre-scaled), scores S^T [keys, rows], output O^T [d, rows], so every step is a
+// vector op over rows: the two products use one register-blocked micro-kernel (kMicroOut outputs
+// x kRowVecs vectors of rows, the classic GEMM kernel shape; a K or V element broadcast, a vector
+// of Q^T or P^T loaded), the online softmax's max, exp, sum and rescale run on whole row vectors,
+// and keys are read in their natural [key, d] layout (no transpose), as f32 copies of each block
+// of kFlashKeys keys (bf16 widened; a page table resolved once per key). The mask is applied only
+// on blocks some row does not fully see (the causal diagonal, the kv_len tail, the window edge);
+// blocks no row of the tile sees are never read, so a tile's cost follows its own causal (and
+// window) bound. f32 accumulation throughout.
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t bits) {  // bf16 bits -> f32 (exact)
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &wide, sizeof x);
+  return x;
+}
+
+// The CPU's own vector width (kLanes floats): GCC lowers a 16-float generic vector on an AVX2
+// machine to memory round trips in loops like these (a Q K^T micro-kernel ran at 4.9 GFLOP/s with
+// Vec16 vs 65 with Vec8, one core).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+// The micro-kernel's register tile: kMicroOut outputs x kRowVecs vectors of rows, 12 accumulators
+// (of 16 ymm / 32 zmm registers). 6 x 2 is the classic AVX2 GEMM shape: 91 GFLOP/s of one core's
+// ~104 peak in isolation, where 4 x 3 ran at 45 and 8 x 1 at 74 (experiments/native_flash... see
+// the issue-20 note; measured with the shapes of a 96-row tile and d 64).
+constexpr int kMicroOut = 6, kRowVecs = 2;
+typedef float VecN __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IntN __attribute__((vector_size(4 * kLanes)));
+constexpr int64_t kMicroRows = kRowVecs * kLanes;  // rows per micro-kernel call: 16 / 32
+constexpr int64_t kTileRows = 96;                  // rows per work item (32 positions at G = 3)
+constexpr int64_t kFlashKeys = 48;                 // keys per block (a multiple of kMicroOut)
+constexpr int64_t kFlashMaxHeadDim = 512;
+static_assert(kTileRows % kMicroRows == 0 && kFlashKeys % kMicroOut == 0, "tile shapes");
+
+inline VecN LoadN(const float* p) {
+  VecN v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void StoreN(float* p, VecN v) { std::memcpy(p, &v, sizeof v); }
+inline VecN SplatN(float x) { return VecN{} + x; }
+
+// ExpNonPositive on kLanes lanes (the same polynomial and rounding: the same values).
+inline VecN ExpNonPositiveN(VecN x) {
+  const VecN lowest = x < -87.0f ? SplatN(-87.0f) : x;
+  const VecN t = lowest * 1.44269504088896341f + 0.5f;
+  IntN n_int = __builtin_convertvector(t, IntN);      // truncates towards zero
+  n_int += __builtin_convertvector(n_int, VecN) > t;  // -1 where that rounded up: floor
+  const VecN n = __builtin_convertvector(n_int, VecN);
+  const VecN r = (lowest - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  VecN poly = SplatN(1.0f / 720);
+  poly = poly * r + 1.0f / 120;
+  poly = poly * r + 1.0f / 24;
+  poly = poly * r + 1.0f / 6;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const IntN bits = (n_int + 127) << 23;
+  VecN two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.0f ? VecN{} : poly * two_n;
+}
+
+// c[i][0:kMicroRows] (+)= sum_{k < n} a[i * a_i + k * a_k] * b[k * ldb + 0:kMicroRows], i < kOut.
+// Q K^T: a = the key block [key, d], b = Q^T, c = S^T. P V: a = the value block read as [d, key],
+// b = P^T, c = O^T (accumulated).
+template <int kOut, bool kAccumulate>
+inline void MicroKernel(const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb, int64_t n,
+                        float* c, int64_t ldc) {
+  VecN acc[kOut][kRowVecs];
+  for (int i = 0; i < kOut; ++i) {
+    for (int j = 0; j < kRowVecs; ++j) acc[i][j] = kAccumulate ? LoadN(c + i * ldc + j * kLanes) : VecN{};
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    VecN row[kRowVecs];
+    for (int j = 0; j < kRowVecs; ++j) row[j] = LoadN(b + k * ldb + j * kLanes);
+    for (int i = 0; i < kOut; ++i) {
+      const float x = a[i * a_i + k * a_k];
+      for (int j = 0; j < kRowVecs; ++j) acc[i][j] += x * row[j];
+    }
+  }
+  for (int i = 0; i < kOut; ++i) {
+    for (int j = 0; j < kRowVecs; ++j) StoreN(c + i * ldc + j * kLanes, acc[i][j]);
+  }
+}
+
+// MicroKernel over outputs [0, outs) of a: whole kMicroOut groups, then the remainder (a head_dim
+// that is not a multiple of 6).
+template <bool kAccumulate, int kOut = kMicroOut>
+inline void MicroKernelTail(int64_t outs, const float* a, int64_t a_i, int64_t a_k, const float* b,
+                            int64_t ldb, int64_t n, float* c, int64_t ldc) {
+  if constexpr (kOut > 0) {
+    if (outs == kOut) return MicroKernel<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n, c, ldc);
+    MicroKernelTail<kAccumulate, kOut - 1>(outs, a, a_i, a_k, b, ldb, n, c, ldc);
+  }
+}
+
+template <bool kAccumulate>
+inline void MicroKernels(int64_t outs, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb,
+                         int64_t n, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kMicroOut <= outs; i += kMicroOut) {
+    MicroKernel<kMicroOut, kAccumulate>(a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
+  }
+  if (i < outs) MicroKernelTail<kAccumulate>(outs - i, a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
+}
+
+// A flash call's work items: (sequence, first row of the tile), costliest first; each item of the
+// pool is one of them x one KV head.
+struct FlashTiles {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+
+  int64_t items(int64_t kv_heads) const { return static_cast<int64_t>(tiles.size()) * kv_heads; }
+};
+
+// Keys [lo, hi) some query at positions [first_pos, last_pos] of a sequence sees.
+inline std::pair<int64_t, int64_t> FlashKeyRange(int64_t first_pos, int64_t last_pos, int64_t kv_len,
+                                                 int64_t window) {
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
+  return {lo, std::max<int64_t>(lo, std::min<int64_t>(kv_len, last_pos + 1))};
+}
+
+// One item (tile x KV head). Scratch is the calling thread's.
+template <typename T, typename Layout>
+void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t item) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr int64_t R = kTileRows;
+  const auto [b, r0] = work.tiles[item / p.kv_heads];
+  const int64_t h = item % p.kv_heads;
+  const int64_t g = p.group(), d = p.d;
+  const Layout& lay = p.layout;
+  const int64_t rows = std::min(R, lay.QLen(b) * g - r0);  // real rows; the rest of R is padding
+  const int64_t q_start = lay.QStart(b), q_offset = lay.QOffset(b);
+  const int64_t first_pos = q_offset + r0 / g, last_pos = q_offset + (r0 + rows - 1) / g;
+  const auto [lo, hi] = FlashKeyRange(first_pos, last_pos, lay.KvLen(b), p.window);
+
+  thread_local std::vector<float> scratch;
+  const int64_t need = 2 * d * R + kFlashKeys * R + 2 * kFlashKeys * d + 3 * R;
+  if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
+  float* qt = scratch.data();         // Q^T [d, R], pre-scaled
+  float* ot = qt + d * R;             // O^T [d, R], unnormalised
+  float* st = ot + d * R;             // S^T [kFlashKeys, R]: scores, then weights
+  float* kb = st + kFlashKeys * R;    // the key block [kFlashKeys, d], f32
+  float* vb = kb + kFlashKeys * d;    // the value block [kFlashKeys, d], f32
+  float* row_max = vb + kFlashKeys * d;
+  float* row_sum = row_max + R;
+  float* row_pos = row_sum + R;       // positions (exact in f32 below 2^24)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t rr = r0 + std::min(r, rows - 1);  // padding rows repeat the last real one
+    const float* src = p.q + ((q_start + rr / g) * p.heads + h * g + rr % g) * d;
+    for (int64_t e = 0; e < d; ++e) qt[e * R + r] = src[e] * p.scale;
+    row_pos[r] = static_cast<float>(q_offset + rr / g);
+    row_max[r] = kNegInf;
+    row_sum[r] = 0.f;
+  }
+  std::fill(ot, ot + d * R, 0.f);
+  const T* keys = static_cast<const T*>(p.k);
+  const T* values = static_cast<const T*>(p.v);
+
+  for (int64_t t0 = lo; t0 < hi; t0 += kFlashKeys) {
+    const int64_t n = std::min(kFlashKeys, hi - t0);
+    const int64_t n_micro = (n + kMicroOut - 1) / kMicroOut * kMicroOut;
+    for (int64_t t = 0; t < n_micro; ++t) {  // keys past n: zeros (their scores are never used)
+      if (t < n) {
+        const int64_t off = lay.Vector(b, t0 + t, h);
+        for (int64_t e = 0; e < d; ++e) kb[t * d + e] = ToFloat(keys[off + e]);
+        for (int64_t e = 0; e < d; ++e) vb[t * d + e] = ToFloat(values[off + e]);
+      } else {
+        std::fill(kb + t * d, kb + (t + 1) * d, 0.f);
+      }
+    }
+    for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<false>(n_micro, kb, d, 1, qt + r, R, d, st + r, R);
+    if (p.soft_cap > 0.f) {
+      for (int64_t i = 0; i < n * R; ++i) st[i] = p.soft_cap * std::tanh(st[i] / p.soft_cap);
+    }
+    // Every row sees every key of this block: no mask (the interior of a long prompt).
+    const bool all_seen = t0 + n - 1 <= first_pos && (p.window <= 0 || t0 > last_pos - p.window);
+    for (int64_t c = 0; c < R; c += kLanes) {
+      if (!all_seen) {
+        const VecN pos = LoadN(row_pos + c);
+        for (int64_t t = 0; t < n; ++t) {
+          const VecN key = SplatN(static_cast<float>(t0 + t));
+          auto seen = key <= pos;
+          if (p.window > 0) seen &= key > pos - static_cast<float>(p.window);
+          StoreN(st + t * R + c, seen ? LoadN(st + t * R + c) : SplatN(kNegInf));
+        }
+      }
+      VecN m_block = SplatN(kNegInf);
+      for (int64_t t = 0; t < n; ++t) {
+        const VecN s = LoadN(st + t * R + c);
+        m_block = m_block > s ? m_block : s;
+      }
+      const VecN m_old = LoadN(row_max + c);
+      const VecN m_new = m_old > m_block ? m_old : m_block;
+      const VecN m_use = m_new == kNegInf ? VecN{} : m_new;  // rows that saw no key yet: weights 0
+      const VecN alpha = ExpNonPositiveN(m_old - m_use);      // -inf (no keys before) -> 0
+      VecN sum = {};
+      for (int64_t t = 0; t < n; ++t) {
+        const VecN w = ExpNonPositiveN(LoadN(st + t * R + c) - m_use);  // masked: exactly 0
+        StoreN(st + t * R + c, w);
+        sum += w;
+      }
+      StoreN(row_sum + c, alpha * LoadN(row_sum + c) + sum);
+      StoreN(row_max + c, m_new);
+      for (int64_t e = 0; e < d; ++e) StoreN(ot + e * R + c, alpha * LoadN(ot + e * R + c));
+    }
+    for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<true>(d, vb, 1, d, st + r, R, n, ot + r, R);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t rr = r0 + r;
+    float* dst = p.out + ((q_start + rr / g) * p.heads + h * g + rr % g) * d;
+    const float inv = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // no key seen: zeros
+    for (int64_t e = 0; e < d; ++e) dst[e] = ot[e * R + r] * inv;
+  }
+}
+
+// The tiles of every sequence the layout gives rows (QLen > 0), costliest (most keys) first so the
+// pool's last items are small ones; then the items on the pool's threads.
+template <typename Layout>
+void RunFlash(ffi::ThreadPool& pool, const AttnProblem<Layout>& p, bool bf16) {
+  const int64_t g = p.group();
+  FlashTiles work;
+  std::vector<std::pair<int64_t, std::pair<int64_t, int64_t>>> costed;  // (keys, (sequence, r0))
+  int64_t total_keys = 0;
+  for (int64_t b = 0; b < p.layout.Seqs(); ++b) {
+    const int64_t rows = p.layout.QLen(b) * g, q_offset = p.layout.QOffset(b);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+      const int64_t last = q_offset + (std::min(rows, r0 + kTileRows) - 1) / g;
+      const auto [lo, hi] = FlashKeyRange(q_offset + r0 / g, last, p.layout.KvLen(b), p.window);
+      costed.push_back({hi - lo, {b, r0}});
+      total_keys += hi - lo;
+    }
+  }
+  std::stable_sort(costed.begin(), costed.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  for (const auto& c : costed) work.tiles.push_back(c.second);
+  const int64_t items = work.items(p.kv_heads);
+  if (items == 0) return;
+  // One helper per ~1M multiply-adds (a full block of a tile is 96 rows x 64 keys x d 64 x 2).
+  const int64_t multiply_adds = total_keys * p.kv_heads * kTileRows * p.d * 2;
+  ParallelFor(pool, items, multiply_adds / (1 << 20), [&p, &work, bf16](int64_t item) {
+    if (bf16) {
+      FlashTile<uint16_t>(p, work, item);
+    } else {
+      FlashTile<float>(p, work, item);
+    }
+  });
+}
+
 // k, v: both f32 or both u16 (bf16 bits), the same 5-d shape; sets bf16.
 ffi::Error CheckCachePair(const char* op, ffi::AnyBuffer k, ffi::AnyBuffer v, bool& bf16) {
   auto k_dims = k.dimensions();
@@ -854,18 +1118,21 @@ ffi::Error CheckCachePair(const char* op, ffi::AnyBuffer k, ffi::AnyBuffer v, bo
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
-                               ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_offset,
-                               ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::S32> layer_buf,
-                               ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
-                               int64_t window) {
+// kFlash: the flash prefill kernel (JaxchunkFlashAttention: chunks), else the decode kernel
+// (JaxchunkDecodeAttention: a few query positions); the same operands and checks.
+template <bool kFlash>
+ffi::Error ContiguousAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                                   ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_offset,
+                                   ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::S32> layer_buf,
+                                   ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
+                                   int64_t window) {
+  const std::string op = kFlash ? "flash_attention" : "decode_attention";
   auto q_dims = q.dimensions();
   if (q_dims.size() != 4) {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: q must be [batch, q_len, heads, d] and k [layers, batch, max_seq, kv_heads, d]");
+    return ffi::Error::InvalidArgument(op + ": q must be [batch, q_len, heads, d] and k [layers, batch, max_seq, kv_heads, d]");
   }
   bool bf16 = false;
-  if (ffi::Error error = CheckCachePair("decode_attention", k, v, bf16); error.failure()) return error;
+  if (ffi::Error error = CheckCachePair(op.c_str(), k, v, bf16); error.failure()) return error;
   auto k_dims = k.dimensions();
   AttnProblem<ContiguousLayout> p{};
   ContiguousLayout& c = p.layout;
@@ -876,20 +1143,21 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   c.max_seq = k_dims[2];
   p.kv_heads = c.kv_heads = k_dims[3];
   if (k_dims[1] != c.batch || k_dims[4] != p.d || p.heads % p.kv_heads != 0) {
-    return ffi::Error::InvalidArgument("decode_attention: q and k shapes do not match");
+    return ffi::Error::InvalidArgument(op + ": q and k shapes do not match");
   }
-  if (!SupportedHeadDim(p.d)) {
-    return ffi::Error::InvalidArgument("decode_attention: head_dim must be 16, 32, 64, 80, 96 or 128");
+  if (kFlash ? p.d % 16 != 0 || p.d > kFlashMaxHeadDim : !SupportedHeadDim(p.d)) {
+    return ffi::Error::InvalidArgument(op + (kFlash ? ": head_dim must be a multiple of 16, at most 512"
+                                                    : ": head_dim must be 16, 32, 64, 80, 96 or 128"));
   }
   c.layer = layer_buf.typed_data()[0];
   if (c.layer < 0 || c.layer >= k_dims[0]) {
-    return ffi::Error::InvalidArgument("decode_attention: layer index out of range");
+    return ffi::Error::InvalidArgument(op + ": layer index out of range");
   }
   c.q_offset = q_offset.typed_data();
   c.kv_len = kv_len.typed_data();
   for (int64_t b = 0; b < c.batch; ++b) {
     if (c.kv_len[b] > c.max_seq) {  // the host checks this; never read past the cache
-      return ffi::Error::InvalidArgument("decode_attention: kv_len exceeds the cache length");
+      return ffi::Error::InvalidArgument(op + ": kv_len exceeds the cache length");
     }
   }
   p.q = q.typed_data();
@@ -899,12 +1167,18 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   p.scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = window;
-  RunAttention(pool, p, bf16);
+  if constexpr (kFlash) {
+    RunFlash(pool, p, bf16);
+  } else {
+    RunAttention(pool, p, bf16);
+  }
   return ffi::Error::Success();
 }
 
-// Ragged paged attention for the rows of sequences with at most max_q_len new tokens (decode rows);
-// every other row of out (padding, longer sequences) is zero. Layout and semantics of
+// Ragged paged attention. kAllRows false (JaxchunkPagedDecodeAttention): the rows of sequences with
+// at most max_q_len new tokens (decode rows), by the decode kernel; every other row of out (padding,
+// longer sequences) is zero. kAllRows (JaxchunkPagedAttention): also the longer sequences' rows, by
+// the flash kernel (only padding rows are zero). Layout and semantics of
 // pallas_kernels/paged_attention.py:
 //   q:          f32 [tokens, heads, d]
 //   k, v:       f32, or u16 holding bf16 bits, [layers, num_pages, page_size, kv_heads, d]
@@ -914,7 +1188,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 //   out:        f32 [tokens, heads, d]
 // The host checks the step (jaxchunk.paged.check_step); the lengths and page ids this kernel reads
 // are checked again here so that nothing reads outside the pool.
-ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+template <bool kAllRows>
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                                     ffi::AnyBuffer v, ffi::Buffer<ffi::S32> cu_q_lens,
                                     ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_table,
                                     ffi::Buffer<ffi::S32> num_seqs_buf, ffi::Buffer<ffi::S32> layer_buf,
@@ -964,7 +1239,7 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   for (int64_t s = 0; s < l.num_seqs; ++s) {
     const int64_t q_len = l.NewTokens(s), kv_len = l.KvLen(s);
     if (q_len < 0) return ffi::Error::InvalidArgument("paged_decode_attention: cu_q_lens decreases");
-    if (l.QLen(s) == 0) continue;  // not read here
+    if (!kAllRows && l.QLen(s) == 0) continue;  // not read here
     if (q_len > kv_len || kv_len > l.pages_per_seq * l.page_size) {
       return ffi::Error::InvalidArgument("paged_decode_attention: kv_len below q_len or past the sequence's pages");
     }
@@ -984,6 +1259,11 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   p.soft_cap = soft_cap;
   p.window = window;
   RunAttention(pool, p, bf16);
+  if constexpr (kAllRows) {  // the longer sequences' rows: the flash kernel
+    l.min_q_len = max_q_len + 1;
+    l.max_q_len = std::numeric_limits<int64_t>::max();
+    RunFlash(pool, p, bf16);
+  }
   return ffi::Error::Success();
 }
 
@@ -1085,7 +1365,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkQuantGemv, QuantGemvImpl,
                                   .Attr<bool>("has_mins"));
 
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, DecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, ContiguousAttentionImpl<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1099,7 +1379,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, DecodeAttentionImpl,
                                   .Attr<float>("soft_cap")
                                   .Attr<int64_t>("window"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedDecodeAttention, PagedDecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkFlashAttention, ContiguousAttentionImpl<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedDecodeAttention, PagedAttentionImpl<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("max_q_len"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedAttention, PagedAttentionImpl<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -53,7 +53,10 @@ QUANT_GEMV = "jaxchunk_quant_gemv"
 DECODE_ATTENTION = "jaxchunk_decode_attention"
 DEQUANTIZE = "jaxchunk_dequantize"
 PAGED_DECODE_ATTENTION = "jaxchunk_paged_decode_attention"
+FLASH_ATTENTION = "jaxchunk_flash_attention"
+PAGED_ATTENTION = "jaxchunk_paged_attention"
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # decode_attention_cpu's compiled head sizes
+FLASH_MAX_HEAD_DIM = 512  # flash_attention_cpu: any multiple of 16 up to this
 SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -118,6 +121,8 @@ def _register() -> str:
     jax.ffi.register_ffi_target(DEQUANTIZE, jax.ffi.pycapsule(library.JaxchunkDequantize), platform="cpu")
     jax.ffi.register_ffi_target(PAGED_DECODE_ATTENTION, jax.ffi.pycapsule(library.JaxchunkPagedDecodeAttention),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(FLASH_ATTENTION, jax.ffi.pycapsule(library.JaxchunkFlashAttention), platform="cpu")
+    jax.ffi.register_ffi_target(PAGED_ATTENTION, jax.ffi.pycapsule(library.JaxchunkPagedAttention), platform="cpu")
     return ""
 
 
@@ -139,10 +144,11 @@ def _require() -> None:
 NATIVE_STORAGE = {"float32": "float32", "bfloat16": "uint16"}  # cache format -> array dtype the kernels read
 
 
-def attention_supports(head_dim: int, k_dtype, v_dtype, kv_quant=None) -> str | None:
-    """None if the attention kernels (`decode_attention_cpu`, `paged_decode_attention_cpu`) take a
-    cache of this format and head size here, else why not: the CPU backend, keys and values in one
-    plain f32 / bf16 format (bf16 as its uint16 bits), a compiled head size, a kernel that built.
+def attention_supports(head_dim: int, k_dtype, v_dtype, kv_quant=None, *, flash: bool = False) -> str | None:
+    """None if the attention kernels (`decode_attention_cpu`, `paged_decode_attention_cpu`; with
+    flash, `flash_attention_cpu`) take a cache of this format and head size here, else why not: the
+    CPU backend, keys and values in one plain f32 / bf16 format (bf16 as its uint16 bits), a
+    compiled head size (flash: a multiple of 16 up to FLASH_MAX_HEAD_DIM), a kernel that built.
     kv_quant as the attention ops' (a format, a (keys, values) pair, or None: plain floats)."""
     platform_name = jax.default_backend()
     if platform_name != "cpu":
@@ -156,7 +162,9 @@ def attention_supports(head_dim: int, k_dtype, v_dtype, kv_quant=None) -> str | 
     if storage not in NATIVE_STORAGE or str(k_dtype) != NATIVE_STORAGE[storage] or v_dtype != k_dtype:
         return (f"cache {k_name} stored as {k_dtype}: the native kernel takes a plain f32 / bf16 cache "
                 f"(float32, or bf16 as uint16 bits)")
-    if head_dim not in ATTENTION_HEAD_DIMS:
+    if flash and not flash_head_dim_supported(head_dim):
+        return f"head_dim {head_dim}: the native flash kernel takes multiples of 16 up to {FLASH_MAX_HEAD_DIM}"
+    if not flash and head_dim not in ATTENTION_HEAD_DIMS:
         return f"head_dim {head_dim} is not one the native kernel is compiled for {ATTENTION_HEAD_DIMS}"
     if not available():
         return f"the native CPU kernels did not build: {unavailable_reason()}"
@@ -201,21 +209,45 @@ def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax
     whole cache [layers, batch, max_seq, kv_heads, d] with a traced `layer`, read in place), float32
     or bfloat16 held as uint16 bits (the cache's bf16 format). q_offset, kv_len: int32 [batch].
     Returns [batch, q_len, heads, d] in q.dtype, computed in float32; rows that see no key are zero.
-    Masking as pallas_kernels.attention. Raises RuntimeError if the kernel is unavailable."""
+    Masking as pallas_kernels.attention. For a few query positions (decode: every key read once per
+    KV head, split over the threads by keys); `flash_attention_cpu` is the kernel for chunks.
+    Raises RuntimeError if the kernel is unavailable."""
     _check_attention_operands("decode_attention_cpu", q.shape[-1], k, v)
+    return _contiguous_attention(DECODE_ATTENTION, q, k, v, q_offset, kv_len, layer, sm_scale, soft_cap,
+                                 sliding_window)
+
+
+def flash_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,
+                        *, layer=None, sm_scale: float, soft_cap: float | None = None,
+                        sliding_window: int | None = None) -> jax.Array:
+    """`decode_attention_cpu`'s operation (same arguments, layouts and result) by the flash prefill
+    kernel: tiles of query rows x blocks of 64 keys, register-blocked Q K^T and P V, online softmax,
+    blocks outside a tile's causal / window bound never read. For prefill chunks. head_dim: any
+    multiple of 16 up to FLASH_MAX_HEAD_DIM. Raises RuntimeError if the kernel is unavailable."""
+    _check_attention_operands("flash_attention_cpu", q.shape[-1], k, v, flash=True)
+    return _contiguous_attention(FLASH_ATTENTION, q, k, v, q_offset, kv_len, layer, sm_scale, soft_cap,
+                                 sliding_window)
+
+
+def _contiguous_attention(target, q, k, v, q_offset, kv_len, layer, sm_scale, soft_cap, sliding_window):
     if layer is None:
         k, v, layer = k[None], v[None], 0
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call(DECODE_ATTENTION, out)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     o = call(q.astype(jnp.float32), k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_len, jnp.int32),
              jnp.asarray(layer, jnp.int32), sm_scale=np.float32(sm_scale),
              soft_cap=np.float32(soft_cap or 0.0), window=np.int64(sliding_window or 0))
     return o.astype(q.dtype)
 
 
-def _check_attention_operands(op: str, head_dim: int, k: jax.Array, v: jax.Array) -> None:
+def flash_head_dim_supported(head_dim: int) -> bool:
+    return head_dim % 16 == 0 and 0 < head_dim <= FLASH_MAX_HEAD_DIM
+
+
+def _check_attention_operands(op: str, head_dim: int, k: jax.Array, v: jax.Array, *, flash: bool = False) -> None:
     _require()
-    if head_dim not in ATTENTION_HEAD_DIMS:
+    if flash and not flash_head_dim_supported(head_dim):
+        raise ValueError(f"{op} takes head_dim a multiple of 16 up to {FLASH_MAX_HEAD_DIM}, got {head_dim}")
+    if not flash and head_dim not in ATTENTION_HEAD_DIMS:
         raise ValueError(f"{op} takes head_dim in {ATTENTION_HEAD_DIMS}, got {head_dim}")
     if k.dtype not in (jnp.float32, jnp.uint16) or v.dtype != k.dtype:
         raise ValueError(f"{op} takes an f32 cache or bf16 bits (uint16), got {k.dtype}")
@@ -233,10 +265,28 @@ def paged_decode_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
     int32. Returns [tokens, heads, d] in q.dtype, computed in float32. The kernel rejects (an error
     at run time) page ids outside the pool and lengths past a sequence's pages among the rows it
     reads. Raises RuntimeError if the kernel is unavailable."""
-    _check_attention_operands("paged_decode_attention_cpu", q.shape[-1], k_pages, v_pages)
+    return _paged_attention(PAGED_DECODE_ATTENTION, "paged_decode_attention_cpu", q, k_pages, v_pages, cu_q_lens,
+                            kv_lens, page_table, num_seqs, layer, sm_scale, soft_cap, sliding_window, max_q_len)
+
+
+def paged_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, cu_q_lens: jax.Array,
+                        kv_lens: jax.Array, page_table: jax.Array, num_seqs: jax.Array, *, layer=None,
+                        sm_scale: float, soft_cap: float | None = None,
+                        sliding_window: int | None = None, max_q_len: int = 8) -> jax.Array:
+    """`paged_decode_attention_cpu` for every sequence's rows in one call: those with at most
+    `max_q_len` new tokens by the decode kernel, longer ones (prefill chunks) by the flash kernel
+    (`flash_attention_cpu`'s, over the page table). Only padding rows are zero. The kernel checks
+    every sequence's lengths and page ids."""
+    return _paged_attention(PAGED_ATTENTION, "paged_attention_cpu", q, k_pages, v_pages, cu_q_lens, kv_lens,
+                            page_table, num_seqs, layer, sm_scale, soft_cap, sliding_window, max_q_len)
+
+
+def _paged_attention(target, op, q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, layer, sm_scale,
+                     soft_cap, sliding_window, max_q_len):
+    _check_attention_operands(op, q.shape[-1], k_pages, v_pages)
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    call = jax.ffi.ffi_call(PAGED_DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     o = call(q.astype(jnp.float32), k_pages, v_pages, i32(cu_q_lens), i32(kv_lens), i32(page_table), i32(num_seqs),
              i32(layer), sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),

@@ -21,10 +21,10 @@ on read.
                  in one call, grid (sequence, KV head, row tile), one page per key tile, every cache
                  format. Compiled on a GPU (Triton; power-of-two head_dim and page_size >= 16),
                  interpret mode elsewhere (slow: tests). auto: GPU only.
-  "native_cpu" - the native CPU decode kernel (native_cpu.paged_decode_attention_cpu, the contiguous
-                 kernel's C++ template over a paged Layout) for the rows of sequences with q_len <=
-                 NATIVE_MAX_Q_LEN (decode rows), the "xla" loop (its large query tier only, and only
-                 when the step has such a sequence: lax.cond) for longer ones. Takes f32 / bf16
+  "native_cpu" - the native CPU kernels over the page table in one call (native_cpu.paged_attention_cpu,
+                 the contiguous kernels' C++ templates over a paged Layout): the decode kernel for
+                 the rows of sequences with q_len <= NATIVE_MAX_Q_LEN (decode rows), the flash
+                 kernel for longer ones (prefill chunks). Takes f32 / bf16
                  pools (keys and values in one format), head_dim in native_cpu.ATTENTION_HEAD_DIMS,
                  the CPU backend, a kernel that built. auto: never (measured not faster than
                  xla's one-page decode blocks: the "native CPU" section below), only as
@@ -262,33 +262,22 @@ def paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num
 # quieter machine should re-measure before making it auto.
 
 # Sequences with at most this many new tokens (decode rows, speculative drafts) go to the native
-# kernel; longer ones (prefill chunks) to the XLA loop, whose matmuls the kernel does not have.
+# decode kernel; longer ones (prefill chunks) to the native flash kernel, in the same call.
 NATIVE_MAX_Q_LEN = 8
 
 
 def paged_attention_native_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, *, layer=None,
                                sm_scale=None, sliding_window=None, soft_cap=None, kv_quant=None, k_scales=None,
                                v_scales=None):
-    """The native CPU kernel (native_cpu.paged_decode_attention_cpu, reading the pool in place) for
-    the rows of sequences with q_len <= NATIVE_MAX_Q_LEN, the XLA loop (only its large query tier)
-    for the longer ones, run only when the step has one (lax.cond on the traced q_lens). Each side
-    leaves the other's rows zero, so their sum is exact. Arguments as `paged_attention` (an f32 /
+    """The native CPU kernels over the page table, reading the pool in place, in one call
+    (native_cpu.paged_attention_cpu): the decode kernel for the rows of sequences with q_len <=
+    NATIVE_MAX_Q_LEN, the flash kernel for longer ones. Arguments as `paged_attention` (an f32 /
     bf16 pool, see `native_cpu.attention_supports`)."""
-    del k_scales, v_scales  # plain formats have none
+    del kv_quant, k_scales, v_scales  # plain formats only (supports), which have no scales
     scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-    out = native_cpu.paged_decode_attention_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs,
-                                                layer=layer, sm_scale=scale, soft_cap=soft_cap,
-                                                sliding_window=sliding_window, max_q_len=NATIVE_MAX_Q_LEN)
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    has_long = jnp.any((jnp.arange(kv_lens.shape[0]) < num_seqs) & (q_lens > NATIVE_MAX_Q_LEN))
-    long_tiers = tuple(b for b in Q_BLOCKS if b > NATIVE_MAX_Q_LEN)
-
-    def add_long(out):
-        return out + paged_attention_xla(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs, layer=layer,
-                                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                                         kv_quant=kv_quant, q_blocks=long_tiers, min_q_len=NATIVE_MAX_Q_LEN + 1)
-
-    return lax.cond(has_long, add_long, lambda out: out, out)
+    return native_cpu.paged_attention_cpu(q, k_pages, v_pages, cu_q_lens, kv_lens, page_table, num_seqs,
+                                          layer=layer, sm_scale=scale, soft_cap=soft_cap,
+                                          sliding_window=sliding_window, max_q_len=NATIVE_MAX_Q_LEN)
 
 
 def _native_cpu_supports(q, k_pages, v_pages, *args, kv_quant=None, **unused) -> str | None:
@@ -321,9 +310,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "cache format; compiled on GPU (power-of-two head_dim and page_size >= 16), interpret mode "
             "elsewhere (slow: tests)", auto_platforms=("gpu",)),
     Backend("native_cpu", paged_attention_native_cpu, _native_cpu_supports,
-            "native CPU kernel over the page table for decode rows (q_len <= 8), the xla loop for longer "
-            "ones: f32 / bf16 pool (one format), compiled head sizes; never auto (not faster than xla's "
-            "one-page decode blocks, measured: see the native CPU section)", auto_platforms=()),
+            "native CPU kernels over the page table: decode kernel for rows of q_len <= 8, flash kernel for "
+            "longer ones: f32 / bf16 pool (one format), compiled head sizes; never auto (decode not faster "
+            "than xla's one-page decode blocks, measured: see the native CPU section)", auto_platforms=()),
     Backend("xla", _xla, supports_everything,
             "per-sequence online softmax over its pages (XLA loops, traced bounds): every call, cost "
             "follows q_len and kv_len"),

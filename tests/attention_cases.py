@@ -146,7 +146,7 @@ TEST_BLOCKS = BlockSizes(block_q=16, block_k=32)
 # and for the two Pallas kernels (the "pallas" entry picks one by q_len) the decode kernel's own.
 SUPPORTS = {"reference": BACKENDS["reference"].supports, "xla": BACKENDS["xla"].supports,
             "flash": BACKENDS["pallas"].supports, "decode": decode_attention_supports,
-            "native_cpu": BACKENDS["native_cpu"].supports}
+            "native_cpu": BACKENDS["native_cpu"].supports, "native_flash": BACKENDS["native_flash"].supports}
 
 
 def require_native_cpu():
@@ -172,7 +172,7 @@ def run_backend(name, inputs, case, interpret=True):
     kw = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap)
     q, k, v, q_offset, kv_len = inputs
     kv_quant = None
-    if name == "native_cpu":
+    if name in ("native_cpu", "native_flash"):
         native_cpu = require_native_cpu()
         k, v, kv_quant = as_native_cpu_cache(k, v)
     why = SUPPORTS[name](q, k, v, q_offset, kv_len, kv_quant=kv_quant, **kw)
@@ -191,6 +191,8 @@ def run_backend(name, inputs, case, interpret=True):
                                 interpret=interpret, **kw)
     if name == "native_cpu":  # the kernel itself, not the dispatcher
         return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=1 / np.sqrt(q.shape[-1]), **kw)
+    if name == "native_flash":
+        return native_cpu.flash_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=1 / np.sqrt(q.shape[-1]), **kw)
     raise ValueError(name)
 
 

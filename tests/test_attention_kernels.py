@@ -25,7 +25,7 @@ from pallas_kernels.flash_attention import flash_attention
 
 
 @pytest.mark.parametrize("name,case,dtype",
-                         backend_params(("reference", "xla", "flash", "decode", "native_cpu")))
+                         backend_params(("reference", "xla", "flash", "decode", "native_cpu", "native_flash")))
 def test_backend_matches_numpy(name, case, dtype):
     inputs = make_inputs(case, dtype)
     check_against_oracle(run_backend(name, inputs, case), case, dtype, inputs)
@@ -197,7 +197,7 @@ def _shapes(q_len=1, head_dim=64, cache_dtype=jnp.float32, stored_dim=None):
 
 
 def test_backend_table():
-    assert IMPLS == ("auto", "pallas", "native_cpu", "xla", "reference")  # "auto" tries them in this order
+    assert IMPLS == ("auto", "pallas", "native_cpu", "native_flash", "xla", "reference")  # auto's order
     for name, backend in BACKENDS.items():
         assert backend.name == name and backend.doc
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -225,12 +225,23 @@ def test_native_cpu_supports_names_what_it_refuses(monkeypatch):
     assert "CPU backend" in supports(*_shapes())
 
 
+def test_native_flash_supports_names_what_it_refuses():
+    from pallas_kernels.kv_quant import KV_QUANTS
+    require_native_cpu()
+    supports = BACKENDS["native_flash"].supports
+    for shapes in (_shapes(q_len=64), _shapes(q_len=1), _shapes(q_len=64, head_dim=48), _shapes(q_len=64, head_dim=256)):
+        assert supports(*shapes) is None
+    assert supports(*_shapes(q_len=64, cache_dtype=jnp.uint16), kv_quant=KV_QUANTS["bf16"]) is None
+    assert "head_dim 40" in supports(*_shapes(q_len=64, head_dim=40))
+    assert "cache q8 stored as uint8" in supports(*_shapes(q_len=64, cache_dtype=jnp.uint8), kv_quant="q8")
+
+
 def test_impl_name_that_cannot_take_the_call_raises_its_reason():
     inputs = make_inputs(CASES[3], "float32")  # a 64-query prefill chunk
     with pytest.raises(ValueError, match=r"impl='native_cpu' cannot take this call: q_len 64"):
         attention(*inputs, impl="native_cpu")
-    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'pallas', 'native_cpu', 'xla', "
-                                         r"'reference'\), got 'cpu'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'pallas', 'native_cpu', 'native_flash', "
+                                         r"'xla', 'reference'\), got 'cpu'"):
         attention(*inputs, impl="cpu")  # the old name of native_cpu
 
 

@@ -587,6 +587,22 @@ def test_native_kernel_refuses_to_read_outside_the_pool():
         call(page_table, kv_lens.at[0].set(case.pages_per_seq * case.page_size + 1))
 
 
+def test_native_all_rows_kernel_refuses_to_read_outside_the_pool():
+    """paged_attention_cpu reads every sequence (chunks by the flash kernel): each one's lengths and
+    page ids are checked in the kernel too."""
+    native_cpu = require_native_cpu()
+    case = next(c for c in PAGED_CASES if c.id == "prefill_only")
+    inputs, _ = make_paged_inputs(case, "f32")
+    q, k, v, _, _, cu, kv_lens, page_table, num_seqs = inputs
+    call = lambda table, lens: np.asarray(native_cpu.paged_attention_cpu(
+        q, k, v, cu, lens, table, num_seqs, sm_scale=1.0))
+    call(page_table, kv_lens)
+    with pytest.raises(Exception, match="page id outside the pool"):
+        call(page_table.at[0, 0].set(-1), kv_lens)
+    with pytest.raises(Exception, match="past the sequence's pages"):
+        call(page_table, kv_lens.at[0].set(case.pages_per_seq * case.page_size + 1))
+
+
 def test_native_backend_supports_names_what_it_refuses(monkeypatch):
     from pallas_kernels import native_cpu
     require_native_cpu()
@@ -612,7 +628,8 @@ def test_native_backend_supports_names_what_it_refuses(monkeypatch):
 
 def test_native_backend_in_the_model(sequences, references):
     """The random schedule (chunks, last chunks, decodes; page 16) with attention_impl="native_cpu":
-    decode rows through the native kernel, chunks through the xla loop, same tolerance."""
+    decode rows through the native decode kernel, chunks through the native flash kernel, same
+    tolerance."""
     require_native_cpu()
     ref_logits, _ = references
     _, _, seen = run_schedule(sequences, 16, seed=4, impl="native_cpu")
