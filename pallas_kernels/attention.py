@@ -17,7 +17,8 @@
   "reference"  - full masked attention in f32 over the whole cache. Takes every call; never auto.
 
 impl="auto" thus means: Pallas on a GPU; on CPU the native decode kernel for decode, the native
-flash kernel for chunks, where they take the cache; blockwise XLA otherwise. impl=NAME takes that backend, and raises ValueError with its reason when it cannot
+flash kernel for chunks (where NATIVE_FLASH_AUTO_PLATFORMS allows it), where they take the cache;
+blockwise XLA otherwise. impl=NAME takes that backend, and raises ValueError with its reason when it cannot
 take the call. A new backend (e.g. paged attention) is one more `Backend` entry in `BACKENDS`.
 """
 from __future__ import annotations

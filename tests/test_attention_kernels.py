@@ -229,7 +229,8 @@ def test_native_flash_supports_names_what_it_refuses():
     from pallas_kernels.kv_quant import KV_QUANTS
     require_native_cpu()
     supports = BACKENDS["native_flash"].supports
-    for shapes in (_shapes(q_len=64), _shapes(q_len=1), _shapes(q_len=64, head_dim=48), _shapes(q_len=64, head_dim=256)):
+    for shapes in (_shapes(q_len=64), _shapes(q_len=1), _shapes(q_len=64, head_dim=48),
+                   _shapes(q_len=64, head_dim=256)):
         assert supports(*shapes) is None
     assert supports(*_shapes(q_len=64, cache_dtype=jnp.uint16), kv_quant=KV_QUANTS["bf16"]) is None
     assert "head_dim 40" in supports(*_shapes(q_len=64, head_dim=40))
