@@ -27,7 +27,13 @@ peers step token by token from Python, jaxchunk runs its generation loop on devi
 model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads;
 steadier than wall time on a shared machine,
 but it counts spin-waiting threads too).
-The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length.
+Decode is timed --decode-runs times (default 5) per prompt length, each run rewound to the prompt's
+end first (the same tokens at the same context): the table reports the median and min / max, and
+their spread (max / min).
+The table adds each row's prefill speed relative to transformers f32 and bf16 at the same length,
+and (unless --no-roofline) each prefill and decode figure as a fraction of this machine's limit for
+its precision, measured first by experiments.roofline in the same run (prefill_of_limit,
+decode_of_limit; the CPU model, flags and rates go into results.json).
 
   .venv/bin/python -m experiments.compare_peers --quick
   .venv/bin/python -m experiments.compare_peers --systems jaxchunk,llama.cpp --prompt-lens 8192
@@ -58,9 +64,11 @@ WARMUP_TOKENS = 64
 
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
-def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
+def measure_lengths(prefill_fn, decode_fn, rewind_fn, spec) -> list[dict]:
     """Shared by every worker: for each prompt length, time `prefill_fn(ids)` (returns the state
-    decoding continues from) and `decode_fn(state, n_tokens)`, and record the peak RSS."""
+    decoding continues from) and --decode-runs timings of `decode_fn(state, n_tokens)`, each after
+    `rewind_fn(state, n_prompt)` puts the state back at the end of the prompt (so every run decodes
+    the same tokens at the same context), and record the peak RSS."""
     ids_all = np.load(spec["ids_path"])
     rows = []
     for n in spec["prompt_lens"]:
@@ -74,19 +82,27 @@ def measure_lengths(prefill_fn, decode_fn, spec) -> list[dict]:
 
         timing = common.timeit(run, spec["repeats"])
         decode_fn(state["last"], 1)  # warm-up step (jaxchunk: compiles the decode step)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        decode_fn(state["last"], spec["decode_tokens"])
-        decode_s, decode_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        decode_s, decode_cpu_s = [], []
+        for _ in range(spec["decode_runs"]):
+            rewind_fn(state["last"], n)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            decode_fn(state["last"], spec["decode_tokens"])
+            decode_s.append(time.perf_counter() - start)
+            decode_cpu_s.append(time.process_time() - cpu_start)
+        tok_s = spec["decode_tokens"] / np.asarray(decode_s)
         rows.append({"prompt_len": n, "prefill_s": timing.median_s, "prefill_min_s": timing.min_s,
                      "prefill_max_s": timing.max_s, "prefill_tok_s": n / timing.median_s,
-                     "first_call_s": timing.first_s, "decode_tok_s": spec["decode_tokens"] / decode_s,
-                     "decode_cpu_ms_per_tok": decode_cpu_s / spec["decode_tokens"] * 1e3,
+                     "first_call_s": timing.first_s, "decode_tok_s": float(np.median(tok_s)),
+                     "decode_min_tok_s": float(tok_s.min()), "decode_max_tok_s": float(tok_s.max()),
+                     "decode_spread": float(tok_s.max() / tok_s.min()), "decode_runs": len(tok_s),
+                     "decode_cpu_ms_per_tok": float(np.median(decode_cpu_s)) / spec["decode_tokens"] * 1e3,
                      "rss_peak_mb": common.peak_rss_bytes() / common.MB})
     return rows
 
 
 def jaxchunk_worker(spec) -> tuple[list[dict], str]:
     import jax
+    import jax.numpy as jnp
 
     from jaxchunk.cache import init_cache
     from jaxchunk.generate import decode_ids
@@ -112,8 +128,11 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
         state["cache"], _ = decode_ids(params, config, state["cache"], state["logits"],
                                        max_new_tokens=n_decode + 1, stop_ids=(), attention_impl=impl)
 
+    def rewind_fn(state, n_prompt):  # the cache's write position back to the prompt's end
+        state["cache"] = state["cache"].replace(lengths=jnp.full_like(state["cache"].lengths, n_prompt))
+
     weight_mb = sum(int(a.nbytes) for a in jax.tree.leaves(params)) / common.MB
-    return measure_lengths(prefill_fn, decode_fn, spec), (f"weights {spec['weights']} ({weight_mb:.0f} MB resident), "
+    return measure_lengths(prefill_fn, decode_fn, rewind_fn, spec), (f"weights {spec['weights']} ({weight_mb:.0f} MB resident), "
                                                           f"attention_impl={impl}, cache=prompt+decode")
 
 
@@ -148,7 +167,7 @@ def transformers_worker(spec) -> tuple[list[dict], str]:
     @torch.inference_mode()
     def prefill_fn(ids):
         out = model(torch.as_tensor(ids, dtype=torch.long)[None], use_cache=True, **last_only)
-        return {"past": out.past_key_values, "logits": out.logits[:, -1]}
+        return {"past": out.past_key_values, "logits": out.logits[:, -1], "prompt_logits": out.logits[:, -1]}
 
     @torch.inference_mode()
     def decode_fn(state, n_tokens):
@@ -157,11 +176,15 @@ def transformers_worker(spec) -> tuple[list[dict], str]:
             out = model(token, past_key_values=state["past"], use_cache=True, **last_only)
             state["past"], state["logits"] = out.past_key_values, out.logits[:, -1]
 
+    def rewind_fn(state, n_prompt):
+        state["past"].crop(n_prompt - state["past"].get_seq_length())  # drop the decoded tokens
+        state["logits"] = state["prompt_logits"]
+
     prefill_fn(np.arange(WARMUP_TOKENS))  # thread pools, allocator
     note = (f"transformers {transformers.__version__}, weights {spec['hf_weights']}, "
             f"attn={model.config._attn_implementation}, {keep or 'all logits (no logits_to_keep)'}, "
             f"threads={spec['threads']}")
-    return measure_lengths(prefill_fn, decode_fn, spec), note
+    return measure_lengths(prefill_fn, decode_fn, rewind_fn, spec), note
 
 
 def llama_cpp_worker(spec) -> tuple[list[dict], str]:
@@ -170,23 +193,28 @@ def llama_cpp_worker(spec) -> tuple[list[dict], str]:
                           n_batch=512, n_threads=spec["threads"], n_threads_batch=spec["threads"],
                           logits_all=False, verbose=False)
 
-    def prefill_fn(ids):
-        llm.reset()
-        llm.eval(ids.tolist())
-        return None
-
     def last_logits():
         # With logits_all=False llama-cpp-python keeps no scores; read the context's last row.
         return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
-    def decode_fn(_, n_tokens):
+    def prefill_fn(ids):
+        llm.reset()
+        llm.eval(ids.tolist())
+        return {"first": int(np.argmax(last_logits()))}
+
+    def decode_fn(state, n_tokens):
+        token = state["first"]
         for _ in range(n_tokens):
-            llm.eval([int(np.argmax(last_logits()))])
+            llm.eval([token])
+            token = int(np.argmax(last_logits()))
+
+    def rewind_fn(state, n_prompt):
+        llm.n_tokens = n_prompt  # the next eval drops the cache past it (kv_cache_seq_rm)
 
     prefill_fn(np.arange(WARMUP_TOKENS))
     note = (f"llama-cpp-python {llama_cpp.__version__}, weights {spec['dtype']} (native), n_batch=512, "
             f"threads={spec['threads']}, {llama_cpp.llama_print_system_info().decode().strip()}")
-    return measure_lengths(prefill_fn, decode_fn, spec), note
+    return measure_lengths(prefill_fn, decode_fn, rewind_fn, spec), note
 
 
 WORKERS = {"jaxchunk": jaxchunk_worker, "transformers": transformers_worker, "llama.cpp": llama_cpp_worker}
@@ -214,6 +242,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(q4 with 8-bit inputs, as llama.cpp)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-runs", type=int, default=5,
+                   help="timed decode runs per prompt length (same tokens, same context): min / median / max")
+    p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure this machine's limits first (experiments.roofline) and report each "
+                        "figure as a fraction of its limit")
     p.add_argument("--hf-weights", choices=("dense", "packed"), default="dense",
                    help="transformers: dequantize the GGUF at load (dense) or keep it packed")
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (JAX uses all cores)")
@@ -246,7 +279,8 @@ def unavailable(system: str, model: str) -> str | None:
 
 def worker_specs(args, ids_path: Path) -> list[dict]:
     base = dict(model=args.model, prompt_lens=sorted(args.prompt_lens), repeats=args.repeats,
-                decode_tokens=args.decode_tokens, threads=args.threads, ids_path=str(ids_path),
+                decode_tokens=args.decode_tokens, decode_runs=args.decode_runs, threads=args.threads,
+                ids_path=str(ids_path),
                 gguf=None if args.model == common.TINY_MODEL else str(common.model_path(args.model)))
     specs = []
     for system in args.systems:
@@ -294,6 +328,43 @@ def add_ratios(df):
     return df
 
 
+def roofline_limits(args, tmp: Path):
+    """This machine's prefill and decode limits for the model (experiments.roofline, in its own
+    process, before the systems run): {("prefill", prompt_len, dtype) or ("decode", context,
+    "W weights, C cache"): tok/s}, and its note (CPU, flags, rates)."""
+    out = tmp / "roofline"
+    lens = ",".join(map(str, sorted(args.prompt_lens)))
+    path = os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "experiments.roofline", "--model", args.model, "--prompt-lens", lens,
+                           "--contexts", lens, "--chunk-size", str(max(args.chunk_sizes)), "--out", str(out)],
+                          stdout=subprocess.DEVNULL, env=dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=path))
+    if proc.returncode:
+        print("compare_peers: the roofline run failed; no fractions of the limit", file=sys.stderr)
+        return {}, {}
+    import pandas as pd
+    df = pd.read_csv(out / "results.csv")
+    limits = {("prefill" if r.kind == "prefill_limit" else "decode", int(r.prompt_len), r.dtype): r.tok_s
+              for r in df[df.kind.isin(["prefill_limit", "decode_limit"])].itertuples()}
+    machine = json.loads((out / "results.json").read_text())["machine"]
+    return limits, dict(roofline=machine.get("roofline"), cpu_flags=machine.get("cpu_flags"))
+
+
+def add_fractions(df, limits):
+    """Each row's prefill and decode tok/s as a fraction of this machine's limit for its precision
+    (prefill: f32 / bf16 rows; decode: weights and cache format as read per token). llama.cpp's
+    Q4 weights are counted as the q4 format and its f16 cache as 2 bytes a value (bf16's size)."""
+    def decode_key(row):
+        weights = "q4" if row.system == "llama.cpp" or row.weights in ("q4", "q4_q8") else row.dtype
+        cache = "bf16" if row.system == "llama.cpp" or row.dtype == "bf16" else "f32"
+        return f"{weights} weights, {cache} cache"
+    df["prefill_of_limit"] = [r.prefill_tok_s / limits[("prefill", r.prompt_len, r.dtype)]
+                              if ("prefill", r.prompt_len, r.dtype) in limits else np.nan for r in df.itertuples()]
+    df["decode_of_limit"] = [r.decode_tok_s / limits[("decode", r.prompt_len, decode_key(r))]
+                             if ("decode", r.prompt_len, decode_key(r)) in limits else np.nan
+                             for r in df.itertuples()]
+    return df
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -305,6 +376,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="compare-peers-") as tmp:
         ids_path = Path(tmp) / "ids.npy"
         np.save(ids_path, ids)
+        limits, roofline_note = roofline_limits(args, Path(tmp)) if args.roofline else ({}, {})
         specs = worker_specs(args, ids_path)
         for spec in (bar := common.progress(specs, "compare peers")):
             bar.set_postfix_str(f"{spec['system']} {spec['dtype']} {spec.get('chunk_size') or ''}")
@@ -315,7 +387,8 @@ def main(argv=None):
     settings.update(wall_s=round(time.perf_counter() - started, 1), prefill_warmup=(
         "jaxchunk: one full prefill of the same length (compiles); peers: one 64-token call at start-up"))
     import pandas as pd
-    df = add_ratios(pd.DataFrame(rows))
+    df = add_fractions(add_ratios(pd.DataFrame(rows)), limits)
+    machine.update(roofline_note)
     df = common.write_results(args.out, df.to_dict("records"), settings, machine)
     kw = dict(x="prompt_len", line="label", xlabel="prompt length (tokens, log2)", logy=True)
     pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s",
@@ -325,8 +398,9 @@ def main(argv=None):
                              title=f"Greedy decode after the prompt ({args.decode_tokens} tokens)", **kw),
             common.line_plot(df, args.out / "memory.png", y="rss_peak_mb", ylabel="peak RSS of the process (MB, log)",
                              title="Peak memory per system (own subprocess)", **kw)]
-    common.print_table(df, ["label", "prompt_len", "prefill_tok_s", "vs_hf_f32", "vs_hf_bf16", "decode_tok_s",
-                            "decode_cpu_ms_per_tok", "rss_peak_mb", "first_call_s"],
+    common.print_table(df, ["label", "prompt_len", "prefill_tok_s", "vs_hf_f32", "vs_hf_bf16", "prefill_of_limit",
+                            "decode_tok_s", "decode_min_tok_s", "decode_max_tok_s", "decode_spread",
+                            "decode_of_limit", "decode_cpu_ms_per_tok", "rss_peak_mb", "first_call_s"],
                        title=f"\nload average at start {machine['load_average_1_5_15']}")
     print("\nprefill tok/s:")
     print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())

@@ -258,8 +258,7 @@ def main(argv=None):
                              tok_s=roofline.prefill_tok_s(config, length, dtype),
                              attention_share=attention_flops_per_token(config, length)
                              / (2 * matmul_weights(config) + attention_flops_per_token(config, length))))
-    for weights in WEIGHT_BYTES:
-        cache = "bf16" if weights == "bf16" else "f32"
+    for weights, cache in [(w, c) for w in WEIGHT_BYTES for c in ("f32", "bf16")]:
         for context in args.contexts:
             rows.append(dict(kind="decode_limit", name=f"context {context}", dtype=f"{weights} weights, {cache} cache",
                              prompt_len=context, tok_s=roofline.decode_tok_s(

@@ -164,6 +164,12 @@ def test_compare_peers_jaxchunk_only(tmp_path):
     assert (df.prefill_tok_s > 0).all() and (df.decode_tok_s > 0).all()
     assert (df.rss_peak_mb > 50).all()
     assert df.vs_hf_f32.isna().all()  # no transformers row to compare with
+    # --decode-runs 5 by default, each rewound to the prompt's end: min <= median <= max.
+    assert (df.decode_runs == 5).all() and (df.decode_spread >= 1).all()
+    assert ((df.decode_min_tok_s <= df.decode_tok_s) & (df.decode_tok_s <= df.decode_max_tok_s)).all()
+    # The roofline ran first: every row has its fractions of this machine's limits.
+    assert (df.prefill_of_limit > 0).all() and (df.decode_of_limit > 0).all()
+    assert "roofline" in json.loads((tmp_path / "results.json").read_text())["machine"]
 
 
 @pytest.mark.model
