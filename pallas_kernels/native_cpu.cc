@@ -68,6 +68,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -442,7 +443,18 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t helpers,
     pool.Schedule([shared] { Participate(*shared); });
   }
   Participate(*shared);
-  while (shared->done.load(std::memory_order_acquire) < items) {
+  // Wait for the items still in flight on helpers: spin briefly (an item ends within microseconds
+  // when its helper is running), with the pause hint (the spinning core yields its pipeline to a
+  // sibling), then give the core away: on 2 vCPUs shared with XLA's own threads a waiter that never
+  // yields can hold the very core the descheduled helper needs (issue 20's unsteady decode).
+  for (int spins = 0; shared->done.load(std::memory_order_acquire) < items; ++spins) {
+    if (spins < 2000) {
+#if defined(__x86_64__)
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
@@ -542,35 +554,47 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
 // ----------------------------------------------------------------------------- decode attention
 constexpr int64_t kSplitLen = 256;
 
-// 16 floats as one vector value (GCC/Clang vector extension: one AVX-512 register where there is
-// one, two or four narrower ones elsewhere).
-typedef float Vec16 __attribute__((vector_size(64)));
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef float Vec4 __attribute__((vector_size(16)));
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
+// The CPU's own vector width: kLanes floats, one register (GCC/Clang vector extension). Written
+// at 16 floats, the kernels below ran several times slower on an AVX2 machine: GCC lowers a
+// 16-float generic vector there to memory round trips in loops like these (the flash kernel's
+// Q K^T micro-kernel: 4.9 GFLOP/s with 16-float vectors vs 65 with 8, one core).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kLanes = 8;
+constexpr int kVectorRegisters = 16;
+#endif
+typedef float VecN __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IntN __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t U16xN __attribute__((vector_size(2 * kLanes)));
+typedef uint32_t U32xN __attribute__((vector_size(4 * kLanes)));
 
-// 16 consecutive cached values as f32 (memcpy: no alignment assumed).
-inline Vec16 Load16(const float* p) {
-  Vec16 v;
+// kLanes consecutive values as f32 (memcpy: no alignment assumed).
+inline VecN LoadN(const float* p) {
+  VecN v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline Vec16 Load16(const uint16_t* p) {  // bf16 bits -> f32 (exact: bf16 is f32's top half)
-  U16x16 bits;
+inline VecN LoadN(const uint16_t* p) {  // bf16 bits -> f32 (exact: bf16 is f32's top half)
+  U16xN bits;
   std::memcpy(&bits, p, sizeof bits);
-  const U32x16 wide = __builtin_convertvector(bits, U32x16) << 16;
-  Vec16 v;
+  const U32xN wide = __builtin_convertvector(bits, U32xN) << 16;
+  VecN v;
   std::memcpy(&v, &wide, sizeof v);
   return v;
 }
+inline void StoreN(float* p, VecN v) { std::memcpy(p, &v, sizeof v); }
+inline VecN SplatN(float x) { return VecN{} + x; }
 
-// Tree sum of the 16 lanes (a chain of 15 scalar adds would dominate a 64-wide dot product).
-inline float HorizontalSum(Vec16 v) {
-  const Vec8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Vec4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+// Tree sum of the lanes (a chain of scalar adds would dominate a 64-wide dot product).
+inline float HorizontalSum(VecN v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof v);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  }
+  return lanes[0];
 }
 
 // e^x for x <= 0 (softmax weights), in plain arithmetic so loops over it vectorise:
@@ -674,15 +698,16 @@ struct AttnProblem {
 constexpr int64_t kPrefetchKeys = 8;
 
 // One work item: the keys [t0, t1) of one (sequence, KV head) for all its query rows.
-// C = head_dim / 16 is a compile-time constant so that a key or value vector, and the output rows
+// C = head_dim / kLanes is a compile-time constant so that a key or value vector, and the output rows
 // being accumulated, live in registers: the loops read the cache and write scores, nothing else
 // (a store-and-reload scratch vector here ran 4x slower inside XLA than in isolation). The split's
 // vector offsets come from the layout once (for a page table: one lookup per key, shared by keys
 // and values).
 template <typename T, int C, typename Layout>
 void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
-  constexpr int64_t d = 16 * C;
-  constexpr int64_t kRowBlock = C <= 4 ? 4 : 2;  // rows accumulated together: kRowBlock * C registers
+  constexpr int64_t d = kLanes * C;
+  // Rows accumulated together: kRowBlock * C accumulators and C value registers.
+  constexpr int64_t kRowBlock = std::max<int64_t>(1, std::min<int64_t>(4, (kVectorRegisters - C) / C));
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t split = item % p.splits;
   const int64_t h = (item / p.splits) % p.kv_heads;
@@ -701,14 +726,14 @@ void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
 
   // This KV head's query rows r = i * g + j (position i, head h * g + j), pre-scaled, and each
   // row's absolute position.
-  std::vector<Vec16> q_rows(rows * C);
+  std::vector<VecN> q_rows(rows * C);
   std::vector<int64_t> row_pos(rows);
   std::vector<float> scores(rows * n);
   const int64_t q_start = p.layout.QStart(b), q_offset = p.layout.QOffset(b);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r / g;
     const float* src = p.q + ((q_start + i) * p.heads + h * g + r % g) * d;
-    for (int c = 0; c < C; ++c) q_rows[r * C + c] = Load16(src + 16 * c) * p.scale;
+    for (int c = 0; c < C; ++c) q_rows[r * C + c] = LoadN(src + kLanes * c) * p.scale;
     row_pos[r] = q_offset + i;
   }
   // Offsets of keys t0 .. t1 - 1, then kPrefetchKeys repeats of the last (what the prefetches read).
@@ -722,10 +747,10 @@ void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
 
   for (int64_t t = 0; t < n; ++t) {
     Prefetch(keys + offset[t + kPrefetchKeys], d * sizeof(T));
-    Vec16 key[C];
-    for (int c = 0; c < C; ++c) key[c] = Load16(keys + offset[t] + 16 * c);
+    VecN key[C];
+    for (int c = 0; c < C; ++c) key[c] = LoadN(keys + offset[t] + kLanes * c);
     for (int64_t r = 0; r < rows; ++r) {
-      Vec16 prod = q_rows[r * C] * key[0];
+      VecN prod = q_rows[r * C] * key[0];
       for (int c = 1; c < C; ++c) prod += q_rows[r * C + c] * key[c];
       float s = HorizontalSum(prod);
       if (p.soft_cap > 0.f) s = p.soft_cap * std::tanh(s / p.soft_cap);
@@ -752,11 +777,11 @@ void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
     const int64_t rb = std::min(kRowBlock, rows - r0);
     const float* w[kRowBlock];
     for (int64_t j = 0; j < kRowBlock; ++j) w[j] = &scores[(r0 + std::min(j, rb - 1)) * n];
-    Vec16 out[kRowBlock][C] = {};
+    VecN out[kRowBlock][C] = {};
     for (int64_t t = 0; t < n; ++t) {
       if (r0 == 0) Prefetch(values + offset[t + kPrefetchKeys], d * sizeof(T));
-      Vec16 value[C];
-      for (int c = 0; c < C; ++c) value[c] = Load16(values + offset[t] + 16 * c);
+      VecN value[C];
+      for (int c = 0; c < C; ++c) value[c] = LoadN(values + offset[t] + kLanes * c);
       for (int64_t j = 0; j < kRowBlock; ++j) {
         // A row that sees no key at all kept -inf weights; a masked key has weight exactly 0
         // (and 0 * a finite cached value is 0: keys below kv_len were written).
@@ -765,7 +790,7 @@ void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
       }
     }
     for (int64_t j = 0; j < rb; ++j) {
-      for (int c = 0; c < C; ++c) std::memcpy(acc + (r0 + j) * d + 16 * c, &out[j][c], sizeof(Vec16));
+      for (int c = 0; c < C; ++c) StoreN(acc + (r0 + j) * d + kLanes * c, out[j][c]);
     }
   }
 }
@@ -776,12 +801,12 @@ bool SupportedHeadDim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 
 template <typename T, typename Layout>
 void AttendSplitFor(const AttnProblem<Layout>& p, int64_t item) {  // p.d is a SupportedHeadDim
   switch (p.d) {
-    case 16: AttendSplit<T, 1>(p, item); break;
-    case 32: AttendSplit<T, 2>(p, item); break;
-    case 64: AttendSplit<T, 4>(p, item); break;
-    case 80: AttendSplit<T, 5>(p, item); break;
-    case 96: AttendSplit<T, 6>(p, item); break;
-    case 128: AttendSplit<T, 8>(p, item); break;
+    case 16: AttendSplit<T, 16 / kLanes>(p, item); break;
+    case 32: AttendSplit<T, 32 / kLanes>(p, item); break;
+    case 64: AttendSplit<T, 64 / kLanes>(p, item); break;
+    case 80: AttendSplit<T, 80 / kLanes>(p, item); break;
+    case 96: AttendSplit<T, 96 / kLanes>(p, item); break;
+    case 128: AttendSplit<T, 128 / kLanes>(p, item); break;
   }
 }
 
@@ -869,34 +894,16 @@ inline float ToFloat(uint16_t bits) {  // bf16 bits -> f32 (exact)
   return x;
 }
 
-// The CPU's own vector width (kLanes floats): GCC lowers a 16-float generic vector on an AVX2
-// machine to memory round trips in loops like these (a Q K^T micro-kernel ran at 4.9 GFLOP/s with
-// Vec16 vs 65 with Vec8, one core).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
 // The micro-kernel's register tile: kMicroOut outputs x kRowVecs vectors of rows, 12 accumulators
 // (of 16 ymm / 32 zmm registers). 6 x 2 is the classic AVX2 GEMM shape: 91 GFLOP/s of one core's
 // ~104 peak in isolation, where 4 x 3 ran at 45 and 8 x 1 at 74 (experiments/native_flash... see
 // the issue-20 note; measured with the shapes of a 96-row tile and d 64).
 constexpr int kMicroOut = 6, kRowVecs = 2;
-typedef float VecN __attribute__((vector_size(4 * kLanes)));
-typedef int32_t IntN __attribute__((vector_size(4 * kLanes)));
 constexpr int64_t kMicroRows = kRowVecs * kLanes;  // rows per micro-kernel call: 16 / 32
 constexpr int64_t kTileRows = 96;                  // rows per work item (32 positions at G = 3)
 constexpr int64_t kFlashKeys = 48;                 // keys per block (a multiple of kMicroOut)
 constexpr int64_t kFlashMaxHeadDim = 512;
 static_assert(kTileRows % kMicroRows == 0 && kFlashKeys % kMicroOut == 0, "tile shapes");
-
-inline VecN LoadN(const float* p) {
-  VecN v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void StoreN(float* p, VecN v) { std::memcpy(p, &v, sizeof v); }
-inline VecN SplatN(float x) { return VecN{} + x; }
 
 // ExpNonPositive on kLanes lanes (the same polynomial and rounding: the same values).
 inline VecN ExpNonPositiveN(VecN x) {
