@@ -132,8 +132,8 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
         state["cache"] = state["cache"].replace(lengths=jnp.full_like(state["cache"].lengths, n_prompt))
 
     weight_mb = sum(int(a.nbytes) for a in jax.tree.leaves(params)) / common.MB
-    return measure_lengths(prefill_fn, decode_fn, rewind_fn, spec), (f"weights {spec['weights']} ({weight_mb:.0f} MB resident), "
-                                                          f"attention_impl={impl}, cache=prompt+decode")
+    note = f"weights {spec['weights']} ({weight_mb:.0f} MB resident), attention_impl={impl}, cache=prompt+decode"
+    return measure_lengths(prefill_fn, decode_fn, rewind_fn, spec), note
 
 
 def load_transformers(gguf: str, dtype: str, threads: int, hf_weights: str = "dense", **kwargs):
