@@ -2,6 +2,7 @@
 XLA_FLAGS=--xla_force_host_platform_device_count=N): the device count is fixed when JAX starts.
 
     python tests/sharding_worker.py '{"case": "equivalence", "model": "tiny", "weights": "f32", "meshes": [[2, 1]]}'
+    python tests/sharding_worker.py '{"case": "batch", "specs": [{...}, {...}]}'   # several, one process
 
 Prints one JSON line (the last line of stdout) with what it measured; the test asserts on it. The
 reference of every mesh is the same code on one device (uncommitted arrays on device 0, no mesh).
@@ -9,6 +10,7 @@ reference of every mesh is the same code on one device (uncommitted arrays on de
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -31,8 +33,10 @@ NEW_TOKENS = 6
 TINY6 = dict(num_heads=6, num_kv_heads=3, intermediate_size=192, vocab_size=384)  # divides by 2 and 3
 
 
+@functools.cache
 def load_model(name: str, weights: str):
-    """(config, params on the host / device 0, cache dtype)."""
+    """(config, params on the host / device 0, cache dtype); loaded once per process (a `batch` of
+    cases, and a bf16 case's f32 reference, reuse them)."""
     if name == "smollm2":
         from jaxchunk.fetch import fetch_model
         from jaxchunk.weights.load import load_weights
@@ -231,7 +235,14 @@ def api(spec) -> dict:
     return out
 
 
-CASES = {"equivalence": equivalence, "hlo_and_memory": hlo_and_memory, "paged": paged, "api": api}
+def batch(spec) -> dict:
+    """Several cases ({"case": "batch", "specs": [spec, ...]}) in this one process: JAX starts once,
+    and each model is loaded and each single-device reference shape compiled once for all of them.
+    {"results": [result of each spec, in order]}."""
+    return {"results": [CASES[s["case"]](s) for s in spec["specs"]]}
+
+
+CASES = {"equivalence": equivalence, "hlo_and_memory": hlo_and_memory, "paged": paged, "api": api, "batch": batch}
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])

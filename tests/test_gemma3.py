@@ -11,7 +11,8 @@
   >= 99.9%, perplexity within 0.05%, identical greedy continuations, at chunk sizes 64 .. 2048.
   transformers' reduced outputs are cached under the cache dir (`hf_reference`): loading the GGUF
   into transformers takes a minute.
-* The tokenizer: ids identical to llama.cpp's and (but for one documented case) transformers'.
+* The tokenizer: ids identical to llama.cpp's and (but for one documented case) transformers' (its
+  ids and offsets cached too, `hf_tokenization`: building its tokenizer takes half a minute).
 """
 import functools
 import hashlib
@@ -87,11 +88,18 @@ def test_window_changes_the_result(tiny_params):
 CASES = [(n, c) for n in (1, 511, 512, 513, 1500) for c in (1, 7, 256, 512, 1000) if (n, c) != (1500, 1)]
 
 
+@pytest.fixture(scope="module")
+def tiny_full(tiny_params):
+    """`forward`'s (logits, (keys, values)) of prompt(length), once per length (each length is
+    swept over five chunk sizes)."""
+    return functools.cache(lambda length: forward(tiny_params, TINY, prompt(length)[None], return_kv=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("length, chunk_size", CASES)
-def test_tiny_chunked_equals_full(tiny_params, length, chunk_size):
+def test_tiny_chunked_equals_full(tiny_params, tiny_full, length, chunk_size):
     ids = prompt(length)
-    ref_logits, (ref_k, ref_v) = forward(tiny_params, TINY, ids[None], return_kv=True)
+    ref_logits, (ref_k, ref_v) = tiny_full(length)
     cache = init_cache(TINY, 1, MAX_SEQ)
     cache, logits = prefill(tiny_params, TINY, cache, [ids], chunk_size=chunk_size, max_input_len=MAX_SEQ,
                             all_logits=True)
@@ -103,20 +111,33 @@ def test_tiny_chunked_equals_full(tiny_params, length, chunk_size):
     assert not np.any(np.asarray(cache.keys[:, 0, length:]))
 
 
+SMALL_WINDOW_CASES = ((30, 3), (31, 9), (40, 20))
+
+
+@pytest.fixture(scope="module")
+def small_window_full():
+    """(params, {length: (ids, other, forward logits of ids, of other)}) for the window-8 model,
+    computed once for both impls."""
+    params = init_params(SMALL_WINDOW, seed=2, scale=0.2)
+    refs = {}
+    for length, _ in SMALL_WINDOW_CASES:
+        ids, other = prompt(length, seed=length), prompt(length // 2 + 1, seed=99)
+        refs[length] = (ids, other, *(np.asarray(forward(params, SMALL_WINDOW, x[None]))[0] for x in (ids, other)))
+    return params, refs
+
+
 @pytest.mark.parametrize("impl", ["auto", "reference"])  # auto: native CPU for chunk 3, blockwise XLA else
-def test_small_window_every_edge(impl):
+def test_small_window_every_edge(small_window_full, impl):
     """Window 8 over 6 layers (two local-local-global groups), prompts and chunks crossing the window
     edge: chunk < window, window + 1, several windows; a batch of two lengths (one shorter than a chunk)."""
-    params = init_params(SMALL_WINDOW, seed=2, scale=0.2)
-    for length, chunk in ((30, 3), (31, 9), (40, 20)):
-        ids = prompt(length, seed=length)
-        ref = np.asarray(forward(params, SMALL_WINDOW, ids[None]))[0]
+    params, refs = small_window_full
+    for length, chunk in SMALL_WINDOW_CASES:
+        ids, other, ref, ref_other = refs[length]
         cache = init_cache(SMALL_WINDOW, 2, 64)
-        other = prompt(length // 2 + 1, seed=99)
         cache, logits = prefill(params, SMALL_WINDOW, cache, [ids, other], chunk_size=chunk,
                                 all_logits=True, attention_impl=impl)
         assert_close_logits(logits[0], ref)
-        assert_close_logits(logits[1], np.asarray(forward(params, SMALL_WINDOW, other[None]))[0])
+        assert_close_logits(logits[1], ref_other)
 
 
 @pytest.mark.slow
@@ -250,6 +271,27 @@ GREEDY_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Retu
                   reference_text(4000)[:3000] + "\n\nIn summary, the"]
 
 
+@functools.cache
+def hf_tokenizer(gguf):
+    """transformers' tokenizer built from the GGUF (half a minute: it converts the 262k vocabulary),
+    loaded at most once per process for `hf_reference` and `hf_tokenization`."""
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def reference_path(kind, key):
+    """Cache file of a transformers reference: `kind` and a hash of everything that determines it."""
+    from jaxchunk.fetch import cache_dir
+    return cache_dir() / "reference" / f"{MODEL}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def save_reference(path, out):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+
+
 def hf_reference(gguf, texts, n_tokens):
     """transformers' outputs (its own GGUF loading and Gemma 3 code, torch fp32) on the corpus and
     the greedy prompts, reduced to what the tests compare, cached under the cache dir keyed by the
@@ -259,15 +301,15 @@ def hf_reference(gguf, texts, n_tokens):
     import torch
     import transformers
 
-    from jaxchunk.fetch import MODELS, cache_dir
+    from jaxchunk.fetch import MODELS
     key = json.dumps([MODELS[MODEL].sha256, transformers.__version__, torch.__version__, tokenizers.__version__,
                       texts, n_tokens, GREEDY_NEW, reference_text(12000)])
-    path = cache_dir() / "reference" / f"{MODEL}-transformers-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    path = reference_path("transformers", key)
     if path.is_file():
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
 
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = hf_tokenizer(gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
     ids = np.array([model.config.bos_token_id] + tok(reference_text(12000), add_special_tokens=False)["input_ids"])
@@ -291,10 +333,7 @@ def hf_reference(gguf, texts, n_tokens):
             out[f"prompt{i}"] = np.array(prompt_ids)
             out[f"greedy{i}"] = gen[0, len(prompt_ids):].numpy()
     del model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    save_reference(path, out)
     return out
 
 
@@ -388,6 +427,27 @@ def test_tokenizer_matches_llama_cpp(gemma_gguf, gemma_tokenizer):
     assert gemma_tokenizer.encode("x", add_bos=True) == llm.tokenize(b"x", add_bos=True, special=True)
 
 
+def hf_tokenization(gguf, texts):
+    """[(ids, character offsets [n, 2])] of transformers' GGUF tokenizer on each text, cached under
+    the cache dir keyed by the file's sha, the versions and the texts (building the tokenizer takes
+    half a minute)."""
+    import tokenizers
+    import transformers
+
+    from jaxchunk.fetch import MODELS
+    path = reference_path("transformers-tokens", json.dumps([MODELS[MODEL].sha256, transformers.__version__,
+                                                              tokenizers.__version__, texts]))
+    if not path.is_file():
+        out = {}
+        for i, text in enumerate(texts):
+            enc = hf_tokenizer(gguf)(text, add_special_tokens=False, return_offsets_mapping=True)
+            out[f"ids{i}"] = np.array(enc["input_ids"], np.int64)
+            out[f"offsets{i}"] = np.array(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        save_reference(path, out)
+    with np.load(path) as f:
+        return [(f[f"ids{i}"], f[f"offsets{i}"]) for i in range(len(texts))]
+
+
 @pytest.mark.model
 @pytest.mark.peers
 @pytest.mark.slow
@@ -398,17 +458,19 @@ def test_tokenizer_matches_transformers(gemma_gguf, gemma_tokenizer):
     to its BPE merges (16 + 17). Every difference is checked to be such a run, the same text."""
     import difflib
 
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(gemma_gguf.parent, gguf_file=gemma_gguf.name)
+    pytest.importorskip("transformers")
     differing_runs = 0
-    for text in [reference_text(200_000)] + SNIPPETS:
+    texts = [reference_text(200_000)] + SNIPPETS
+    for text, (theirs, offsets) in zip(texts, hf_tokenization(gemma_gguf, texts)):
         ours = gemma_tokenizer.encode(text)
-        theirs = hf(text, add_special_tokens=False)["input_ids"]
+        theirs = theirs.tolist()
         for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ours, theirs, autojunk=False).get_opcodes():
             if op == "equal":
                 continue
             span = gemma_tokenizer.decode(ours[i1:i2])
-            assert span == hf.decode(theirs[j1:j2]) and re.fullmatch(" {32,}", span), (op, span)
+            # the text transformers' tokens j1..j2 cover, by its own offsets (empty if j1 == j2)
+            theirs_span = text[offsets[j1][0]:offsets[j2 - 1][1]] if j2 > j1 else ""
+            assert span == theirs_span and re.fullmatch(" {32,}", span), (op, span)
             differing_runs += 1
     assert differing_runs > 0  # the corpus has such runs: the exception is real, and bounded to them
     print(f"\n{differing_runs} space runs of > 31 spaces tokenized differently by transformers")

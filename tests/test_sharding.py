@@ -60,6 +60,38 @@ def check_equivalence(result: dict, tol: float = F32_TOL, greedy: bool = True) -
         assert r["new_prefill_executables"] <= 1 and r["new_decode_executables"] <= 1, where
 
 
+# Every 6-device worker case, by the test that asserts on it. One worker process runs the cases of
+# the tests selected (`six_device`): JAX starts once, each model is loaded and each single-device
+# reference compiled once, instead of once per worker.
+def equivalence(model: str, weights: str, meshes: list) -> dict:
+    return {"case": "equivalence", "model": model, "weights": weights, "meshes": meshes}
+
+
+SIX_DEVICE_CASES = {
+    "test_tiny_all_meshes_f32": [equivalence("tiny", "f32", ALL_MESHES)],
+    "test_tiny6_all_meshes_f32": [equivalence("tiny6", "f32", ALL_MESHES)],
+    "test_query_heads_only": [equivalence("tiny_mqa", "f32", [[1, 2], [2, 2]]), equivalence("tiny", "f32", [[1, 4]])],
+    "test_tiny_q4_and_bf16": [equivalence("tiny6", "q4", [[1, 3], [2, 2]]),
+                              equivalence("tiny6", "bf16", [[1, 3], [2, 1]])],
+    "test_smollm2_f32": [equivalence("smollm2", "f32", [[1, 2], [1, 3], [2, 3]])],
+    "test_smollm2_q4_and_bf16": [equivalence("smollm2", "q4", [[1, 3], [2, 2]]),
+                                 equivalence("smollm2", "bf16", [[1, 3]])],
+    "test_hlo_collectives_and_memory": [{"case": "hlo_and_memory", "model": "tiny6", "weights": "f32",
+                                         "meshes": ALL_MESHES}],
+}
+
+
+@pytest.fixture(scope="module")
+def six_device(request) -> dict:
+    """{test name: [worker result of each of its SIX_DEVICE_CASES]} for the tests of this session,
+    from one worker process (6 forced CPU devices)."""
+    names = [name for name in SIX_DEVICE_CASES
+             if any(getattr(item, "originalname", None) == name for item in request.session.items)]
+    specs = [spec for name in names for spec in SIX_DEVICE_CASES[name]]
+    results = iter(worker({"case": "batch", "specs": specs}, timeout=900 * len(names))["results"])
+    return {name: [next(results) for _ in SIX_DEVICE_CASES[name]] for name in names}
+
+
 # ----------------------------------------------------------------------------- rules (in process)
 @pytest.mark.parametrize("model, mode", [(1, "replicated"), (2, "replicated"), (3, "kv_heads")])
 def test_plan_smollm2_heads(model, mode):
@@ -89,28 +121,27 @@ def test_make_mesh_errors():
 
 
 # ----------------------------------------------------------------------------- equivalence
-def test_tiny_all_meshes_f32():
+def test_tiny_all_meshes_f32(six_device):
     """Tiny model (4 query / 2 KV heads): kv_heads mode over 2, replicated attention (and vocab,
     ffn) over 3."""
-    result = worker({"case": "equivalence", "model": "tiny", "weights": "f32", "meshes": ALL_MESHES})
+    (result,) = six_device["test_tiny_all_meshes_f32"]
     assert {r["attention"] for r in result["meshes"].values()} == {"kv_heads", "replicated"}
     check_equivalence(result)
 
 
 @pytest.mark.slow
-def test_tiny6_all_meshes_f32():
+def test_tiny6_all_meshes_f32(six_device):
     """6 query / 3 KV heads, ffn 192, vocab 384: q_heads mode over 2 (KV replicated), kv_heads over 3."""
-    result = worker({"case": "equivalence", "model": "tiny6", "weights": "f32", "meshes": ALL_MESHES})
+    (result,) = six_device["test_tiny6_all_meshes_f32"]
     assert {r["attention"] for r in result["meshes"].values()} == {"q_heads", "kv_heads", "replicated"}
     check_equivalence(result)
 
 
 @pytest.mark.slow
-def test_query_heads_only():
+def test_query_heads_only(six_device):
     """q_heads mode where model is a multiple of the KV heads: MQA (4 / 1 heads) over 2, and 4 / 2 heads
     over 4 (each shard attends to its one KV head, sliced from the replicated cache)."""
-    mqa = worker({"case": "equivalence", "model": "tiny_mqa", "weights": "f32", "meshes": [[1, 2], [2, 2]]})
-    gqa = worker({"case": "equivalence", "model": "tiny", "weights": "f32", "meshes": [[1, 4]]})
+    mqa, gqa = six_device["test_query_heads_only"]
     for result in (mqa, gqa):
         assert {r["attention"] for r in result["meshes"].values()} == {"q_heads"}
         assert all("its query heads' one KV head" in r["describe"] for r in result["meshes"].values())
@@ -118,11 +149,10 @@ def test_query_heads_only():
 
 
 @pytest.mark.slow
-def test_tiny_q4_and_bf16():
-    q4 = worker({"case": "equivalence", "model": "tiny6", "weights": "q4", "meshes": [[1, 3], [2, 2]]})
+def test_tiny_q4_and_bf16(six_device):
+    q4, bf16 = six_device["test_tiny_q4_and_bf16"]
     check_equivalence(q4)
     assert "quantized layers/wo" in q4["meshes"]["2x2"]["describe"]  # 96 rows = 3 blocks: not over 2
-    bf16 = worker({"case": "equivalence", "model": "tiny6", "weights": "bf16", "meshes": [[1, 3], [2, 1]]})
     check_equivalence(bf16, tol=2 * bf16["bf16_vs_f32"], greedy=False)
 
 
@@ -136,17 +166,17 @@ def test_pallas_attention_per_shard():
 
 
 @pytest.mark.slow
-def test_smollm2_f32():
+def test_smollm2_f32(six_device):
     """SmolLM2-135M: 1x2 (heads do not divide: attention replicated), 1x3 and 2x3 (KV heads split)."""
-    result = worker({"case": "equivalence", "model": "smollm2", "weights": "f32", "meshes": [[1, 2], [1, 3], [2, 3]]})
+    (result,) = six_device["test_smollm2_f32"]
     assert [r["attention"] for r in result["meshes"].values()] == ["replicated", "kv_heads", "kv_heads"]
     check_equivalence(result)
 
 
 @pytest.mark.slow
-def test_smollm2_q4_and_bf16():
-    check_equivalence(worker({"case": "equivalence", "model": "smollm2", "weights": "q4", "meshes": [[1, 3], [2, 2]]}))
-    bf16 = worker({"case": "equivalence", "model": "smollm2", "weights": "bf16", "meshes": [[1, 3]]})
+def test_smollm2_q4_and_bf16(six_device):
+    q4, bf16 = six_device["test_smollm2_q4_and_bf16"]
+    check_equivalence(q4)
     check_equivalence(bf16, tol=2 * bf16["bf16_vs_f32"], greedy=False)
 
 
@@ -165,15 +195,14 @@ def test_load_with_mesh():
 
 
 # ----------------------------------------------------------------------------- HLO and memory
-def test_hlo_collectives_and_memory():
+def test_hlo_collectives_and_memory(six_device):
     """Compiled decode step / prefill chunk: one all-reduce per row-split matmul (wo where the heads
     split, w_down whenever model > 1) plus the vocab-parallel embedding's, none on one device; never an
     all-gather of the cache or a weight (only, with data > 1, the chunk's new K/V rows before the
     cache scatter, and q's heads where XLA partitions a q_heads attention: KV heads 3 over model 2),
     none at all with data = 1 outside q_heads; per-device bytes of every split part 1/m (cache
     1/(d*m))."""
-    r = worker({"case": "hlo_and_memory", "model": "tiny6", "weights": "f32",
-                "meshes": [[2, 1], [1, 2], [1, 3], [2, 2], [2, 3]]})
+    (r,) = six_device["test_hlo_collectives_and_memory"]
     hidden, max_seq = r["hidden"], r["max_seq"]
     base = r["meshes"]["1x1"]
     for step in ("decode", "prefill"):
