@@ -15,6 +15,11 @@ Layers that differ (Gemma 3: five sliding-window layers with RoPE base 1e4, then
 (`layer_inv_freq`), and attention runs under `lax.switch` over the config's few distinct windows
 (`per_layer_window`), each branch with its window static, as every attention backend takes it.
 A config whose layers are all alike (Llama) takes neither lookup nor switch.
+
+A cache with a sliding-window ring (`init_cache(..., ring_chunk_len=C)`) keeps the global and the
+local layers in two stacks; the same scanned body writes each layer into its own stack (the write
+to the other is dropped) and a local layer attends to its ring read in position order
+(`_ring_attend`). Without a ring, `model_step` is exactly what it was.
 """
 from __future__ import annotations
 
