@@ -227,6 +227,33 @@ def test_on_device_generation_loop_with_ring(small_params):
     assert got == want and all(len(g) == 24 for g in got)
 
 
+def test_layers_with_different_windows():
+    """Two local windows (8 and 16): one ring sized for the larger, each layer masks by its own."""
+    import dataclasses
+    config = dataclasses.replace(SMALL, layer_windows=(8, 16, None, 16, 8, None))
+    params = init_params(config, seed=3, scale=0.2)
+    ids = prompt(50, seed=7)
+    ring = init_cache(config, 1, 64, ring_chunk_len=8)
+    assert ring.ring_len == 16 - 1 + 8
+    ring, logits = prefill(params, config, ring, [ids], chunk_size=8, all_logits=True)
+    assert_close_logits(logits[0], np.asarray(forward(params, config, ids[None]))[0])
+
+
+
+@pytest.mark.slow
+def test_pallas_kernels_read_the_ring(small_params):
+    """The Pallas kernels (interpret mode off a GPU: flash for chunks, split-K decode for one
+    token) over the ring's position-ordered view give forward's logits."""
+    ids = prompt(37, seed=5)
+    ring = init_cache(SMALL, 1, 64, ring_chunk_len=16)
+    ring, logits = prefill(small_params, SMALL, ring, [ids], chunk_size=16, attention_impl="pallas")
+    seq = list(ids)
+    for _ in range(2):
+        assert_close_logits(np.asarray(logits)[0], forward(small_params, SMALL, np.array(seq)[None])[0, -1])
+        seq.append(int(np.asarray(logits)[0].argmax()))
+        ring, logits = decode_step(small_params, ring, np.array([seq[-1]]), config=SMALL, attention_impl="pallas")
+    assert_close_logits(np.asarray(logits)[0], forward(small_params, SMALL, np.array(seq)[None])[0, -1])
+
 # ----------------------------------------------------------------------------- the real model
 @pytest.mark.model
 @pytest.mark.slow
@@ -267,3 +294,4 @@ def test_gemma3_270m_ring_equals_full_cache():
     np.testing.assert_array_equal(ring_top1, full_top1)
     np.testing.assert_array_equal(ring_logits.argmax(-1), full_logits.argmax(-1))
     assert_close_logits(ring_logits, full_logits)
+
