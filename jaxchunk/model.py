@@ -35,6 +35,7 @@ from jaxchunk.cache import (KVCache, resolve_cache_dtype, resolve_cache_formats,
                             write_kv)
 from jaxchunk import sharding
 from jaxchunk.config import LlamaConfig
+from jaxchunk.errors import InputError
 from jaxchunk.weights.bf16 import BF16Weight, as_array, dynamic_slice_in_dim
 from jaxchunk.weights.quantized import QuantizedWeight, embed_rows
 from pallas_kernels.attention import attention
@@ -345,6 +346,12 @@ def _ring_attend(config: LlamaConfig, kv_cache: KVCache, positions, valid, full_
     q_offset pos - base and kv_len - base, and masks by true positions (p - window < j <= p)."""
     layout = ring_layout(config, kv_cache.ring_chunk_len)
     ring_len = kv_cache.ring_len
+    built = (kv_cache.keys.shape[0], kv_cache.ring_keys.shape[0], ring_len)
+    if built != (layout.num_full, layout.num_ring, min(layout.ring_len, kv_cache.max_seq_len)):
+        # A layer index past a stack would make its writes silently dropped scatters.
+        raise InputError(f"this ring cache (global, local layers, ring_len = {built}) was not built for this "
+                         f"config ({layout.num_full}, {layout.num_ring}, "
+                         f"{min(layout.ring_len, kv_cache.max_seq_len)}): use init_cache(config, ...)")
     full_index, ring_index = jnp.asarray(layout.full_index, jnp.int32), jnp.asarray(layout.ring_index, jnp.int32)
     ring_write = jnp.where(valid, positions % ring_len, ring_len)  # the host checked chunk_len <= ring_chunk_len
     base, slots = ring_slots(kv_len, ring_len)
@@ -392,6 +399,8 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     token for "last" (rows with n_valid == 0 give garbage there), [batch, chunk_len, vocab] for "all",
     None for "none". Padding never reaches the cache: its writes go to an out-of-range index and are
     dropped, as are writes past the cache end (the host checks lengths before calling).
+    With a ring cache (`kv_cache.has_ring`) the sliding-window layers use their ring
+    (`_ring_attend`); chunk_len must then be <= kv_cache.ring_chunk_len (the host callers check).
     """
     batch, chunk_len = tokens.shape
     pos = kv_cache.lengths

@@ -202,6 +202,11 @@ def test_errors():
             init_cache(SMALL, 1, 128, ring_chunk_len=bad)
     with pytest.raises(InputError, match="no sliding-window layers"):
         init_cache(tiny_config(), 1, 128, ring_chunk_len=8)
+    # A ring built for another layer pattern (4 local layers here, 3 there) is refused at trace time.
+    other = tiny_gemma3_config(window=16, pattern=2, num_layers=6, vocab_size=512)
+    with pytest.raises(InputError, match="not built for this config"):
+        prefill(init_params(other, seed=0), other, init_cache(SMALL, 1, 128, ring_chunk_len=8), [prompt(5)],
+                chunk_size=8)
     # The automatic schedule stays within the ring (max_input_len capped at ring_chunk_len).
     ring, logits = prefill(params, SMALL, ring, [prompt(40)])
     assert_close_logits(np.asarray(logits)[0], np.asarray(forward(params, SMALL, prompt(40)[None]))[0, -1])
