@@ -49,7 +49,7 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 # ----------------------------------------------------------------------------- loading
 def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str] = None,
          weights: str = "dequantized", attention_impl: str = "auto", cache_dtype: Optional[str] = None,
-         max_seq_len: Optional[int] = None, mesh=None) -> "Model":
+         max_seq_len: Optional[int] = None, mesh=None, ring_chunk_len: Optional[int] = None) -> "Model":
     """Load a Llama (or Gemma 3) model and its tokenizer.
 
     model: a known model name ("smollm2-135m", "gemma3-270m"; fetched on first use), a .gguf file, or a Hugging
@@ -83,6 +83,12 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
         on it by jaxchunk.sharding's rules (batch over data; MLP, vocab and, where the heads divide,
         attention over model); every method then runs data / tensor parallel. None: one device.
         `Model.sharding_info()` says what is split.
+    ring_chunk_len: None (default): the KV cache keeps max_seq_len positions for every layer. An
+        int C: sliding-window layers (Gemma 3's local ones) keep a ring of window - 1 + C slots
+        instead, global layers max_seq_len (jaxchunk.cache.init_cache); prefill then takes chunks
+        of at most C tokens (a larger chunk_size raises InputError; the automatic schedule stays
+        at or below C). InputError for a model without sliding-window layers. The paged cache of
+        `jaxchunk.Generator` has no ring.
     """
     from jaxchunk.fetch import resolve_model
     from jaxchunk.weights.load import resolve_dtype
@@ -108,6 +114,9 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
             not 0 < max_seq_len <= config.max_position_embeddings:
         raise InputError(f"max_seq_len must be an int in [1, {config.max_position_embeddings}] "
                          f"(the model's context), got {max_seq_len!r}")
+    if ring_chunk_len is not None:
+        from jaxchunk.cache import ring_layout
+        ring_layout(config, ring_chunk_len)  # InputError for a bad value or a model without windows
     if mesh is None:
         params = jax.device_put(params)
     else:
@@ -115,7 +124,8 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
         params = shard_params(params, config, mesh)
     return Model(config, params, tokenizer, path=path, metadata=metadata, dtype=dtype,
                  attention_impl=attention_impl, cache_dtype=cache_dtype, max_seq_len=max_seq_len,
-                 add_bos=add_bos, weights=weights if weights in QUANTIZED_MODES else dtype, mesh=mesh)
+                 add_bos=add_bos, weights=weights if weights in QUANTIZED_MODES else dtype, mesh=mesh,
+                 ring_chunk_len=ring_chunk_len)
 
 
 def _check_attention_impl(impl: str) -> None:
@@ -197,13 +207,14 @@ class GenerationResult:
 # ----------------------------------------------------------------------------- the model
 class Model:
     """A loaded model: `config`, `params` (on device), `tokenizer`, and the settings it runs with
-    (`dtype`, `weights`, `attention_impl`, `cache_dtype`, `max_seq_len`, `add_bos`). Build it with `load`."""
+    (`dtype`, `weights`, `attention_impl`, `cache_dtype`, `max_seq_len`, `add_bos`, `ring_chunk_len`).
+    Build it with `load`."""
 
     def __init__(self, config: LlamaConfig, params: dict, tokenizer: "Tokenizer", *, path=None,
                  metadata: Optional[Mapping[str, Any]] = None, dtype: str = "f32",
                  attention_impl: str = "auto", cache_dtype: Optional[str] = None,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, add_bos: bool = False, weights: Optional[str] = None,
-                 mesh=None):
+                 mesh=None, ring_chunk_len: Optional[int] = None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -216,6 +227,7 @@ class Model:
         self.add_bos = add_bos
         self.weights = weights or dtype  # "q4" / "q4_q8", or the float dtype the matrices are held in
         self.mesh = mesh  # a jaxchunk.sharding mesh the params and caches are placed on, or None
+        self.ring_chunk_len = ring_chunk_len  # sliding-window layers' ring (jaxchunk.cache), or None
 
     def __repr__(self) -> str:
         return (f"Model({str(self.path)!r}, layers={self.config.num_layers}, "
@@ -243,9 +255,10 @@ class Model:
 
     # ---- low level ----------------------------------------------------------------------
     def new_cache(self, batch: int = 1) -> "KVCache":
-        """An empty KV cache of `batch` rows and `max_seq_len` positions, in `cache_dtype`."""
+        """An empty KV cache of `batch` rows and `max_seq_len` positions, in `cache_dtype` (with the
+        sliding-window layers' ring when `ring_chunk_len` is set)."""
         from jaxchunk.cache import init_cache
-        cache = init_cache(self.config, batch, self.max_seq_len, self.cache_dtype)
+        cache = init_cache(self.config, batch, self.max_seq_len, self.cache_dtype, ring_chunk_len=self.ring_chunk_len)
         if self.mesh is None:
             return cache
         from jaxchunk.sharding import shard_cache
@@ -418,7 +431,7 @@ class Model:
 
         batch_sizes: numbers of prompts per call. chunk_sizes: the prefill chunk lengths that will
         be passed as `chunk_size=`; None means the automatic schedule's whole static set (every power
-        of two up to max_input_len=2048 and max_seq_len). max_new_tokens: the generation lengths (the
+        of two up to max_input_len=2048, max_seq_len and ring_chunk_len). max_new_tokens: the generation lengths (the
         on-device decode loop compiles once per power-of-two bucket, at least 16). stream: also the
         streaming path (one decode step per token). sampling: temperature / top_k / top_p / min_p /
         repetition_penalty as they will be passed to generate (each setting is its own compile).
@@ -433,8 +446,9 @@ class Model:
         from jaxchunk.prefill import DEFAULT_MAX_INPUT_LEN
         from jaxchunk.steps import count_compiles
 
+        largest = min(DEFAULT_MAX_INPUT_LEN, self.max_seq_len, self.ring_chunk_len or DEFAULT_MAX_INPUT_LEN)
         chunk_sizes = list(chunk_sizes) if chunk_sizes is not None else \
-            [1 << i for i in range(min(DEFAULT_MAX_INPUT_LEN, self.max_seq_len).bit_length())]
+            [1 << i for i in range(largest.bit_length())]
         for name, values in (("batch_sizes", batch_sizes), ("chunk_sizes", chunk_sizes),
                              ("max_new_tokens", max_new_tokens)):
             if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):

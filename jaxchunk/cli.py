@@ -76,7 +76,7 @@ def _one_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- shared flags
 def _add_model_flags(parser: argparse.ArgumentParser,
                      max_seq_len_default: str = "the model's context, at most 8192") -> None:
-    """--model, --dtype, --weights, --cache-dtype, --attention-impl, --max-seq-len."""
+    """--model, --dtype, --weights, --cache-dtype, --attention-impl, --max-seq-len, --ring-chunk-len."""
     help_model = (f"a known model name ({DEFAULT_MODEL}, fetched on first use), a .gguf file, or a "
                   f"Hugging Face checkpoint directory")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{help_model} (default: %(default)s)")
@@ -101,6 +101,10 @@ def _add_model_flags(parser: argparse.ArgumentParser,
                         help=f"KV-cache capacity in tokens: a prompt plus its generated tokens must fit; "
                              f"perplexity scores longer texts in windows of this size "
                              f"(default: {max_seq_len_default})")
+    parser.add_argument("--ring-chunk-len", type=positive_int, default=None,
+                        help="sliding-window layers (Gemma 3's local ones) keep a ring of window - 1 + N "
+                             "cache slots instead of --max-seq-len; prefill chunks are then at most N tokens "
+                             "(default: every layer keeps every position)")
 
 
 def _add_chunk_flag(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +115,7 @@ def _add_chunk_flag(parser: argparse.ArgumentParser) -> None:
 def _load_model(args):
     from jaxchunk.api import load
     return load(args.model, dtype=args.dtype, weights=args.weights, cache_dtype=args.cache_dtype,
-                attention_impl=args.attention_impl, max_seq_len=args.max_seq_len)
+                attention_impl=args.attention_impl, max_seq_len=args.max_seq_len, ring_chunk_len=args.ring_chunk_len)
 
 
 # ----------------------------------------------------------------------------- fetch

@@ -149,6 +149,10 @@ class Generator:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
         if num_pages is not None and memory_mb is not None:
             raise InputError("give num_pages or memory_mb, not both")
+        if getattr(model, "ring_chunk_len", None) is not None:
+            raise InputError(f"this model was loaded with ring_chunk_len={model.ring_chunk_len}: the sliding-window "
+                             "ring is a layout of the contiguous cache only; the generator's paged cache keeps every "
+                             "position (load the model without ring_chunk_len for a Generator)")
         self.model, self.config, self.params = model, model.config, model.params
         self.attention_impl = attention_impl
         max_seqs = min(32, token_budget) if max_seqs is None else max_seqs

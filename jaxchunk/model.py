@@ -15,6 +15,11 @@ Layers that differ (Gemma 3: five sliding-window layers with RoPE base 1e4, then
 (`layer_inv_freq`), and attention runs under `lax.switch` over the config's few distinct windows
 (`per_layer_window`), each branch with its window static, as every attention backend takes it.
 A config whose layers are all alike (Llama) takes neither lookup nor switch.
+
+A cache with a sliding-window ring (`init_cache(..., ring_chunk_len=C)`) keeps the global and the
+local layers in two stacks; the same scanned body writes each layer into its own stack (the write
+to the other is dropped) and a local layer attends to its ring read in position order
+(`_ring_attend`). Without a ring, `model_step` is exactly what it was.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.cache import KVCache, resolve_cache_dtype, resolve_cache_formats, write_kv
+from jaxchunk.cache import (KVCache, resolve_cache_dtype, resolve_cache_formats, ring_layout, ring_slots, ring_view,
+                            write_kv)
 from jaxchunk import sharding
 from jaxchunk.config import LlamaConfig
+from jaxchunk.errors import InputError
 from jaxchunk.weights.bf16 import BF16Weight, as_array, dynamic_slice_in_dim
 from jaxchunk.weights.quantized import QuantizedWeight, embed_rows
 from pallas_kernels.attention import attention
@@ -325,6 +332,60 @@ def forward(params: dict, config: LlamaConfig, ids: jax.Array, return_kv: bool =
 
 
 # ----------------------------------------------------------------------------- cached step
+def _ring_attend(config: LlamaConfig, kv_cache: KVCache, positions, valid, full_write, pos, kv_len, rows,
+                 attention_impl):
+    """The per-layer write + attend of `model_step` over a cache with a ring (`init_cache(...,
+    ring_chunk_len=)`): attend(q, k, v, arrays, index) -> (attn, arrays), arrays the 8 cache arrays
+    (full-length keys, values, key / value scales, then the ring's).
+
+    Every layer writes its chunk into both stacks at its `ring_layout` index; the other stack's
+    index is out of range, so that write is dropped (one scanned body, no per-layer branch around
+    a write, which would copy the cache). A global layer attends to its full-length stack as
+    without a ring. A sliding-window layer attends to its ring read in position order (`ring_view`,
+    a copy of ring_len slots): view index i holds position base + i, so the attention runs with
+    q_offset pos - base and kv_len - base, and masks by true positions (p - window < j <= p)."""
+    layout = ring_layout(config, kv_cache.ring_chunk_len)
+    ring_len = kv_cache.ring_len
+    built = (kv_cache.keys.shape[0], kv_cache.ring_keys.shape[0], ring_len)
+    if built != (layout.num_full, layout.num_ring, min(layout.ring_len, kv_cache.max_seq_len)):
+        # A layer index past a stack would make its writes silently dropped scatters.
+        raise InputError(f"this ring cache (global, local layers, ring_len = {built}) was not built for this "
+                         f"config ({layout.num_full}, {layout.num_ring}, "
+                         f"{min(layout.ring_len, kv_cache.max_seq_len)}): use init_cache(config, ...)")
+    full_index, ring_index = jnp.asarray(layout.full_index, jnp.int32), jnp.asarray(layout.ring_index, jnp.int32)
+    ring_write = jnp.where(valid, positions % ring_len, ring_len)  # the host checked chunk_len <= ring_chunk_len
+    base, slots = ring_slots(kv_len, ring_len)
+    key_quant, value_quant = kv_cache.kv_quant
+    kv_quant = (key_quant, value_quant)
+
+    def attend(q, k, v, arrays, index):
+        keys, values, key_scales, value_scales, ring_keys, ring_values, ring_key_scales, ring_value_scales = arrays
+        f, r = full_index[index], ring_index[index]
+        keys, key_scales = write_kv(keys, key_scales, k, f, rows, full_write, key_quant)
+        values, value_scales = write_kv(values, value_scales, v, f, rows, full_write, value_quant)
+        ring_keys, ring_key_scales = write_kv(ring_keys, ring_key_scales, k, r, rows, ring_write, key_quant)
+        ring_values, ring_value_scales = write_kv(ring_values, ring_value_scales, v, r, rows, ring_write, value_quant)
+
+        def attend_window(window):
+            if window is None:
+                return sharding.attention_call(
+                    attention, config, q, keys, values, pos, kv_len, layer=f, impl=attention_impl,
+                    sm_scale=config.sm_scale, sliding_window=None, kv_quant=kv_quant,
+                    k_scales=key_scales, v_scales=value_scales)
+            view_k, view_k_scales = ring_view(ring_keys, ring_key_scales, r, slots)
+            view_v, view_v_scales = ring_view(ring_values, ring_value_scales, r, slots)
+            return sharding.attention_call(
+                attention, config, q, view_k, view_v, pos - base, kv_len - base, impl=attention_impl,
+                sm_scale=config.sm_scale, sliding_window=window, kv_quant=kv_quant,
+                k_scales=view_k_scales, v_scales=view_v_scales)
+
+        attn = per_layer_window(config, index, attend_window)
+        return attn, (keys, values, key_scales, value_scales, ring_keys, ring_values, ring_key_scales,
+                      ring_value_scales)
+
+    return attend
+
+
 def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax.Array, n_valid: jax.Array,
                *, attention_impl: str = "auto", logits: LogitsMode = "last"):
     """Run `tokens` through the model, writing K/V at each row's current cache length.
@@ -338,23 +399,33 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     token for "last" (rows with n_valid == 0 give garbage there), [batch, chunk_len, vocab] for "all",
     None for "none". Padding never reaches the cache: its writes go to an out-of-range index and are
     dropped, as are writes past the cache end (the host checks lengths before calling).
+    With a ring cache (`kv_cache.has_ring`) the sliding-window layers use their ring
+    (`_ring_attend`); chunk_len must then be <= kv_cache.ring_chunk_len (the host callers check).
     """
     batch, chunk_len = tokens.shape
     pos = kv_cache.lengths
     offsets = jnp.arange(chunk_len, dtype=jnp.int32)
     positions = pos[:, None] + offsets[None, :]  # [batch, chunk_len]
     # Out-of-range rows of the scatter are dropped: padding tokens write nowhere.
-    write_index = jnp.where(offsets[None, :] < n_valid[:, None], positions, kv_cache.max_seq_len)
+    valid = offsets[None, :] < n_valid[:, None]
+    write_index = jnp.where(valid, positions, kv_cache.max_seq_len)
     kv_len = pos + n_valid
     rows = jnp.arange(batch)[:, None]
     rope_table = layer_rope_table(config)
     x = embed_tokens(params, config, tokens)
     key_quant, value_quant = kv_cache.kv_quant
+    if kv_cache.has_ring:
+        attend_layer = _ring_attend(config, kv_cache, positions, valid, write_index, pos, kv_len, rows,
+                                    attention_impl)
+    else:
+        attend_layer = None
 
     def layer_fn(carry, layer, index):
         x, cache_arrays = carry
 
         def attend(q, k, v):
+            if attend_layer is not None:
+                return attend_layer(q, k, v, cache_arrays, index)
             keys, values, key_scales, value_scales = cache_arrays
             # Quantized on write (the chunk's own queries already see the stored K/V), dequantized
             # on read inside attention.
@@ -369,10 +440,15 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
         x, cache_arrays = decoder_layer(layer, config, x, positions, rope_table, attend, index)
         return (x, cache_arrays), None
 
-    carry = (x, (kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales))
-    (x, (keys, values, key_scales, value_scales)), _ = scan_layers(layer_fn, carry, params["layers"])
-    new_cache = kv_cache.replace(keys=keys, values=values, key_scales=key_scales,
-                                 value_scales=value_scales, lengths=kv_len)
+    arrays = (kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales)
+    if kv_cache.has_ring:
+        arrays += (kv_cache.ring_keys, kv_cache.ring_values, kv_cache.ring_key_scales, kv_cache.ring_value_scales)
+    (x, arrays), _ = scan_layers(layer_fn, (x, arrays), params["layers"])
+    new_cache = kv_cache.replace(keys=arrays[0], values=arrays[1], key_scales=arrays[2], value_scales=arrays[3],
+                                 lengths=kv_len)
+    if kv_cache.has_ring:
+        new_cache = new_cache.replace(ring_keys=arrays[4], ring_values=arrays[5], ring_key_scales=arrays[6],
+                                      ring_value_scales=arrays[7])
     new_cache = sharding.constrain_cache(new_cache, config)  # same sharding out as in: donated in place
 
     if logits == "none":

@@ -26,7 +26,7 @@ from typing import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchunk.cache import KVCache
+from jaxchunk.cache import KVCache, check_chunk_fits_ring
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
 from jaxchunk.memory_budget import default_memory_budget, pick_chunk_len
@@ -51,6 +51,7 @@ def prefill_chunk(params, kv_cache: KVCache, tokens, n_valid=None, *, config: Ll
     n_valid = np.full((batch,), chunk_len, np.int32) if n_valid is None else np.asarray(n_valid, np.int32)
     if n_valid.shape != (batch,) or n_valid.min() < 0 or n_valid.max() > chunk_len:
         raise InputError(f"n_valid must be [batch]={batch} ints in [0, {chunk_len}], got {n_valid}")
+    check_chunk_fits_ring(kv_cache, chunk_len)
     check_room(host_lengths(kv_cache), n_valid, kv_cache.max_seq_len)
     return run_prefill_chunk(params, kv_cache, tokens, n_valid, config=config, attention_impl=attention_impl,
                              logits=logits)
@@ -158,6 +159,9 @@ def iter_prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chu
     Giving memory_budget_bytes implies "auto". logits: "last", "all" or "none" per step.
     Everything is checked on the host before the first step runs (the generator's first `next()`
     raises InputError for a bad prompt, a prompt that does not fit the cache, a bad chunk size).
+    A cache with a sliding-window ring (`init_cache(ring_chunk_len=C)`) takes chunks of at most C
+    tokens: an explicit chunk_size above C raises InputError; the automatic schedules use
+    max_input_len = min(max_input_len, C).
     """
     rows = [check_tokens(p, config, 1, f"prompt {i}") for i, p in enumerate(prompts)]
     if len(rows) != kv_cache.batch:
@@ -167,6 +171,10 @@ def iter_prefill(params, config: LlamaConfig, kv_cache: KVCache, prompts, *, chu
         raise InputError(f"prompt {int(np.argmin(prompt_lens))} is empty")
     lengths = host_lengths(kv_cache)
     check_room(lengths, prompt_lens, kv_cache.max_seq_len)
+    if kv_cache.ring_chunk_len is not None:
+        if isinstance(chunk_size, (int, np.integer)):
+            check_chunk_fits_ring(kv_cache, int(chunk_size))
+        max_input_len = min(max_input_len, kv_cache.ring_chunk_len)
     if memory_budget_bytes is not None or chunk_size == "auto":
         if chunk_size not in (None, "auto"):
             raise InputError(f"give chunk_size={chunk_size!r} or memory_budget_bytes, not both")

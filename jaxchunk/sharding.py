@@ -103,7 +103,10 @@ _CONTIGUOUS = ("layers", "batch", "seq", "kv_heads", "head_dim")
 _PAGED = ("layers", "pages", "page_slot", "kv_heads", "head_dim")
 CACHE_AXES = {
     "contiguous": {"keys": _CONTIGUOUS, "values": _CONTIGUOUS, "key_scales": _CONTIGUOUS,
-                   "value_scales": _CONTIGUOUS, "lengths": ("batch",)},
+                   "value_scales": _CONTIGUOUS, "lengths": ("batch",),
+                   # the sliding-window layers' ring (jaxchunk.cache; None without one): slots as seq
+                   "ring_keys": _CONTIGUOUS, "ring_values": _CONTIGUOUS, "ring_key_scales": _CONTIGUOUS,
+                   "ring_value_scales": _CONTIGUOUS},
     "paged": {"keys": _PAGED, "values": _PAGED, "key_scales": _PAGED, "value_scales": _PAGED},
 }
 # Activations the shard_map wrappers split.

@@ -262,3 +262,20 @@ def test_roofline_quick_writes_everything(tmp_path):
     for _, group in limits.groupby("dtype"):  # longer prompts cost more attention per token
         assert group.tok_s.is_monotonic_decreasing
     assert (df[df.kind == "bandwidth"].gb_s > 0.1).all()
+
+
+@pytest.mark.slow
+def test_ring_cache_writes_everything(tmp_path):
+    """The tiny Gemma 3 (6 layers: 5 local of window 32, 1 global; 2 KV heads of 32): bytes from
+    first principles, and the ring run agrees with the full-cache run."""
+    run_script("ring_cache", "--quick", "--cache-dtypes", "f32", out=tmp_path)
+    df = check_outputs(tmp_path, []).set_index("layout")
+    nbytes = pd.read_csv(tmp_path / "bytes.csv")
+    per_layer_slot = 2 * 32 * 4 * 2  # kv_heads x head_dim x f32 x (K, V)
+    assert (nbytes.full_bytes_per_token == 6 * per_layer_slot).all()
+    assert (nbytes.ring_growing_bytes_per_token == per_layer_slot).all()
+    assert np.allclose(nbytes.ring_fixed_mb * 1024 ** 2, 5 * (32 - 1 + 64) * per_layer_slot)
+    assert (tmp_path / "bytes.png").read_bytes().startswith(b"\x89PNG")
+    assert df.loc["full", "max_abs_logit_diff"] == 0 and df.loc["ring", "max_abs_logit_diff"] < 1e-3
+    assert df.greedy_ids_equal.all() and df.loc["ring", "cache_mb"] < df.loc["full", "cache_mb"]
+    assert (df.prefill_tok_s > 0).all() and (df.decode_tok_s > 0).all()
