@@ -9,8 +9,8 @@ useful TFLOP/s (4 * d * visible (query, key) pairs per head).
 
 CPU: blockwise XLA (default 768-row tiles, block_k 256/512/1024, and untiled)
 vs the f32 reference vs
-jax.nn.dot_product_attention with an explicit mask, and for q_len <= 8 the native
-CPU decode kernel (pallas_kernels/native_cpu.py). GPU: also the Pallas
+jax.nn.dot_product_attention with an explicit mask, the native CPU flash kernel, and for
+q_len <= 8 the native CPU decode kernel (pallas_kernels/native_cpu.py). GPU: also the Pallas
 flash / decode kernels (compiled).
 
   .venv/bin/python -m experiments.bench_attention [--quick] [--json out.json]
@@ -56,6 +56,13 @@ def native_decode(q, k, v, q_offset, kv_len):
     return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=HEAD_DIM ** -0.5)
 
 
+def native_flash(q, k, v, q_offset, kv_len):
+    """The native CPU flash kernel (chunks); a bf16 cache is passed as its bits, as the model stores it."""
+    if k.dtype == jnp.bfloat16:
+        k, v = (jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v))
+    return native_cpu.flash_attention_cpu(q, k, v, q_offset, kv_len, sm_scale=HEAD_DIM ** -0.5)
+
+
 def visible_pairs(q_len, q_offset, kv_len):
     pos = q_offset + np.arange(q_len)
     return int(np.minimum(pos + 1, kv_len).clip(min=0).sum())
@@ -88,6 +95,7 @@ def backends(block_ks, on_gpu):
     out["jax.nn.dpa+mask"] = sdpa_masked
     if not on_gpu and native_cpu.available():
         out["native_cpu"] = native_decode
+        out["native_flash"] = native_flash
     if on_gpu:
         out["pallas_flash"] = lambda *a: flash_attention(*a, interpret=False)
         out["pallas_decode"] = lambda *a: decode_attention(*a, interpret=False)

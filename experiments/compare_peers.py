@@ -77,6 +77,9 @@ def measure_lengths(prefill_fn, decode_fn, rewind_fn, spec) -> list[dict]:
         state = {}
 
         def run():
+            # Free the previous run's state (a whole KV cache) before the next one allocates its
+            # own: the peak RSS is then one prefill's, not two caches'.
+            state.pop("last", None)
             state["last"] = prefill_fn(ids)
             return state["last"]
 
