@@ -3,11 +3,14 @@ arrivals on the wall clock, per scheduling policy and token budget.
 
 Workloads (random token ids, fixed seeds; `--ignore-eos` style: no stop token, every job runs its
 max_new_tokens):
-  W1  Poisson arrivals at each of --rates, fixed prompt / output lengths (capacity sweep).
+  W1  Poisson arrivals, fixed prompt / output lengths, at each of --rates or, by default, at the rates
+      a capacity search picks per policy (`search_capacity`; the same prompts and unit-rate gaps at
+      every rate, scaled by 1 / rate).
   W2  --w2-background decoders (short prompts, long outputs) running, and --w2-long long prompts
       injected while they decode: the background's time between tokens is the stall.
   W3  Poisson arrivals, bimodal prompt lengths (--w3-short-frac short, the rest long).
-  W4  Poisson arrivals, a shared long prefix + a short unique suffix each (prefix reuse).
+  W4  Poisson arrivals, a shared long prefix + a short unique suffix each, with and without prefix
+      reuse (hit rate, TTFT). W3 and W4 arrive at --mixed-rate.
   batch  --batch-jobs jobs decoding together through the generator vs `Model.generate` on one batch
       of the same prompts (tok/s ratio, same run).
 Policies: "b<N>" = stall_free with token budget N; "prefill_first" (whole prompts, decodes wait);
@@ -29,15 +32,21 @@ enqueued between steps, so their enqueue lag after the arrival is added to TTFT,
 and TBT (each gap between a job's tokens), median / P99, TPOT ((latency - TTFT) / (tokens - 1)),
 end-to-end latency, queueing delay, request and output-token throughput; compiles during the run (after
 warm-up; must be 0); host scheduling vs model-call seconds. Capacity (W1): the highest rate with P99 TBT
-<= --slo-tbt and median queueing delay <= 2 s (Sarathi-Serve's definition). A step-time model is fitted
-on every call of every run: call seconds = a + b * prefill tokens + c * decode rows + d * cached tokens
-read (least squares; relative RMS error reported), and the largest budget it predicts for a TBT target
-(a step of the W2 background's decode rows + one budget of prefill) is written next to the measured
-best.
+<= the SLO and median queueing delay <= 2 s (Sarathi-Serve's definition), and its ratio to
+prefill_first's (0 = below the lowest rate tried, said so). The SLO: --slo-tbt seconds, or
+--slo-decode-steps (5: Sarathi-Serve's strict SLO is 5x a decode iteration) times each run's own median
+decode-only call, its clock (the shared CPU's speed drifts ~2x within minutes; the peer's runs take
+the calibration's decode step, measured before W1). A step-time model is fitted on the device seconds
+of every call of every run (model call + sampling, without the host's scheduling and step building):
+a constant per step shape (T, S) + b * prefill tokens + c * decode rows + d * cached tokens read (least
+squares on 75 % of each shape's calls, relative RMS error on the held-out 25 %), once in seconds and
+once in decode steps of the call's run (drift taken out); the largest budget it predicts for the
+SLO (a step of the W2 background's decode rows + the rest of the budget in prefill) is written next to
+the largest budget that met it in W2.
 
   .venv/bin/python -m experiments.serving --quick                        # SmolLM2, minutes
   .venv/bin/python -m experiments.serving --model tiny-random --quick    # seconds (the test)
-  .venv/bin/python -m experiments.serving --preset smollm                # W1 + W2 + the peer, ~15 min
+  .venv/bin/python -m experiments.serving --preset smollm                # W1-W4 + the peer, ~15-20 min
 """
 from __future__ import annotations
 
