@@ -59,6 +59,7 @@ from typing import Optional
 import numpy as np
 
 from experiments import common
+from jaxchunk.scheduler import power_of_two_buckets  # pure Python, no JAX
 
 # W1's rates: an explicit grid (--rates) or, when none is given, a search for the capacity of each
 # policy: from --rate-start doubling up (or halving down) within [--rate-min, --rate-max] to the first
@@ -134,13 +135,23 @@ def workloads(args, vocab: int, rng_seed: int = 0) -> dict:
 
 
 def policy_kwargs(policy: str, args, longest_prompt: int) -> dict:
+    """The Generator arguments of `policy`. With --buckets pow2 (the default) stall_free and exllamav2
+    get power-of-two token buckets from the decode-only one up to the budget (as vLLM captures its
+    graphs for a ladder of batch sizes), so a step pays for its tokens rounded up to a power of two;
+    --buckets budget keeps the generator's default, {decode-only, budget}, where a lone 64-token
+    prompt under budget 256 runs a 256-token step."""
     if policy.startswith("b"):
-        return dict(policy="stall_free", token_budget=int(policy[1:]))
-    if policy == "prefill_first":  # whole prompts, batched up to the longest one
+        kwargs = dict(policy="stall_free", token_budget=int(policy[1:]))
+    elif policy == "prefill_first":  # whole prompts, batched up to the longest one (its own buckets)
         return dict(policy="prefill_first", token_budget=1 << (longest_prompt - 1).bit_length())
-    if policy == "exllamav2":
-        return dict(policy="exllamav2", token_budget=args.exl_chunk)
-    raise ValueError(f"unknown policy {policy!r}")
+    elif policy == "exllamav2":
+        kwargs = dict(policy="exllamav2", token_budget=args.exl_chunk)
+    else:
+        raise ValueError(f"unknown policy {policy!r}")
+    if args.buckets == "pow2":
+        budget = kwargs["token_budget"]
+        kwargs["token_buckets"] = power_of_two_buckets(min(budget, 1 << (args.max_seqs - 1).bit_length()), budget)
+    return kwargs
 
 
 # ----------------------------------------------------------------------------- one run
@@ -701,6 +712,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "batch_budget", "page_size", "max_seqs", "exl_chunk", "hf_budget"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
     p.add_argument("--w3-short-frac", type=float)
+    p.add_argument("--buckets", choices=("pow2", "budget"), default="pow2",
+                   help="token buckets of stall_free / exllamav2 (policy_kwargs)")
     p.add_argument("--slo-tbt", type=float, help="P99 TBT SLO for capacity (s); default: --slo-decode-steps")
     p.add_argument("--quick", action="store_true", help="--preset quick")
     p.add_argument("--preset", choices=PRESETS, help=f"settings (explicit flags still win); default full; "
