@@ -648,14 +648,17 @@ def same_ids(rows) -> None:
 
 
 def plot(df, path: Path, title: str):
-    """Bars per workload and policy: TTFT P99, TBT P99, output tok/s; the W2 background's TBT; the
-    batch section's tok/s next to generate_ids'."""
+    """W1: P99 TBT over each run's SLO against the rate, per policy (a cross where the median queueing
+    delay exceeds 2 s). Bars per other workload and policy: TTFT P99, TBT P99, output tok/s; the W2
+    background's TBT; the batch section's tok/s next to generate_ids'."""
     plt = common.pyplot()
-    runs = df[df.workload != "batch"]
+    w1 = df[df.workload == "W1"]
+    runs = df[~df.workload.isin(["batch", "W1"])]
     batch = df[df.workload == "batch"]
     panels = [("ttft_p99_s", "TTFT P99 (s)"), ("tbt_p99_s", "TBT P99 (s)"), ("token_throughput", "output tok/s")]
     panels = panels if len(runs) else []
-    extra = ["W2"] * int(len(runs) > 0 and "W2" in set(runs.workload)) + ["batch"] * int(len(batch) > 0)
+    extra = (["W1"] * int(len(w1) > 0) + ["W2"] * int(len(runs) > 0 and "W2" in set(runs.workload))
+             + ["batch"] * int(len(batch) > 0))
     fig, axes = plt.subplots(1, len(panels) + len(extra), figsize=(5 * (len(panels) + len(extra)), 4.2),
                              squeeze=False)
     axes = list(axes[0])
@@ -674,6 +677,23 @@ def plot(df, path: Path, title: str):
                 ax.set_yscale("log")
         axes[0].legend(fontsize=7)
     rest = axes[len(panels):]
+    if "W1" in extra:
+        ax, rest = rest[0], rest[1:]
+        for i, (policy, part) in enumerate(w1.groupby("policy", sort=False)):
+            part = part.sort_values("rate")
+            ratio = part.tbt_p99_s / part.slo_s
+            ax.plot(part.rate, ratio, marker="o", color=f"C{i}", label=policy)
+            queued = part.queue_median_s > QUEUE_LIMIT_S
+            ax.scatter(part.rate[queued], ratio[queued], marker="x", s=80, color="k", zorder=3)
+        ax.axhline(1.0, ls="--", c="k", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_minor_formatter(lambda v, _: f"{v:g}")
+        ax.set_xlabel("W1 arrival rate (requests/s)")
+        ax.set_ylabel("W1 P99 TBT / SLO (x: median queue > 2 s)")
+        ax.legend(fontsize=7)
     if "W2" in extra:
         ax, rest = rest[0], rest[1:]
         w2 = runs[runs.workload == "W2"]

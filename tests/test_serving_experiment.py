@@ -136,3 +136,15 @@ def test_step_model_recovers_known_coefficients():
     np.testing.assert_allclose(steps["shape_s"]["T=256,S=16"], 10.0, rtol=0.05)
     best, predicted = serving.predicted_budget(fit, [16, 64, 256], 16, decode_rows=4, kv_tokens=1000, target_s=0.5)
     assert best == 64 and predicted[256] > 0.5  # 0.3 + 0.12 + 0.02 + 0.01 = 0.45 s at 64
+
+
+def test_policies_get_power_of_two_buckets_unless_asked_not_to():
+    from experiments import serving
+    args = serving.parse_args(["--model", "tiny-random", "--preset", "smollm", "--policies", "b256"])
+    assert serving.policy_kwargs("b256", args, 64) == dict(policy="stall_free", token_budget=256,
+                                                           token_buckets=(16, 32, 64, 128, 256))
+    assert serving.policy_kwargs("exllamav2", args, 64)["token_buckets"] == (16, 32, 64, 128, 256)
+    assert serving.policy_kwargs("prefill_first", args, 100) == dict(policy="prefill_first", token_budget=128)
+    args = serving.parse_args(["--model", "tiny-random", "--preset", "smollm", "--policies", "b256",
+                               "--buckets", "budget"])
+    assert serving.policy_kwargs("b256", args, 64) == dict(policy="stall_free", token_budget=256)
