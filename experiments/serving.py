@@ -690,7 +690,6 @@ def plot(df, path: Path, title: str):
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_minor_formatter(lambda v, _: f"{v:g}")
         ax.set_xlabel("W1 arrival rate (requests/s)")
         ax.set_ylabel("W1 P99 TBT / SLO (x: median queue > 2 s)")
         ax.legend(fontsize=7)
