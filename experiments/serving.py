@@ -522,8 +522,23 @@ def run_batch(model, args, vocab: int) -> dict:
             "output_tokens": tokens, "token_throughput": gen_tok_s, "model_generate_tok_s": ref_tok_s,
             "ratio_vs_model_generate": gen_tok_s / ref_tok_s, "generator_decode_tok_s": max(decode_tok_s),
             "host_s": sum(s["host_s"] for s in gen.step_log), "call_s": sum(s["call_s"] for s in gen.step_log),
-            "steps": len(gen.step_log),
+            "steps": len(gen.step_log), "calls_by_shape": calls_by_shape(gen.call_log),
             "batch_seconds": times}
+
+
+def calls_by_shape(calls) -> dict:
+    """Where a run's device time went: "T=<bucket> prefill" / "T=<bucket> decode-only" -> calls,
+    device seconds, mean decode rows."""
+    out = {}
+    for c in calls:
+        key = f"T={c['token_bucket']} " + ("prefill" if c["prefill_tokens"] else "decode-only")
+        entry = out.setdefault(key, {"calls": 0, "device_s": 0.0, "decode_rows": 0})
+        entry["calls"] += 1
+        entry["device_s"] += c["device_s"]
+        entry["decode_rows"] += c["decode_rows"]
+    for entry in out.values():
+        entry["decode_rows"] /= entry["calls"]
+    return out
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -837,7 +852,7 @@ def main(argv=None):
                     timing="arrivals on the wall clock; each policy's generator warmed up first (warm-up compiles "
                            "counted apart); TTFT from enqueue; TBT every gap between a job's tokens")
     df = common.write_results(args.out, df.to_dict("records"), settings, machine,
-                              json_only=[c for c in ("batch_seconds",) if c in df])
+                              json_only=[c for c in ("batch_seconds", "calls_by_shape") if c in df])
     pd.DataFrame(calls).to_csv(args.out / "calls.csv", index=False)
     png = plot(df, args.out / "serving.png",
                f"Dynamic generator: {args.model} {args.dtype}, page {args.page_size}, {machine['usable_cores']} cores, "
