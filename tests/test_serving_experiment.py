@@ -68,7 +68,7 @@ def test_transformers_peer_runs_the_same_workload(tmp_path, smollm2_gguf):
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     df = pd.read_csv(out / "results.csv")
-    peer = df[df.policy == "hf"]
+    peer = df[df.policy == "hf"].sort_values("workload")
     assert sorted(peer.workload) == ["W1", "W2"] and (peer.system == "transformers").all()
     assert (peer.requests == [3, 4]).all()
     for col in ("ttft_median_s", "tbt_p99_s", "token_throughput", "queue_median_s"):
