@@ -309,12 +309,17 @@ class Generator:
                           max_seqs=self.max_seqs, max_pages_per_seq=pages_per_seq, num_pages=self.num_pages,
                           page_size=self.page_size, config=self.config)
         actives = [self._jobs[c.request.id] for c in call]
-        sampled = self._run_step(step, [(a.sampling, a.job.seed, len(a.job.output_ids)) if c.samples else None
-                                        for a, c in zip(actives, call)])
-        elapsed = time.perf_counter() - start
+        rows = [(a.sampling, a.job.seed, len(a.job.output_ids)) if c.samples else None for a, c in zip(actives, call)]
+        built = time.perf_counter()
+        sampled = self._run_step(step, rows)
         now = time.perf_counter()
+        elapsed = now - start
         decode_rows = sum(c.request.is_decode for c in call)
-        self.call_log.append({"s": elapsed, "token_bucket": token_budget, "decode_rows": decode_rows,
+        # build_s: the host building and checking the step's arrays; device_s: the model call and the
+        # sampling until the tokens are on the host (what a step-time model of the device should fit).
+        self.call_log.append({"s": elapsed, "build_s": built - start, "device_s": now - built,
+                              "token_bucket": token_budget, "max_seqs": self.max_seqs, "pages_bucket": pages_per_seq,
+                              "decode_rows": decode_rows,
                               "prefill_tokens": sum(c.num_tokens for c in call) - decode_rows,
                               "kv_tokens": sum(c.start + c.num_tokens for c in call), "seqs": len(call)})
         for row, (chunk, active) in enumerate(zip(call, actives)):
