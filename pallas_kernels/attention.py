@@ -112,7 +112,12 @@ def _reference(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_
 
 
 # Where impl="auto" takes the native flash kernel for chunks (native_cpu takes decode first).
-NATIVE_FLASH_AUTO_PLATFORMS: tuple[str, ...] = ()
+# Measured (`python -m experiments.bench_attention --q-lens 512 2048 --kvs 2048 8192 --only
+# xla_q768_k256 native_flash`, SmolLM2 shapes, 2-core AMD EPYC with AVX2 and no AVX-512, load 2.0,
+# median of 5): f32 chunk 512 x 2048 / 8192 keys 16.6 / 77.5 ms vs blockwise XLA 24.1 / 99.4 ms;
+# chunk 2048 x 2048 / 8192: 38.7 / 271 vs 59.1 / 354 ms (1.28-1.53x); bf16 cache alike (16.8 /
+# 73.8 / 39.4 / 265 vs 25.1 / 98.4 / 59.2 / 350 ms), both using both cores.
+NATIVE_FLASH_AUTO_PLATFORMS: tuple[str, ...] = ("cpu",)
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("pallas", _pallas, supports_everything,

@@ -247,16 +247,19 @@ def test_impl_name_that_cannot_take_the_call_raises_its_reason():
 
 
 def test_auto_picks_what_it_always_picked(monkeypatch):
-    """CPU: the native kernel for decode over an f32 / bf16 cache, blockwise XLA for prefill chunks,
-    quantized caches and other head sizes; GPU: Pallas for everything."""
+    """CPU: the native decode kernel for decode over an f32 / bf16 cache, the native flash kernel for
+    prefill chunks over one (and head sizes the decode kernel lacks), blockwise XLA for quantized
+    caches and head sizes neither takes; GPU: Pallas for everything."""
     from pallas_kernels.kv_quant import KV_QUANTS
     require_native_cpu()
     auto = lambda *args, **kwargs: choose_backend(BACKENDS, "auto", *args, **kwargs).name
     assert auto(*_shapes()) == "native_cpu"
     assert auto(*_shapes(q_len=8, cache_dtype=jnp.uint16), kv_quant=KV_QUANTS["bf16"]) == "native_cpu"
-    assert auto(*_shapes(q_len=64)) == "xla"
+    assert auto(*_shapes(q_len=64)) == "native_flash"
+    assert auto(*_shapes(q_len=64, cache_dtype=jnp.uint16), kv_quant=KV_QUANTS["bf16"]) == "native_flash"
     assert auto(*_shapes(cache_dtype=jnp.uint8), kv_quant=KV_QUANTS["q8"]) == "xla"
-    assert auto(*_shapes(head_dim=48)) == "xla"
+    assert auto(*_shapes(head_dim=48)) == "native_flash"  # not a decode-kernel size; flash takes it
+    assert auto(*_shapes(head_dim=40)) == "xla"
     # And what it picks is what runs: bit for bit the explicit backend's result.
     inputs = make_inputs(CASES[0], "float32")
     np.testing.assert_array_equal(attention(*inputs), attention(*inputs, impl="native_cpu"))
