@@ -170,7 +170,10 @@ def transformers_worker(spec) -> tuple[list[dict], str]:
     @torch.inference_mode()
     def prefill_fn(ids):
         out = model(torch.as_tensor(ids, dtype=torch.long)[None], use_cache=True, **last_only)
-        return {"past": out.past_key_values, "logits": out.logits[:, -1], "prompt_logits": out.logits[:, -1]}
+        past = out.past_key_values
+        if hasattr(past, "activate_past_recording"):  # sliding-window layers (Gemma 3) can then crop
+            past.activate_past_recording()
+        return {"past": past, "logits": out.logits[:, -1], "prompt_logits": out.logits[:, -1]}
 
     @torch.inference_mode()
     def decode_fn(state, n_tokens):
