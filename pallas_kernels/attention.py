@@ -23,6 +23,8 @@ take the call. A new backend (e.g. paged attention) is one more `Backend` entry 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from pallas_kernels import native_cpu
@@ -55,16 +57,21 @@ def _pallas(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_win
                   kv_quant=kv_quant, k_scales=k_scales, v_scales=v_scales)
 
 
-def _native_cpu(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
-                soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
-                v_scales=None):
-    del block_sizes, interpret, k_scales, v_scales  # no tiles to choose; plain caches have no scales
+def _native(kernel, q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
+            soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None, v_scales=None):
+    """A native CPU attention kernel (`native_cpu.decode_attention_cpu` or `flash_attention_cpu`:
+    the same operands) behind the op's signature, the inputs checked as every backend checks them."""
+    del block_sizes, interpret, k_scales, v_scales  # fixed tiles; plain caches have no scales
     one_layer = (lambda a: a[0]) if layer is not None else (lambda a: a)
     q_offset, kv_len = check_inputs(q, one_layer(k), one_layer(v), q_offset, kv_len,
                                     sliding_window, soft_cap, kv_quant)
     scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-    return native_cpu.decode_attention_cpu(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale,
-                                           soft_cap=soft_cap, sliding_window=sliding_window)
+    return kernel(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale, soft_cap=soft_cap,
+                  sliding_window=sliding_window)
+
+
+_native_cpu = functools.partial(_native, native_cpu.decode_attention_cpu)
+_native_flash = functools.partial(_native, native_cpu.flash_attention_cpu)
 
 
 def _native_cpu_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) -> str | None:
@@ -72,18 +79,6 @@ def _native_cpu_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) 
     if jax.default_backend() == "cpu" and (why := decode_attention_supports(q)) is not None:
         return why
     return native_cpu.attention_supports(q.shape[-1], k.dtype, v.dtype, kv_quant)
-
-
-def _native_flash(q, k, v, q_offset, kv_len, *, layer=None, sm_scale=None, sliding_window=None,
-                  soft_cap=None, block_sizes=None, interpret=None, kv_quant=None, k_scales=None,
-                  v_scales=None):
-    del block_sizes, interpret, k_scales, v_scales  # fixed tiles; plain caches have no scales
-    one_layer = (lambda a: a[0]) if layer is not None else (lambda a: a)
-    q_offset, kv_len = check_inputs(q, one_layer(k), one_layer(v), q_offset, kv_len,
-                                    sliding_window, soft_cap, kv_quant)
-    scale = default_sm_scale(q.shape[-1]) if sm_scale is None else sm_scale
-    return native_cpu.flash_attention_cpu(q, k, v, q_offset, kv_len, layer=layer, sm_scale=scale,
-                                          soft_cap=soft_cap, sliding_window=sliding_window)
 
 
 def _native_flash_supports(q, k, v, q_offset, kv_len, *, kv_quant=None, **unused) -> str | None:

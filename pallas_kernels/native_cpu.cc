@@ -1357,6 +1357,41 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+// The operands of the contiguous attention handlers (decode, flash) and of the paged ones (decode
+// rows, all rows): one binding per signature, shared by its two handlers.
+auto ContiguousAttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("sm_scale")
+      .Attr<float>("soft_cap")
+      .Attr<int64_t>("window");
+}
+
+auto PagedAttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("sm_scale")
+      .Attr<float>("soft_cap")
+      .Attr<int64_t>("window")
+      .Attr<int64_t>("max_q_len");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkQuantGemv, QuantGemvImpl,
@@ -1373,66 +1408,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkQuantGemv, QuantGemvImpl,
 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDecodeAttention, ContiguousAttentionImpl<false>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("sm_scale")
-                                  .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("window"));
+                              ContiguousAttentionBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkFlashAttention, ContiguousAttentionImpl<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("sm_scale")
-                                  .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("window"));
+                              ContiguousAttentionBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedDecodeAttention, PagedAttentionImpl<false>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("sm_scale")
-                                  .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("max_q_len"));
+                              PagedAttentionBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedAttention, PagedAttentionImpl<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("sm_scale")
-                                  .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("max_q_len"));
+                              PagedAttentionBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDequantize, DequantizeImpl,
                               ffi::Ffi::Bind()
