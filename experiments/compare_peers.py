@@ -6,6 +6,8 @@ Systems (--systems):
                 jaxchunk's loader; "q4": the GGUF's Q4_1 / Q8_0 blocks kept quantized in memory
                 (jaxchunk.weights.quantized; computed in the dtype); "q4_q8": q4 with each matrix's
                 input rounded to 8 bits per 32-block, llama.cpp's own arithmetic (integer products).
+                KV cache in --cache-dtypes (default: the compute dtype; llama.cpp keeps f16, so
+                "bf16" is its size with f32 compute).
 - transformers: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (its own dequantization)
                 in f32 / bf16, torch.set_num_threads(--threads), torch.inference_mode, one forward
                 over the whole prompt with logits_to_keep=1 (last-token logits only). Recent
@@ -118,7 +120,7 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
     def prefill_fn(ids):
         chunk = min(spec["chunk_size"], len(ids))
         # Room for the warm-up decode and the timed one (n_decode steps each).
-        cache = init_cache(config, 1, len(ids) + 2 * n_decode + 1, model.dtype)
+        cache = init_cache(config, 1, len(ids) + 2 * n_decode + 1, spec["cache_dtype"] or model.dtype)
         cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk, max_input_len=chunk,
                                 attention_impl=impl)
         return {"cache": cache, "logits": logits}
@@ -243,6 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-sizes", type=common.parse_list, help="jaxchunk chunk sizes")
     p.add_argument("--dtypes", type=lambda s: common.parse_list(s, str), help="for jaxchunk and transformers")
     p.add_argument("--attention-impl", default="auto", help="jaxchunk's attention_impl")
+    p.add_argument("--cache-dtypes", type=lambda s: common.parse_list(s, str), default=[None],
+                   help="jaxchunk's KV-cache formats (default: each --dtypes' own), e.g. bf16,f32")
     p.add_argument("--weights", type=lambda s: common.parse_list(s, str), default=["dequantized", "q4"],
                    help="jaxchunk weight modes: dequantized (to the dtype), q4 (kept quantized), q4_q8 "
                         "(q4 with 8-bit inputs, as llama.cpp)")
@@ -295,7 +299,8 @@ def worker_specs(args, ids_path: Path) -> list[dict]:
             print(f"compare_peers: skipping {system}: {reason}", file=sys.stderr)
         elif system == "jaxchunk":
             specs += [dict(base, system=system, dtype=d, chunk_size=c, attention_impl=args.attention_impl,
-                           weights=w) for w in args.weights for d in args.dtypes for c in args.chunk_sizes]
+                           weights=w, cache_dtype=cd if cd != d else None)
+                      for w in args.weights for d in args.dtypes for cd in args.cache_dtypes for c in args.chunk_sizes]
         elif system == "transformers":
             specs += [dict(base, system=system, dtype=d, hf_weights=args.hf_weights) for d in args.dtypes]
         else:
@@ -319,9 +324,11 @@ def run_worker(spec: dict) -> list[dict]:
         return []
     result = json.loads(lines[-1][len(RESULT_MARK):])
     weights = f"{spec['weights']} " if spec.get("weights") in ("q4", "q4_q8") else ""
-    label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']} chunk {spec.get('chunk_size')}",
+    cache = f" {spec['cache_dtype']} cache" if spec.get("cache_dtype") else ""
+    label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']}{cache} chunk {spec.get('chunk_size')}",
              "transformers": f"transformers {spec['dtype']}", "llama.cpp": f"llama.cpp {spec['dtype']}"}[spec["system"]]
     return [dict(system=spec["system"], label=label, dtype=spec["dtype"], chunk_size=spec.get("chunk_size"),
+                 cache_dtype=spec.get("cache_dtype") or ("f16" if spec["system"] == "llama.cpp" else spec["dtype"]),
                  weights=spec.get("weights", "dequantized" if spec["system"] == "transformers" else spec["dtype"]),
                  **row, note=result["note"]) for row in result["rows"]]
 
@@ -361,7 +368,7 @@ def add_fractions(df, limits):
     Q4 weights are counted as the q4 format and its f16 cache as 2 bytes a value (bf16's size)."""
     def decode_key(row):
         weights = "q4" if row.system == "llama.cpp" or row.weights in ("q4", "q4_q8") else row.dtype
-        cache = "bf16" if row.system == "llama.cpp" or row.dtype == "bf16" else "f32"
+        cache = "bf16" if row.cache_dtype == "f16" else row.cache_dtype  # f16: llama.cpp's, bf16's size
         return f"{weights} weights, {cache} cache"
     df["prefill_of_limit"] = [r.prefill_tok_s / limits[("prefill", r.prompt_len, r.dtype)]
                               if ("prefill", r.prompt_len, r.dtype) in limits else np.nan for r in df.itertuples()]

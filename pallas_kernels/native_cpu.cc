@@ -22,14 +22,15 @@
 //
 // Per quant block the 32 products are summed first, then scaled (W = d q + m):
 //   y = sum_b d_b * (sum_i x_i q_i) + m_b * (sum_i x_i)        (the min term only for 4-bit)
-// Float x: the nibbles are converted to f32 in registers, eight AVX-512 vectors of partial sums per
-// 128 columns. q8 x: sum_i xq_i q_i is exact in int32 (vpdpbusd: 64 byte products per instruction,
-// where the conversion path spends ~4 instructions per 16 weights), then y += d_b d_x isum +
-// m_b sum(x'). Items of kColumnBlock (128) columns are shared among XLA's intra-op threads.
+// Float x (every layout): the weights are widened to f32 in registers (FloatColumns32, AVX2: 32
+// columns in 4 registers per half block; FloatColumns: the plain C++ of the same sums). q8 x (the
+// legacy layouts): sum_i xq_i q_i is exact in int32, then y += d_b d_x isum + m_b sum(x'): with
+// AVX-512 VNNI vpdpbusd (Columns64: 64 byte products per instruction), with AVX2 vpmaddubsw +
+// vpmaddwd (Columns32, llama.cpp's AVX2 formulation), else plain C++ (ColumnsScalar). Items of
+// ItemColumns columns are shared among XLA's intra-op threads.
 //
-// The legacy layouts (f16 scales, group 32, mins exactly for 4-bit: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0)
-// take the paths above. The k-quant layouts (f32 scales d * sc, groups of 16, 8-bit with mins) take
-// GenericFloatColumns: float products per half block (16 weights), scaled per group; with
+// The legacy layouts: f16 scales, group 32, mins exactly for 4-bit (GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0).
+// The k-quant layouts (f32 scales d * sc, groups of 16, 8-bit with mins) take the float path; with
 // quantize_x their x is rounded the same way and the float path multiplies the rounded x' (the
 // same x' @ W, without the integer speed-up).
 //
@@ -99,12 +100,13 @@ struct Problem {
   float* y;
   int64_t rows, k, tiles, tile;
   bool four_bit;
-  // Every layout (GenericFloatColumns): the scales / mins as stored, f16 or f32.
+  // Every layout (FloatColumns): the scales / mins as stored, f16 or f32.
   const void* scales_any;
   const void* mins_any;    // nullptr without mins
   bool f32_scales;
   int64_t group;           // weights per scale along k: 16 or 32
   bool legacy;
+  int64_t item_cols;       // columns per work item (ItemColumns)
 };
 
 // Columns [0, w) of one scale (or min) row, as f32.
@@ -140,58 +142,11 @@ void QuantizeActivations(const float* x, int64_t rows, int64_t k, int8_t* xq, fl
   }
 }
 
-// Float activations: columns [j0, j0 + W) of tile t, every row, x read as f32 and the weights
-// dequantized in registers. W is kColumnBlock (vectorised) or the edge remainder.
-template <int64_t W>
-void FloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
-  const int64_t w = W > 0 ? W : width;
-  const int64_t nb = p.k / kQuantBlock;
-  const int64_t n = p.tiles * p.tile;
-  const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
-  const uint8_t* q_t = p.qs + t * qrows * p.tile + j0;
-  const _Float16* d_t = p.scales + t * nb * p.tile + j0;
-  const _Float16* m_t = p.four_bit ? p.mins + t * nb * p.tile + j0 : nullptr;
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const float* xr = p.x + r * p.k;
-    float acc[kColumnBlock] = {};
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = xr + b * kQuantBlock;
-      float part[kColumnBlock] = {};
-      if (p.four_bit) {
-        for (int64_t i = 0; i < kQuantBlock / 2; ++i) {
-          const uint8_t* q = q_t + (b * kQuantBlock / 2 + i) * p.tile;
-          const float x_lo = xb[i], x_hi = xb[kQuantBlock / 2 + i];
-          for (int64_t j = 0; j < w; ++j) {
-            part[j] += x_lo * static_cast<float>(q[j] & 15) + x_hi * static_cast<float>(q[j] >> 4);
-          }
-        }
-        float x_sum = 0.f;
-        for (int64_t i = 0; i < kQuantBlock; ++i) x_sum += xb[i];
-        const _Float16* d = d_t + b * p.tile;
-        const _Float16* m = m_t + b * p.tile;
-        for (int64_t j = 0; j < w; ++j) {
-          acc[j] += static_cast<float>(d[j]) * part[j] + static_cast<float>(m[j]) * x_sum;
-        }
-      } else {
-        for (int64_t i = 0; i < kQuantBlock; ++i) {
-          const int8_t* q = reinterpret_cast<const int8_t*>(q_t + (b * kQuantBlock + i) * p.tile);
-          const float xi = xb[i];
-          for (int64_t j = 0; j < w; ++j) part[j] += xi * static_cast<float>(q[j]);
-        }
-        const _Float16* d = d_t + b * p.tile;
-        for (int64_t j = 0; j < w; ++j) acc[j] += static_cast<float>(d[j]) * part[j];
-      }
-    }
-    float* yr = p.y + r * n + t * p.tile + j0;
-    for (int64_t j = 0; j < w; ++j) yr[j] = acc[j];
-  }
-}
-
 // Any layout, float activations: columns [j0, j0 + W) of tile t, every row. Per 32-block, the
 // products of each half (16 weights: the low / high nibbles, or 8-bit rows 0..15 / 16..31) are
 // summed first, then scaled by that half's group (group 16: one each; group 32: one for both).
 template <int64_t W>
-void GenericFloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
+void FloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
   constexpr int64_t kHalf = kQuantBlock / 2;
   const int64_t w = W > 0 ? W : width;
   const int64_t nb = p.k / kQuantBlock, ng = p.k / p.group;
@@ -290,6 +245,90 @@ void ColumnsScalar(const Problem& p, int64_t t, int64_t j0, int64_t width) {
   }
 }
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// The AVX2 kernels below take a column range [j0, j1) (a multiple of 32 wide) and walk it block by
+// block: for each 32-block of k, its weight rows left to right, adding into y (which stays in L1).
+// The weights are then read as they lie, a few contiguous rows at a time: 19 GB/s one core can
+// stream, where a 32-column strip down all k rows at a time (the AVX-512 kernel's order, rows `tile`
+// bytes apart) drew 6.7 GB/s from memory on an AVX2 EPYC.
+
+// Float activations, any layout: columns [j0, j1) of tile t, every row (FloatColumns' arithmetic:
+// 8 columns per register, each weight widened by one load-and-extend, converted, multiplied into
+// its half block's sum).
+void FloatColumns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
+  constexpr int64_t kHalf = kQuantBlock / 2;
+  const int64_t nb = p.k / kQuantBlock, ng = p.k / p.group;
+  const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
+  const uint8_t* q_t = p.qs + t * qrows * p.tile;
+  const int64_t s_t = t * ng * p.tile;  // this tile's first scale row
+  const bool two_groups = p.group == kHalf;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  auto scale8 = [&](const void* base, int64_t offset) {  // 8 scales (or mins) as f32
+    if (p.f32_scales) return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const _Float16*>(base) + offset)));
+  };
+  auto widen_u8 = [](const uint8_t* q) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))); };
+  auto widen_s8 = [](const uint8_t* q) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))); };
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* xr = p.x + r * p.k;
+    float* yr = p.y + r * p.tiles * p.tile + t * p.tile;
+    for (int64_t j = j0; j < j1; ++j) yr[j] = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = xr + b * kQuantBlock;
+      float x_sum[2] = {0.f, 0.f};
+      for (int64_t i = 0; i < kHalf; ++i) {
+        x_sum[0] += xb[i];
+        x_sum[1] += xb[kHalf + i];
+      }
+      if (!two_groups) x_sum[0] += x_sum[1];  // one group for the block: both halves at once
+      for (int64_t j = j0; j < j1; j += 32) {
+        __m256 part[2][4];
+        for (int h = 0; h < 2; ++h) {
+          for (int c = 0; c < 4; ++c) part[h][c] = _mm256_setzero_ps();
+        }
+        // The next block's rows at these columns, a line each (one core waits on memory less: a
+        // decode step's q4 matmuls 9.7 -> 7.7 ms on one core; 2+ blocks ahead or the scale rows too
+        // measured no better).
+        if ((j - j0) % 64 == 0) {
+          for (int64_t i = 0; i < qrows / nb; ++i) __builtin_prefetch(q_t + ((b + 1) * (qrows / nb) + i) * p.tile + j);
+        }
+        if (p.four_bit) {  // byte row i holds W[i] (low nibble) and W[i + 16] (high)
+          for (int64_t i = 0; i < kHalf; ++i) {
+            const uint8_t* q = q_t + (b * kHalf + i) * p.tile + j;
+            const __m256 x_lo = _mm256_set1_ps(xb[i]), x_hi = _mm256_set1_ps(xb[kHalf + i]);
+            for (int c = 0; c < 4; ++c) {
+              const __m256i w = widen_u8(q + 8 * c);
+              part[0][c] = _mm256_fmadd_ps(x_lo, _mm256_cvtepi32_ps(_mm256_and_si256(w, low4)), part[0][c]);
+              part[1][c] = _mm256_fmadd_ps(x_hi, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4)), part[1][c]);
+            }
+          }
+        } else {
+          for (int h = 0; h < 2; ++h) {
+            for (int64_t i = 0; i < kHalf; ++i) {
+              const uint8_t* q = q_t + (b * kQuantBlock + h * kHalf + i) * p.tile + j;
+              const __m256 xi = _mm256_set1_ps(xb[h * kHalf + i]);
+              for (int c = 0; c < 4; ++c) part[h][c] = _mm256_fmadd_ps(xi, _mm256_cvtepi32_ps(widen_s8(q + 8 * c)), part[h][c]);
+            }
+          }
+        }
+        if (!two_groups) {
+          for (int c = 0; c < 4; ++c) part[0][c] = _mm256_add_ps(part[0][c], part[1][c]);
+        }
+        for (int c = 0; c < 4; ++c) {
+          __m256 acc = _mm256_loadu_ps(yr + j + 8 * c);
+          for (int h = 0; h < (two_groups ? 2 : 1); ++h) {
+            const int64_t row = s_t + (two_groups ? 2 * b + h : b) * p.tile + j + 8 * c;
+            if (p.mins_any != nullptr) acc = _mm256_fmadd_ps(scale8(p.mins_any, row), _mm256_set1_ps(x_sum[h]), acc);
+            acc = _mm256_fmadd_ps(scale8(p.scales_any, row), part[h][c], acc);
+          }
+          _mm256_storeu_ps(yr + j + 8 * c, acc);
+        }
+      }
+    }
+  }
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr int64_t kVectorColumns = 64;  // one 64-byte register of a weight row
 
@@ -377,35 +416,147 @@ void Columns64(const Problem& p, int64_t t, int64_t j0) {
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(yr + 16 * c, acc[c]);
   }
 }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+constexpr int64_t kVectorColumns = 32;  // one 32-byte register of a weight row
+
+inline __m256i Broadcast4(const int8_t* p) {  // 4 activation codes into every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// Rows r0..r3 of 32 columns -> 4 registers of 8 32-bit lanes, each lane the 4 rows' bytes of one
+// column. The in-lane unpacks leave register m, 128-bit half c, lane s holding column 16 c + 4 m + s.
+inline void Interleave4(const uint8_t* r0, int64_t stride, __m256i out[4]) {
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + stride));
+  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 2 * stride));
+  const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 3 * stride));
+  const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);
+  const __m256i cd_lo = _mm256_unpacklo_epi8(c, d), cd_hi = _mm256_unpackhi_epi8(c, d);
+  out[0] = _mm256_unpacklo_epi16(ab_lo, cd_lo);
+  out[1] = _mm256_unpackhi_epi16(ab_lo, cd_lo);
+  out[2] = _mm256_unpacklo_epi16(ab_hi, cd_hi);
+  out[3] = _mm256_unpackhi_epi16(ab_hi, cd_hi);
+}
+
+// Undoes Interleave4's order: afterwards register c holds columns 8 c .. 8 c + 7.
+inline void TransposeHalves(__m256i v[4]) {
+  const __m256i a = _mm256_permute2x128_si256(v[0], v[1], 0x20), b = _mm256_permute2x128_si256(v[2], v[3], 0x20);
+  const __m256i c = _mm256_permute2x128_si256(v[0], v[1], 0x31), d = _mm256_permute2x128_si256(v[2], v[3], 0x31);
+  v[0] = a;
+  v[1] = b;
+  v[2] = c;
+  v[3] = d;
+}
+
+// q8 activations, the legacy layouts: columns [j0, j1) of tile t, every row (block by block, as
+// FloatColumns32). Integer dot products per 32-block, scaled per block in f32, as Columns64 but
+// without VNNI (llama.cpp's AVX2 formulation): vpmaddubsw multiplies u8 x s8 byte pairs into s16
+// sums, vpmaddwd by ones adds those pairs into s32. 4-bit: a whole block's pair sums stay in s16 (8
+// of them, each |.| <= 2 * 15 * 127: at most 30480); 8-bit weights are signed, so the product is
+// |w| * (x with w's sign) (vpsignb), each pair widened at once (2 * 128 * 127 fits s16 once, not
+// twice). Bit for bit ColumnsScalar's result.
+void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
+  const int64_t nb = p.k / kQuantBlock;
+  const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
+  const uint8_t* q_t = p.qs + t * qrows * p.tile;
+  const _Float16* d_t = p.scales + t * nb * p.tile;
+  const _Float16* m_t = p.four_bit ? p.mins + t * nb * p.tile : nullptr;
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int8_t* xr = p.xq + r * p.k;
+    float* yr = p.y + r * p.tiles * p.tile + t * p.tile;
+    for (int64_t j = j0; j < j1; ++j) yr[j] = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* xb = xr + b * kQuantBlock;
+      const __m256 d_x = _mm256_set1_ps(p.x_scale[r * nb + b]), x_sum = _mm256_set1_ps(p.x_sum[r * nb + b]);
+      for (int64_t j = j0; j < j1; j += 32) {
+        __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                           _mm256_setzero_si256()};
+        __m256i w[4];
+        // The next block's rows at these columns, a line each (one core waits on memory less: a
+        // decode step's q4 matmuls 8.7 -> 6.5 ms on one core; 2+ blocks ahead or the scale rows too
+        // measured no better).
+        if ((j - j0) % 64 == 0) {
+          for (int64_t i = 0; i < qrows / nb; ++i) __builtin_prefetch(q_t + ((b + 1) * (qrows / nb) + i) * p.tile + j);
+        }
+        if (p.four_bit) {  // byte row i holds W[i] (low nibble) and W[i + 16] (high)
+          for (int64_t i = 0; i < kQuantBlock / 2; i += 4) {
+            Interleave4(q_t + (b * kQuantBlock / 2 + i) * p.tile + j, p.tile, w);
+            const __m256i x_lo = Broadcast4(xb + i), x_hi = Broadcast4(xb + kQuantBlock / 2 + i);
+            for (int m = 0; m < 4; ++m) {
+              isum[m] = _mm256_add_epi16(isum[m], _mm256_maddubs_epi16(_mm256_and_si256(w[m], low4), x_lo));
+              isum[m] = _mm256_add_epi16(
+                  isum[m], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[m], 4), low4), x_hi));
+            }
+          }
+          for (int m = 0; m < 4; ++m) isum[m] = _mm256_madd_epi16(isum[m], ones);
+        } else {
+          for (int64_t i = 0; i < kQuantBlock; i += 4) {
+            Interleave4(q_t + (b * kQuantBlock + i) * p.tile + j, p.tile, w);
+            const __m256i x4 = Broadcast4(xb + i);
+            for (int m = 0; m < 4; ++m) {
+              const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[m]), _mm256_sign_epi8(x4, w[m]));
+              isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+        TransposeHalves(isum);
+        for (int c = 0; c < 4; ++c) {
+          const int64_t col = b * p.tile + j + 8 * c;
+          const __m256 d_w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d_t + col)));
+          const __m256 m_w = p.four_bit ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m_t + col)))
+                                        : _mm256_setzero_ps();
+          // = BlockTerm, lane by lane
+          const __m256 acc = _mm256_fmadd_ps(m_w, x_sum, _mm256_loadu_ps(yr + j + 8 * c));
+          _mm256_storeu_ps(yr + j + 8 * c, _mm256_fmadd_ps(_mm256_mul_ps(d_w, d_x), _mm256_cvtepi32_ps(isum[c]), acc));
+        }
+      }
+    }
+  }
+}
 #else
 constexpr int64_t kVectorColumns = 0;  // no vector path: everything runs ColumnsScalar
 #endif
 
-// Work item: kColumnBlock columns of one tile (8-bit activations: the vector path 64 at a time,
-// any edge in scalar code).
+// Columns per work item for a tile `tile` wide: about a quarter of the tile (items for two or more
+// threads even in the narrowest matrix), a multiple of 32, at least 64, at most 512 (wider items
+// stream longer runs of each weight row).
+int64_t ItemColumns(int64_t tile) {
+  const int64_t quarter = ((tile + 3) / 4 + 31) / 32 * 32;
+  return std::clamp<int64_t>(quarter, 64, 512);
+}
+
+int64_t ItemCount(const Problem& p) { return p.tiles * ((p.tile + p.item_cols - 1) / p.item_cols); }
+
+// Work item: p.item_cols columns of one tile (the last item of a tile may be narrower). The vector
+// kernels take what is a multiple of their width, plain C++ the rest.
 void RunItem(const Problem& p, int64_t item) {
-  const int64_t blocks_per_tile = (p.tile + kColumnBlock - 1) / kColumnBlock;
-  const int64_t t = item / blocks_per_tile;
-  int64_t j0 = (item % blocks_per_tile) * kColumnBlock;
-  const int64_t j1 = std::min(j0 + kColumnBlock, p.tile);
-  if (!p.legacy) {  // float x, or the rounded x' (see QuantGemvImpl)
-    if (j1 - j0 == kColumnBlock) {
-      GenericFloatColumns<kColumnBlock>(p, t, j0, kColumnBlock);
-    } else {
-      GenericFloatColumns<0>(p, t, j0, j1 - j0);
-    }
-    return;
-  }
-  if (p.xq == nullptr) {
-    if (j1 - j0 == kColumnBlock) {
-      FloatColumns<kColumnBlock>(p, t, j0, kColumnBlock);
-    } else {
-      FloatColumns<0>(p, t, j0, j1 - j0);
+  const int64_t per_tile = (p.tile + p.item_cols - 1) / p.item_cols;
+  const int64_t t = item / per_tile;
+  int64_t j0 = (item % per_tile) * p.item_cols;
+  const int64_t j1 = std::min(j0 + p.item_cols, p.tile);
+  [[maybe_unused]] const int64_t j_vec = j0 + (j1 - j0) / 32 * 32;  // the AVX2 kernels: [j0, j_vec)
+  if (p.xq == nullptr) {  // float x (any layout), or the rounded x' of a k-quant layout (QuantGemvImpl)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    if (j_vec > j0) FloatColumns32(p, t, j0, j_vec);
+    j0 = j_vec;
+#endif
+    for (; j0 < j1; j0 += kColumnBlock) {
+      if (j1 - j0 >= kColumnBlock) {
+        FloatColumns<kColumnBlock>(p, t, j0, kColumnBlock);
+      } else {
+        FloatColumns<0>(p, t, j0, j1 - j0);
+      }
     }
     return;
   }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   for (; j0 + kVectorColumns <= j1; j0 += kVectorColumns) Columns64(p, t, j0);
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  if (j_vec > j0) Columns32(p, t, j0, j_vec);
+  j0 = j_vec;
 #endif
   if (j0 < j1) ColumnsScalar(p, t, j0, j1 - j0);
 }
@@ -542,8 +693,8 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
       w.legacy ? static_cast<const _Float16*>(w.scales) : nullptr,
       w.legacy ? static_cast<const _Float16*>(w.mins) : nullptr,
       y->typed_data(), rows, k, tiles, tile, w.four_bit,
-      w.scales, w.mins, w.f32_scales, w.group, w.legacy};
-  const int64_t items = tiles * ((tile + kColumnBlock - 1) / kColumnBlock);
+      w.scales, w.mins, w.f32_scales, w.group, w.legacy, ItemColumns(tile)};
+  const int64_t items = ItemCount(problem);
   // Small products (< ~64k weights per helper) are not worth waking another thread for.
   ParallelFor(pool, items, (k * tiles * tile) / (1 << 16),
               [&problem](int64_t item) { RunItem(problem, item); });

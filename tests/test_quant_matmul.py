@@ -87,7 +87,9 @@ def test_xla_formulations_match_oracle(case, qtype, formulation, dtype):
 
 
 # The native CPU decode kernel (pallas_kernels/native_cpu.cc). Cases: the shared ones plus
-# widths around its 128-column blocks (edge remainders 8 / 64 / 72 / 136), and up to 16 rows.
+# tiles split into several work items (ItemColumns: 136 -> 64 + 64 + 8, 100 -> 64 + 36, 1536 -> 4 x
+# 384, 544 -> 3 x 160 + 64), edges that are not a multiple of the vector kernels' 32 columns, and
+# up to 16 rows.
 CPU_CASES = CASES + [Case(1, 64, 136, None, 16, 32), Case(16, 96, 200, 100, 16, 32),
                      Case(2, 576, 1536, None, 16, 32), Case(1, 128, 1024 + 64, 1088 // 2, 16, 32)]
 
@@ -105,7 +107,8 @@ def _cpu_kernel():
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_cpu_kernel_matches_oracle(case, qtype, dtype, quantize_x):
     """Both activation modes: float x (weights dequantized in registers) and q8 x (integer dot
-    products per block: AVX-512 VNNI for whole 64-column groups, plain C++ for the edge columns),
+    products per block: AVX-512 VNNI for whole 64-column groups or AVX2 for 32-column ones, plain C++
+    for the edge columns),
     the latter against x' @ W with x' from the NumPy Q8_0 oracle."""
     kernel = _cpu_kernel()
     qw, w = make_weight(case, qtype)
