@@ -20,19 +20,17 @@
 //   attr quantize_x: false: x as given; true: x rounded to 8 bits per 32-block first (quant_matmul's
 //           activations="q8", llama.cpp's Q8_0 / Q8_1 activation format), then integer products
 //
-// Per quant block the 32 products are summed first, then scaled (W = d q + m):
-//   y = sum_b d_b * (sum_i x_i q_i) + m_b * (sum_i x_i)        (the min term only for 4-bit)
-// Float x (every layout): the weights are widened to f32 in registers (FloatColumns32, AVX2: 32
-// columns in 4 registers per half block; FloatColumns: the plain C++ of the same sums). q8 x (the
-// legacy layouts): sum_i xq_i q_i is exact in int32, then y += d_b d_x isum + m_b sum(x'): with
-// AVX-512 VNNI vpdpbusd (Columns64: 64 byte products per instruction), with AVX2 vpmaddubsw +
-// vpmaddwd (Columns32, llama.cpp's AVX2 formulation), else plain C++ (ColumnsScalar). Items of
-// ItemColumns columns are shared among XLA's intra-op threads.
+// Per group (a 32-block, or each half of it for groups of 16) the products are summed first, then
+// scaled (W = d q + m):   y = sum_g d_g * (sum_i x_i q_i) + m_g * (sum_i x_i)   (m: where mins are)
+// Float x: the weights are widened to f32 in registers (FloatColumns32 on AVX2: 32 columns in 4
+// registers per half block; FloatColumns: the same sums in plain C++). q8 x: sum_i xq_i q_i is
+// exact in int32, then y += d_g d_x isum + m_g sum(x'): with AVX-512 VNNI vpdpbusd for the legacy
+// layouts (Columns64: 64 byte products per instruction), with AVX2 vpmaddubsw + vpmaddwd for every
+// layout (Columns32, llama.cpp's AVX2 formulation), else plain C++ (ColumnsScalar: the same bits).
+// Items of ItemColumns columns are shared among XLA's intra-op threads.
 //
 // The legacy layouts: f16 scales, group 32, mins exactly for 4-bit (GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0).
-// The k-quant layouts (f32 scales d * sc, groups of 16, 8-bit with mins) take the float path; with
-// quantize_x their x is rounded the same way and the float path multiplies the rounded x' (the
-// same x' @ W, without the integer speed-up).
+// The k-quant layouts: f32 scales (d * sc), groups of 16 or 32, 8-bit with or without mins.
 //
 // JaxchunkDecodeAttention: attention of a few query positions (decode) against the KV cache.
 //
@@ -95,19 +93,21 @@ struct Problem {
   const float* x_sum;      // [rows, k / 32]: d_x * sum(xq) (the dequantized block's sum)
   const int32_t* xq_sum;   // [rows, k / 32]: sum(xq)
   const uint8_t* qs;       // this layer's weights: 4-bit: u8 nibbles; 8-bit: s8 bytes
-  const _Float16* scales;  // legacy layouts (see above)
-  const _Float16* mins;    // nullptr for 8-bit
+  const void* scales;      // f16 or f32 [tiles, k / group, tile], as stored
+  const void* mins;        // the same, or nullptr without mins
   float* y;
   int64_t rows, k, tiles, tile;
   bool four_bit;
-  // Every layout (FloatColumns): the scales / mins as stored, f16 or f32.
-  const void* scales_any;
-  const void* mins_any;    // nullptr without mins
   bool f32_scales;
   int64_t group;           // weights per scale along k: 16 or 32
-  bool legacy;
+  bool legacy;             // f16 scales, group 32, mins exactly for 4-bit (all Columns64 takes)
   int64_t item_cols;       // columns per work item (ItemColumns)
 };
+
+// Scale (or min) i of a row of them, as f32.
+inline float ScaleAt(const void* base, bool f32, int64_t i) {
+  return f32 ? static_cast<const float*>(base)[i] : static_cast<float>(static_cast<const _Float16*>(base)[i]);
+}
 
 // Columns [0, w) of one scale (or min) row, as f32.
 inline void ScaleRow(const void* base, bool f32, int64_t offset, int64_t w, float* out) {
@@ -187,13 +187,13 @@ void FloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
       float d[kColumnBlock], m[kColumnBlock];
       for (int64_t h = 0; h < (two_groups ? 2 : 1); ++h) {
         const int64_t g = two_groups ? 2 * b + h : b;
-        ScaleRow(p.scales_any, p.f32_scales, s_t + g * p.tile, w, d);
+        ScaleRow(p.scales, p.f32_scales, s_t + g * p.tile, w, d);
         if (!two_groups) {  // one group for the block: both halves at once
           for (int64_t j = 0; j < w; ++j) part[0][j] += part[1][j];
           x_sum[0] += x_sum[1];
         }
-        if (p.mins_any != nullptr) {
-          ScaleRow(p.mins_any, p.f32_scales, s_t + g * p.tile, w, m);
+        if (p.mins != nullptr) {
+          ScaleRow(p.mins, p.f32_scales, s_t + g * p.tile, w, m);
           for (int64_t j = 0; j < w; ++j) acc[j] += d[j] * part[h][j] + m[j] * x_sum[h];
         } else {
           for (int64_t j = 0; j < w; ++j) acc[j] += d[j] * part[h][j];
@@ -205,40 +205,66 @@ void FloatColumns(const Problem& p, int64_t t, int64_t j0, int64_t width) {
   }
 }
 
-// Adds one block's contribution: acc + (d_w d_x) * isum + m_w * sum(x'), fused the same way in the
+// Adds one group's contribution: acc + (d_w d_x) * isum + m_w * sum(x'), fused the same way in the
 // vector and the scalar code so that both give the same bits.
 inline float BlockTerm(float acc, float d_w, float m_w, float d_x, float x_sum, int32_t isum) {
   return std::fma(d_w * d_x, static_cast<float>(isum), std::fma(m_w, x_sum, acc));
 }
 
-// Columns [j0, j0 + width) of tile t for every row, in plain C++ (edge columns, and CPUs without
-// AVX-512 VNNI).
-void ColumnsScalar(const Problem& p, int64_t t, int64_t j0, int64_t width) {
+// sum(x') per group of 32-block b of row r: the whole block's (QuantizeActivations' x_sum) for
+// groups of 32, each half's (d_x * its code sum) for groups of 16; the same floats in every kernel.
+inline void GroupSums(const Problem& p, int64_t r, int64_t b, float out[2]) {
   const int64_t nb = p.k / kQuantBlock;
+  out[0] = p.x_sum[r * nb + b];
+  out[1] = 0.f;
+  if (p.group == kQuantBlock) return;
+  const int8_t* xb = p.xq + r * p.k + b * kQuantBlock;
+  int32_t lo = 0, hi = 0;
+  for (int64_t i = 0; i < kQuantBlock / 2; ++i) {
+    lo += xb[i];
+    hi += xb[kQuantBlock / 2 + i];
+  }
+  out[0] = p.x_scale[r * nb + b] * static_cast<float>(lo);
+  out[1] = p.x_scale[r * nb + b] * static_cast<float>(hi);
+}
+
+// q8 activations, any layout: columns [j0, j0 + width) of tile t for every row, in plain C++ (edge
+// columns, and CPUs without AVX2). Per 32-block the integer products of each half (16 weights:
+// the low / high nibbles, or 8-bit rows 0..15 / 16..31) are summed exactly, then scaled by the
+// half's group (groups of 16: one each; of 32: one for the whole block).
+void ColumnsScalar(const Problem& p, int64_t t, int64_t j0, int64_t width) {
+  constexpr int64_t kHalf = kQuantBlock / 2;
+  const int64_t nb = p.k / kQuantBlock, ng = p.k / p.group;
   const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
   const uint8_t* q_t = p.qs + t * qrows * p.tile;
-  const _Float16* d_t = p.scales + t * nb * p.tile;
-  const _Float16* m_t = p.four_bit ? p.mins + t * nb * p.tile : nullptr;
+  const int64_t s_t = t * ng * p.tile;  // this tile's first scale row
+  const bool two_groups = p.group == kHalf;
   for (int64_t r = 0; r < p.rows; ++r) {
     const int8_t* xr = p.xq + r * p.k;
     for (int64_t j = j0; j < j0 + width; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         const int8_t* xb = xr + b * kQuantBlock;
-        int32_t isum = 0;
-        if (p.four_bit) {
-          for (int64_t i = 0; i < kQuantBlock / 2; ++i) {
-            const uint8_t q = q_t[(b * kQuantBlock / 2 + i) * p.tile + j];
-            isum += (q & 15) * xb[i] + (q >> 4) * xb[kQuantBlock / 2 + i];
+        int32_t isum[2] = {0, 0};
+        if (p.four_bit) {  // byte row i holds W[i] (low nibble) and W[i + 16] (high)
+          for (int64_t i = 0; i < kHalf; ++i) {
+            const uint8_t q = q_t[(b * kHalf + i) * p.tile + j];
+            isum[0] += (q & 15) * xb[i];
+            isum[1] += (q >> 4) * xb[kHalf + i];
           }
         } else {
           for (int64_t i = 0; i < kQuantBlock; ++i) {
-            isum += static_cast<int8_t>(q_t[(b * kQuantBlock + i) * p.tile + j]) * xb[i];
+            isum[i / kHalf] += static_cast<int8_t>(q_t[(b * kQuantBlock + i) * p.tile + j]) * xb[i];
           }
         }
-        const float m = p.four_bit ? static_cast<float>(m_t[b * p.tile + j]) : 0.f;
-        acc = BlockTerm(acc, static_cast<float>(d_t[b * p.tile + j]), m, p.x_scale[r * nb + b],
-                        p.x_sum[r * nb + b], isum);
+        float x_sum[2];
+        GroupSums(p, r, b, x_sum);
+        for (int64_t h = 0; h < (two_groups ? 2 : 1); ++h) {
+          const int64_t at = s_t + (two_groups ? 2 * b + h : b) * p.tile + j;
+          const float m = p.mins != nullptr ? ScaleAt(p.mins, p.f32_scales, at) : 0.f;
+          acc = BlockTerm(acc, ScaleAt(p.scales, p.f32_scales, at), m, p.x_scale[r * nb + b], x_sum[h],
+                          two_groups ? isum[h] : isum[0] + isum[1]);
+        }
       }
       p.y[r * p.tiles * p.tile + t * p.tile + j] = acc;
     }
@@ -318,8 +344,8 @@ void FloatColumns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
           __m256 acc = _mm256_loadu_ps(yr + j + 8 * c);
           for (int h = 0; h < (two_groups ? 2 : 1); ++h) {
             const int64_t row = s_t + (two_groups ? 2 * b + h : b) * p.tile + j + 8 * c;
-            if (p.mins_any != nullptr) acc = _mm256_fmadd_ps(scale8(p.mins_any, row), _mm256_set1_ps(x_sum[h]), acc);
-            acc = _mm256_fmadd_ps(scale8(p.scales_any, row), part[h][c], acc);
+            if (p.mins != nullptr) acc = _mm256_fmadd_ps(scale8(p.mins, row), _mm256_set1_ps(x_sum[h]), acc);
+            acc = _mm256_fmadd_ps(scale8(p.scales, row), part[h][c], acc);
           }
           _mm256_storeu_ps(yr + j + 8 * c, acc);
         }
@@ -330,7 +356,6 @@ void FloatColumns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-constexpr int64_t kVectorColumns = 64;  // one 64-byte register of a weight row
 
 inline __m512i Broadcast4(const int8_t* p) {  // 4 activation codes into every 32-bit lane
   int32_t v;
@@ -369,8 +394,8 @@ void Columns64(const Problem& p, int64_t t, int64_t j0) {
   const int64_t nb = p.k / kQuantBlock;
   const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
   const uint8_t* q_t = p.qs + t * qrows * p.tile + j0;
-  const _Float16* d_t = p.scales + t * nb * p.tile + j0;
-  const _Float16* m_t = p.four_bit ? p.mins + t * nb * p.tile + j0 : nullptr;
+  const _Float16* d_t = static_cast<const _Float16*>(p.scales) + t * nb * p.tile + j0;
+  const _Float16* m_t = p.four_bit ? static_cast<const _Float16*>(p.mins) + t * nb * p.tile + j0 : nullptr;
   const __m512i low4 = _mm512_set1_epi8(15), sign = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t r = 0; r < p.rows; ++r) {
     const int8_t* xr = p.xq + r * p.k;
@@ -416,10 +441,10 @@ void Columns64(const Problem& p, int64_t t, int64_t j0) {
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(yr + 16 * c, acc[c]);
   }
 }
-#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-constexpr int64_t kVectorColumns = 32;  // one 32-byte register of a weight row
+#endif
 
-inline __m256i Broadcast4(const int8_t* p) {  // 4 activation codes into every 32-bit lane
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+inline __m256i Broadcast4x8(const int8_t* p) {  // 4 activation codes into every 32-bit lane
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return _mm256_set1_epi32(v);
@@ -450,30 +475,38 @@ inline void TransposeHalves(__m256i v[4]) {
   v[3] = d;
 }
 
-// q8 activations, the legacy layouts: columns [j0, j1) of tile t, every row (block by block, as
-// FloatColumns32). Integer dot products per 32-block, scaled per block in f32, as Columns64 but
-// without VNNI (llama.cpp's AVX2 formulation): vpmaddubsw multiplies u8 x s8 byte pairs into s16
-// sums, vpmaddwd by ones adds those pairs into s32. 4-bit: a whole block's pair sums stay in s16 (8
-// of them, each |.| <= 2 * 15 * 127: at most 30480); 8-bit weights are signed, so the product is
-// |w| * (x with w's sign) (vpsignb), each pair widened at once (2 * 128 * 127 fits s16 once, not
-// twice). Bit for bit ColumnsScalar's result.
+// q8 activations, any layout: columns [j0, j1) of tile t, every row (block by block, as
+// FloatColumns32): ColumnsScalar's sums, bit for bit. vpmaddubsw multiplies u8 x s8 byte pairs
+// into s16 sums, vpmaddwd by ones adds those pairs into s32 (llama.cpp's AVX2 formulation; Columns64
+// is the VNNI one). 4-bit: a half block's pair sums stay in s16 (4 of them, each |.| <= 2 * 15 *
+// 127); 8-bit weights are signed, so the product is |w| * (x with w's sign) (vpsignb), each pair
+// widened at once (2 * 128 * 127 fits s16 once, not twice).
 void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
-  const int64_t nb = p.k / kQuantBlock;
+  constexpr int64_t kHalf = kQuantBlock / 2;
+  const int64_t nb = p.k / kQuantBlock, ng = p.k / p.group;
   const int64_t qrows = p.four_bit ? p.k / 2 : p.k;
   const uint8_t* q_t = p.qs + t * qrows * p.tile;
-  const _Float16* d_t = p.scales + t * nb * p.tile;
-  const _Float16* m_t = p.four_bit ? p.mins + t * nb * p.tile : nullptr;
+  const int64_t s_t = t * ng * p.tile;  // this tile's first scale row
+  const bool two_groups = p.group == kHalf;
   const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  auto scale8 = [&](const void* base, int64_t offset) {  // 8 scales (or mins) as f32
+    if (p.f32_scales) return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const _Float16*>(base) + offset)));
+  };
   for (int64_t r = 0; r < p.rows; ++r) {
     const int8_t* xr = p.xq + r * p.k;
     float* yr = p.y + r * p.tiles * p.tile + t * p.tile;
     for (int64_t j = j0; j < j1; ++j) yr[j] = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const int8_t* xb = xr + b * kQuantBlock;
-      const __m256 d_x = _mm256_set1_ps(p.x_scale[r * nb + b]), x_sum = _mm256_set1_ps(p.x_sum[r * nb + b]);
+      float x_sum[2];
+      GroupSums(p, r, b, x_sum);
+      const __m256 d_x = _mm256_set1_ps(p.x_scale[r * nb + b]);
       for (int64_t j = j0; j < j1; j += 32) {
-        __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                           _mm256_setzero_si256()};
+        __m256i isum[2][4];  // per half block
+        for (int h = 0; h < 2; ++h) {
+          for (int m = 0; m < 4; ++m) isum[h][m] = _mm256_setzero_si256();
+        }
         __m256i w[4];
         // The next block's rows at these columns, a line each (one core waits on memory less: a
         // decode step's q4 matmuls 8.7 -> 6.5 ms on one core; 2+ blocks ahead or the scale rows too
@@ -482,42 +515,47 @@ void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
           for (int64_t i = 0; i < qrows / nb; ++i) __builtin_prefetch(q_t + ((b + 1) * (qrows / nb) + i) * p.tile + j);
         }
         if (p.four_bit) {  // byte row i holds W[i] (low nibble) and W[i + 16] (high)
-          for (int64_t i = 0; i < kQuantBlock / 2; i += 4) {
-            Interleave4(q_t + (b * kQuantBlock / 2 + i) * p.tile + j, p.tile, w);
-            const __m256i x_lo = Broadcast4(xb + i), x_hi = Broadcast4(xb + kQuantBlock / 2 + i);
+          for (int64_t i = 0; i < kHalf; i += 4) {
+            Interleave4(q_t + (b * kHalf + i) * p.tile + j, p.tile, w);
+            const __m256i x_lo = Broadcast4x8(xb + i), x_hi = Broadcast4x8(xb + kHalf + i);
             for (int m = 0; m < 4; ++m) {
-              isum[m] = _mm256_add_epi16(isum[m], _mm256_maddubs_epi16(_mm256_and_si256(w[m], low4), x_lo));
-              isum[m] = _mm256_add_epi16(
-                  isum[m], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[m], 4), low4), x_hi));
+              isum[0][m] = _mm256_add_epi16(isum[0][m], _mm256_maddubs_epi16(_mm256_and_si256(w[m], low4), x_lo));
+              isum[1][m] = _mm256_add_epi16(
+                  isum[1][m], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[m], 4), low4), x_hi));
             }
           }
-          for (int m = 0; m < 4; ++m) isum[m] = _mm256_madd_epi16(isum[m], ones);
+          for (int h = 0; h < 2; ++h) {
+            for (int m = 0; m < 4; ++m) isum[h][m] = _mm256_madd_epi16(isum[h][m], ones);
+          }
         } else {
           for (int64_t i = 0; i < kQuantBlock; i += 4) {
             Interleave4(q_t + (b * kQuantBlock + i) * p.tile + j, p.tile, w);
-            const __m256i x4 = Broadcast4(xb + i);
+            const __m256i x4 = Broadcast4x8(xb + i);
+            __m256i* half = isum[i / kHalf];
             for (int m = 0; m < 4; ++m) {
               const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[m]), _mm256_sign_epi8(x4, w[m]));
-              isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(pairs, ones));
+              half[m] = _mm256_add_epi32(half[m], _mm256_madd_epi16(pairs, ones));
             }
           }
         }
-        TransposeHalves(isum);
+        if (!two_groups) {  // one group for the block
+          for (int m = 0; m < 4; ++m) isum[0][m] = _mm256_add_epi32(isum[0][m], isum[1][m]);
+        }
+        for (int h = 0; h < (two_groups ? 2 : 1); ++h) TransposeHalves(isum[h]);
         for (int c = 0; c < 4; ++c) {
-          const int64_t col = b * p.tile + j + 8 * c;
-          const __m256 d_w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d_t + col)));
-          const __m256 m_w = p.four_bit ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m_t + col)))
-                                        : _mm256_setzero_ps();
-          // = BlockTerm, lane by lane
-          const __m256 acc = _mm256_fmadd_ps(m_w, x_sum, _mm256_loadu_ps(yr + j + 8 * c));
-          _mm256_storeu_ps(yr + j + 8 * c, _mm256_fmadd_ps(_mm256_mul_ps(d_w, d_x), _mm256_cvtepi32_ps(isum[c]), acc));
+          __m256 acc = _mm256_loadu_ps(yr + j + 8 * c);
+          for (int h = 0; h < (two_groups ? 2 : 1); ++h) {  // = BlockTerm, lane by lane
+            const int64_t at = s_t + (two_groups ? 2 * b + h : b) * p.tile + j + 8 * c;
+            const __m256 m_w = p.mins != nullptr ? scale8(p.mins, at) : _mm256_setzero_ps();
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(scale8(p.scales, at), d_x), _mm256_cvtepi32_ps(isum[h][c]),
+                                  _mm256_fmadd_ps(m_w, _mm256_set1_ps(x_sum[h]), acc));
+          }
+          _mm256_storeu_ps(yr + j + 8 * c, acc);
         }
       }
     }
   }
 }
-#else
-constexpr int64_t kVectorColumns = 0;  // no vector path: everything runs ColumnsScalar
 #endif
 
 // Columns per work item for a tile `tile` wide: about a quarter of the tile (items for two or more
@@ -538,7 +576,7 @@ void RunItem(const Problem& p, int64_t item) {
   int64_t j0 = (item % per_tile) * p.item_cols;
   const int64_t j1 = std::min(j0 + p.item_cols, p.tile);
   [[maybe_unused]] const int64_t j_vec = j0 + (j1 - j0) / 32 * 32;  // the AVX2 kernels: [j0, j_vec)
-  if (p.xq == nullptr) {  // float x (any layout), or the rounded x' of a k-quant layout (QuantGemvImpl)
+  if (p.xq == nullptr) {  // float x
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
     if (j_vec > j0) FloatColumns32(p, t, j0, j_vec);
     j0 = j_vec;
@@ -553,10 +591,13 @@ void RunItem(const Problem& p, int64_t item) {
     return;
   }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  for (; j0 + kVectorColumns <= j1; j0 += kVectorColumns) Columns64(p, t, j0);
-#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  if (p.legacy) {
+    for (; j0 + 64 <= j1; j0 += 64) Columns64(p, t, j0);  // one 64-byte register of a weight row
+  }
+#endif
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
   if (j_vec > j0) Columns32(p, t, j0, j_vec);
-  j0 = j_vec;
+  j0 = std::max(j0, j_vec);
 #endif
   if (j0 < j1) ColumnsScalar(p, t, j0, j1 - j0);
 }
@@ -682,18 +723,9 @@ ffi::Error QuantGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
   if (quantize_x) {
     QuantizeActivations(x.typed_data(), rows, k, xq.data(), x_scale.data(), x_sum.data(), xq_sum.data());
   }
-  // Non-legacy layouts multiply the rounded x' = d_x * xq in the float path.
-  std::vector<float> x_rounded(quantize_x && !w.legacy ? rows * k : 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(x_rounded.size()); ++i) {
-    x_rounded[i] = x_scale[i / kQuantBlock] * static_cast<float>(xq[i]);
-  }
-  const Problem problem{
-      x_rounded.empty() ? x.typed_data() : x_rounded.data(), quantize_x && w.legacy ? xq.data() : nullptr,
-      x_scale.data(), x_sum.data(), xq_sum.data(), w.qs,
-      w.legacy ? static_cast<const _Float16*>(w.scales) : nullptr,
-      w.legacy ? static_cast<const _Float16*>(w.mins) : nullptr,
-      y->typed_data(), rows, k, tiles, tile, w.four_bit,
-      w.scales, w.mins, w.f32_scales, w.group, w.legacy, ItemColumns(tile)};
+  const Problem problem{x.typed_data(), quantize_x ? xq.data() : nullptr, x_scale.data(), x_sum.data(), xq_sum.data(),
+                        w.qs, w.scales, w.mins, y->typed_data(), rows, k, tiles, tile, w.four_bit, w.f32_scales,
+                        w.group, w.legacy, ItemColumns(tile)};
   const int64_t items = ItemCount(problem);
   // Small products (< ~64k weights per helper) are not worth waking another thread for.
   ParallelFor(pool, items, (k * tiles * tile) / (1 << 16),

@@ -89,8 +89,8 @@ KQUANT_SPECS = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K+Q6
 def make_stack(spec: str, k: int = 512, n: int = 400, tile: int = 200, seed: int = 0):
     """(stacked QuantizedWeight [layers, k, n] with NumPy leaves, float64 W [layers, k, n] per gguf):
     one layer per type named in `spec` ("Q4_K" or "Q4_K+Q6_K"), random blocks with f16 super-scales
-    of 2**-12..2**-6. Default shape: 2 tiles of 200 columns (the native kernel's 128-column blocks
-    and a 72-column edge per tile)."""
+    of 2**-12..2**-6. Default shape: 2 tiles of 200 columns (the native kernel's work items of 64
+    columns, ItemColumns, and an 8-column edge per tile)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
