@@ -45,14 +45,9 @@ DTYPES = ("f32", "bf16")
 
 def cpu_flags() -> list[str]:
     """The FLAGS this CPU reports (/proc/cpuinfo; empty where unreadable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [f for f in FLAGS if f in present]
-    except OSError:
-        pass
-    return []
+    from pallas_kernels.native_cpu import cpu_flags as all_flags
+    present = all_flags()
+    return [f for f in FLAGS if f in present]
 
 
 def layer_matrices(config) -> list[tuple[str, int, int]]:

@@ -98,3 +98,32 @@ def test_packed_params_refuse_gradients():
     ids = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(TypeError):
         jax.grad(lambda p: jnp.sum(forward(p, CONFIG, ids)))(packed)
+
+
+@pytest.mark.parametrize("widen", [False, True], ids=["bf16-dot", "widened-f32-dot"])
+def test_linear_bf16_both_lowerings_match_the_float64_product(monkeypatch, widen):
+    """A bf16 prefill-sized linear takes one f32 dot of the widened operands on CPUs without bf16 dot
+    instructions, else the bf16 dot with f32 accumulation: either way the exact products summed in
+    f32, then rounded once to bf16. Against the float64 product of the same bf16 values: within
+    one bf16 rounding (2^-8 relative) plus f32 summation error (k = 256, far below it)."""
+    from jaxchunk import model
+    from pallas_kernels import native_cpu
+    monkeypatch.setattr(native_cpu, "widens_bf16_dots", lambda: widen)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 40, 256)), jnp.bfloat16)  # 80 rows: above the decode rows
+    w = jnp.asarray(rng.normal(size=(256, 96)), jnp.bfloat16)
+    linear = jax.jit(lambda x, w: model.linear(x, w))  # a new function: no trace cached by the other case
+    y = linear(x, w)
+    assert y.dtype == jnp.bfloat16
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2 ** -8, atol=1e-6 * np.abs(ref).max())
+    hlo = linear.lower(x, w).as_text()
+    assert ("bf16" not in hlo.split("dot_general")[1].split("\n")[0]) == widen  # the dot's operand types
+
+
+def test_widens_bf16_dots_only_without_bf16_dot_instructions(monkeypatch):
+    from pallas_kernels import native_cpu
+    for flags, widens in [({"avx2", "fma"}, True), ({"avx2", "avx512f", "avx512_bf16"}, False),
+                          ({"avx2", "amx_bf16"}, False), (set(), False)]:
+        monkeypatch.setattr(native_cpu, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert native_cpu.widens_bf16_dots() == widens, flags
