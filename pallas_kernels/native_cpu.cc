@@ -979,7 +979,9 @@ void AttendSplit(const AttnProblem<Layout>& p, int64_t item) {
 }
 
 // The head sizes AttendSplit is compiled for (native_cpu.py's ATTENTION_HEAD_DIMS mirrors this).
-bool SupportedHeadDim(int64_t d) { return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128; }
+bool SupportedHeadDim(int64_t d) {
+  return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
+}
 
 template <typename T, typename Layout>
 void AttendSplitFor(const AttnProblem<Layout>& p, int64_t item) {  // p.d is a SupportedHeadDim
@@ -990,6 +992,7 @@ void AttendSplitFor(const AttnProblem<Layout>& p, int64_t item) {  // p.d is a S
     case 80: AttendSplit<T, 80 / kLanes>(p, item); break;
     case 96: AttendSplit<T, 96 / kLanes>(p, item); break;
     case 128: AttendSplit<T, 128 / kLanes>(p, item); break;
+    case 256: AttendSplit<T, 256 / kLanes>(p, item); break;  // Gemma 3
   }
 }
 

@@ -55,7 +55,7 @@ DEQUANTIZE = "jaxchunk_dequantize"
 PAGED_DECODE_ATTENTION = "jaxchunk_paged_decode_attention"
 FLASH_ATTENTION = "jaxchunk_flash_attention"
 PAGED_ATTENTION = "jaxchunk_paged_attention"
-ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # decode_attention_cpu's compiled head sizes
+ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # decode_attention_cpu's compiled head sizes
 FLASH_MAX_HEAD_DIM = 512  # flash_attention_cpu: any multiple of 16 up to this
 SOURCE = Path(__file__).with_suffix(".cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")

@@ -59,6 +59,8 @@ CASES = [
     # window + soft-cap on a chunk whose window starts past the first key blocks.
     Case("q64_window_softcap_gqa8", 64, 8, 1, 64, 230, (150, 0), (214, 0),
          sliding_window=40, soft_cap=3.0, q_gain=3.0),
+    # Gemma 3's shape on decode: head_dim 256, GQA 4, a window of 512 the first row has passed.
+    Case("q1_window_gqa4_d256", 1, 4, 1, 256, 530, (529, 100), (530, 101), sliding_window=512),
     # a long chunk (several query tiles, many key blocks), GQA 3.
     Case("q200_gqa3", 200, 3, 1, 64, 333, (0, 120), (200, 310), slow=True),
 ]
