@@ -10,10 +10,11 @@ range at scale 0.2), greedy ids identical.
 """
 import numpy as np
 import pytest
+from reference_forward import forward
 
 from jaxchunk.cache import init_cache, ring_layout
 from jaxchunk.errors import InputError
-from jaxchunk.model import forward, init_params
+from jaxchunk.model import init_params
 from jaxchunk.prefill import decode_step, prefill, prefill_chunk
 from jaxchunk.steps import compiled_step_counts, step_memory
 from jaxchunk.testing import tiny_config, tiny_gemma3_config
