@@ -10,7 +10,8 @@
   the independent reference on 2,100 tokens of the project corpus (four windows): top-1 agreement
   >= 99.9%, perplexity within 0.05%, identical greedy continuations, at chunk sizes 64 .. 2048.
   transformers' reduced outputs are cached under the cache dir (`hf_reference`): loading the GGUF
-  into transformers takes a minute.
+  into transformers takes a minute. The sliding-window ring cache equals the full-length cache on
+  the same prompt (chunk 512: that prefill is shared with the agreement test, `corpus_prefill`).
 * The tokenizer: ids identical to llama.cpp's and (but for one documented case) transformers' (its
   ids and offsets cached too, `hf_tokenization`: building its tokenizer takes half a minute).
 """
@@ -35,6 +36,7 @@ from jaxchunk.testing import greedy_step_by_step, tiny_gemma3_config
 REL_TOL = 1e-4
 MODEL = "gemma3-270m"
 N_TOKENS = 2100   # real-model prompts: > 4 windows; chunk 2048 gives two chunks
+CACHE_LEN = N_TOKENS + 4  # every real-model cache (one compile per chunk size): room for 3 decode steps
 CHUNK_SIZES = (64, 511, 512, 513, 2048)
 GREEDY_NEW = 32
 
@@ -253,7 +255,7 @@ def test_real_model_chunked_equals_full(gemma_f32, gemma_tokenizer, length, chun
     config, params = gemma_f32
     ids = np.array([config.bos_token_id] + gemma_tokenizer.encode(reference_text(12000)))[:length]
     ref_top1, ref_last = _full_reduced(params, jnp.asarray(ids), config=config)
-    cache = init_cache(config, 1, N_TOKENS)  # the shape the transformers tests compile too
+    cache = init_cache(config, 1, CACHE_LEN)  # the shape the transformers tests compile too
     top1 = []
     for chunk in iter_prefill(params, config, cache, [ids], chunk_size=chunk_size, logits="all"):
         top1.append(np.asarray(chunk.logits[0, :chunk.n_valid[0]].argmax(-1)))
@@ -351,25 +353,48 @@ def _reduce(logits, targets):
     return logits.argmax(-1), jnp.take_along_axis(lsm, targets[:, None], axis=-1)[:, 0]
 
 
-@pytest.mark.model
-@pytest.mark.peers
-@pytest.mark.slow
-@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-def test_agreement_and_perplexity_match_transformers(gemma_f32, gemma_tokenizer, reference, chunk_size):
-    config, params = gemma_f32
-    ids = reference["ids"]
-    assert len(ids) == N_TOKENS
-    # Our tokenizer gives transformers' ids for this text (its own test below covers the corpus).
-    assert [config.bos_token_id] + gemma_tokenizer.encode(reference_text(12000))[:N_TOKENS - 1] == ids.tolist()
+def corpus_ids(config, tokenizer):
+    """BOS + our tokenizer's first N_TOKENS - 1 ids of the project corpus (transformers' ids too:
+    test_agreement_and_perplexity_match_transformers checks)."""
+    return np.array([config.bos_token_id] + tokenizer.encode(reference_text(12000))[:N_TOKENS - 1])
+
+
+def prefill_corpus(params, config, cache, ids, chunk_size):
+    """Chunked prefill of `ids` with every position's logits reduced on device: (top-1 ids [n],
+    log-prob of the next id [n - 1], last position's logits [vocab], the filled cache)."""
     targets = np.append(ids[1:], 0).astype(np.int32)
     top1, logp = [], []
-    cache = init_cache(config, 1, N_TOKENS)
     for chunk in iter_prefill(params, config, cache, [ids], chunk_size=chunk_size, logits="all"):
         n, start = int(chunk.n_valid[0]), int(chunk.start[0])
         t, lp = _reduce(chunk.logits[0, :n], jnp.asarray(targets[start:start + n]))
         top1.append(np.asarray(t))
         logp.append(np.asarray(lp, np.float64))
-    top1, logp = np.concatenate(top1), np.concatenate(logp)[:-1]
+        last, cache = np.asarray(chunk.logits[0, n - 1]), chunk.kv_cache
+    return np.concatenate(top1), np.concatenate(logp)[:-1], last, cache
+
+
+@pytest.fixture(scope="module")
+def corpus_prefill(gemma_f32, gemma_tokenizer):
+    """chunk_size -> `prefill_corpus` of the corpus ids into a full-length cache, once per chunk size
+    (the agreement test and the ring-cache test both check chunk 512's)."""
+    config, params = gemma_f32
+    ids = corpus_ids(config, gemma_tokenizer)
+    return functools.cache(lambda chunk_size: prefill_corpus(params, config, init_cache(config, 1, CACHE_LEN), ids,
+                                                             chunk_size))
+
+
+@pytest.mark.model
+@pytest.mark.peers
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+def test_agreement_and_perplexity_match_transformers(gemma_f32, gemma_tokenizer, reference, corpus_prefill,
+                                                     chunk_size):
+    config, _ = gemma_f32
+    ids = reference["ids"]
+    assert len(ids) == N_TOKENS
+    # Our tokenizer gives transformers' ids for this text (its own test below covers the corpus).
+    assert corpus_ids(config, gemma_tokenizer).tolist() == ids.tolist()
+    top1, logp, _, _ = corpus_prefill(chunk_size)
     agree = (top1 == reference["top1"]).mean()
     ppl, ppl_ref = np.exp(-logp.mean()), np.exp(-reference["target_logp"].mean())
     print(f"\nchunk {chunk_size}: top-1 agreement {agree:.5f} ({(top1 != reference['top1']).sum()} of {N_TOKENS} "
@@ -378,9 +403,37 @@ def test_agreement_and_perplexity_match_transformers(gemma_f32, gemma_tokenizer,
     assert abs(ppl / ppl_ref - 1) <= 5e-4
 
 
+@pytest.mark.model
+@pytest.mark.slow
+def test_ring_cache_equals_full_cache(gemma_f32, gemma_tokenizer, corpus_prefill):
+    """The sliding-window ring cache (tests/test_ring_cache.py) on the real model: the corpus prompt
+    (four windows; the 1,023-slot ring wraps twice) at chunk 512, then decode steps: every
+    position's top-1 and the last logits equal the full-length cache's."""
+    config, params = gemma_f32
+
+    def decode(cache, last):
+        decoded, token = [last], int(last.argmax())
+        for _ in range(3):
+            cache, logits = decode_step(params, cache, np.array([token]), config=config)
+            decoded.append(np.asarray(logits)[0])
+            token = int(decoded[-1].argmax())
+        return np.stack(decoded)
+
+    ring_cache = init_cache(config, 1, CACHE_LEN, ring_chunk_len=512)
+    ring_top1, _, ring_last, ring = prefill_corpus(params, config, ring_cache, corpus_ids(config, gemma_tokenizer),
+                                                   512)
+    assert ring.ring_len == 1023 and ring.keys.shape[0] == 3 and ring.ring_keys.shape[0] == 15
+    ring_logits = decode(ring, ring_last)
+    full_top1, _, full_last, full = corpus_prefill(512)
+    full_logits = decode(full, full_last)
+    np.testing.assert_array_equal(ring_top1, full_top1)
+    np.testing.assert_array_equal(ring_logits.argmax(-1), full_logits.argmax(-1))
+    assert_close_logits(ring_logits, full_logits)
+
+
 def greedy(params, config, ids, n_new, chunk_size):
     # the agreement test's shapes: its compiles serve here too
-    return greedy_step_by_step(params, config, ids, n_new, chunk_size, cache_len=N_TOKENS)
+    return greedy_step_by_step(params, config, ids, n_new, chunk_size, cache_len=CACHE_LEN)
 
 
 @pytest.mark.model

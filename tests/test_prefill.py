@@ -7,12 +7,13 @@ and identical argmax at every position.
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_forward import forward
 
 from jaxchunk.cache import init_cache
 from jaxchunk.config import RopeScaling
 from jaxchunk.testing import tiny_config
 from jaxchunk.errors import InputError
-from jaxchunk.model import forward, init_params, rope_inv_freq
+from jaxchunk.model import init_params, rope_inv_freq
 from jaxchunk.prefill import chunk_schedule, decode_step, exllama_chunk_len, prefill, prefill_chunk
 from jaxchunk.steps import compiled_step_counts, jitted_prefill_chunk
 
@@ -63,13 +64,16 @@ def test_decode_after_chunked_prefill_equals_forward(params):
     ids = prompt(150)
     cache = init_cache(CONFIG, 1, MAX_SEQ)
     cache, logits = prefill(params, CONFIG, cache, [ids], chunk_size=64)
-    seq = list(ids)
+    seq, decoded = list(ids), []
     for _ in range(8):
         next_token = int(np.asarray(logits)[0].argmax())
         seq.append(next_token)
         cache, logits = decode_step(params, cache, np.array([next_token]), config=CONFIG)
-        ref = forward(params, CONFIG, np.array(seq)[None])[0, -1]
-        assert_close_logits(np.asarray(logits)[0], ref)
+        decoded.append(np.asarray(logits)[0])
+    # forward is causal: its row p is the prediction after token p (one compile for every step).
+    ref = np.asarray(forward(params, CONFIG, np.array(seq)[None]))[0]
+    for step, got in enumerate(decoded):
+        assert_close_logits(got, ref[len(ids) + step])
 
 
 def test_batch_of_different_lengths_has_no_cross_row_leakage(params):
@@ -78,14 +82,17 @@ def test_batch_of_different_lengths_has_no_cross_row_leakage(params):
     cache = init_cache(CONFIG, 3, MAX_SEQ)
     cache, logits = prefill(params, CONFIG, cache, prompts, chunk_size=64)
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
-    for b, ids in enumerate(prompts):
-        assert_close_logits(np.asarray(logits)[b], forward(params, CONFIG, ids[None])[0, -1])
-    # Decode one token per row at different positions.
     next_tokens = np.asarray(logits).argmax(-1)
+    # forward is causal: over the prompt and its next token, row -2 is the prompt's last-token
+    # prediction and row -1 the decode step's (one compile per row).
+    refs = [np.asarray(forward(params, CONFIG, np.append(ids, next_tokens[b])[None]))[0]
+            for b, ids in enumerate(prompts)]
+    for b in range(len(prompts)):
+        assert_close_logits(np.asarray(logits)[b], refs[b][-2])
+    # Decode one token per row at different positions.
     cache, step_logits = decode_step(params, cache, next_tokens, config=CONFIG)
-    for b, ids in enumerate(prompts):
-        ref = forward(params, CONFIG, np.append(ids, next_tokens[b])[None])[0, -1]
-        assert_close_logits(np.asarray(step_logits)[b], ref)
+    for b in range(len(prompts)):
+        assert_close_logits(np.asarray(step_logits)[b], refs[b][-1])
     # Changing row 1 changes nothing in rows 0 and 2.
     other = [prompts[0], prompt(200, seed=99), prompts[2]]
     cache2 = init_cache(CONFIG, 3, MAX_SEQ)

@@ -135,7 +135,7 @@ def test_truncated_with_whole_window_is_exact(params):
 
 def test_jax_grad_composes(params):
     """chunked_loss is an ordinary differentiable function: jax.grad works on it directly."""
-    ids = ids_of(37, batch=1)
+    ids = ids_of(37)  # the exact tests' batch: their reference gradient's compile serves here
     grad = jax.jit(jax.grad(lambda p: chunked_loss(p, CONFIG, jnp.asarray(ids), chunk_len=16)))(params)
     _, want = reference_grad(params, ids, 0)
     assert_grads_close(grad, want)
