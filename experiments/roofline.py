@@ -64,8 +64,15 @@ def matmul_weights(config) -> int:
 
 
 def attention_flops_per_token(config, prompt_len: int) -> float:
-    """QK^T + PV FLOPs per token of a causal prompt of `prompt_len` tokens (position p sees p + 1 keys)."""
-    return 4.0 * config.num_layers * config.num_heads * config.head_dim * (prompt_len + 1) / 2
+    """QK^T + PV FLOPs per token of a causal prompt of `prompt_len` tokens: position p sees p + 1 keys,
+    min(p + 1, window) in a sliding-window layer (config.layer_windows: Gemma 3's local layers)."""
+    keys = 0.0  # mean keys a position sees, summed over layers
+    for window in config.layer_windows or (None,) * config.num_layers:
+        if window is None or window >= prompt_len:
+            keys += (prompt_len + 1) / 2
+        else:
+            keys += (window * (window + 1) / 2 + (prompt_len - window) * window) / prompt_len
+    return 4.0 * config.num_heads * config.head_dim * keys
 
 
 @dataclasses.dataclass(frozen=True)

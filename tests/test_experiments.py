@@ -5,6 +5,7 @@ model file. They check that every output is written and that the numbers are san
 hidden --break-mask hook, which swaps in a top-left-aligned causal mask - that the error columns
 come from a real comparison: the broken mask must make them large.
 """
+import dataclasses
 import json
 import re
 import subprocess
@@ -240,6 +241,10 @@ def test_roofline_limits_follow_the_flop_count():
                          num_kv_heads=3, head_dim=64)
     assert roofline.matmul_weights(config) == 106_168_320
     assert roofline.attention_flops_per_token(config, 8100) == 4 * 30 * 9 * 64 * 8101 / 2
+    # Sliding-window layers: position p sees min(p + 1, window) keys. Window 4 over 10 positions:
+    # 1 + 2 + 3 + 4 + 6 * 4 = 34 keys, a global layer 55.
+    windowed = dataclasses.replace(config, num_layers=2, layer_windows=(4, None))
+    assert roofline.attention_flops_per_token(windowed, 10) == pytest.approx(4 * 9 * 64 * (34 + 55) / 10)
     limits = roofline.Roofline(matmul_flops={"f32": 175e9}, attention_flops={"f32": 175e9}, bandwidth_bytes=40e9,
                                chunk_size=512, cpu="test", flags=())
     assert limits.prefill_tok_s(config, 8100) == pytest.approx(175e9 / (2 * 106_168_320 + 4 * 30 * 576 * 8101 / 2))
