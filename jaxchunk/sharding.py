@@ -59,8 +59,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
+from pallas_kernels.quant_matmul import choose_tile
 from jaxchunk.weights.bf16 import BF16Weight
-from jaxchunk.weights.quantized import QuantizedWeight
+from jaxchunk.weights.quantized import QuantizedWeight, retile
 from jaxchunk.weights.quantized import quantized_linear as unsharded_quantized_linear
 
 __all__ = ["DATA", "MODEL", "RULES", "PARAM_AXES", "CACHE_AXES", "ATTENTION_MODES", "ShardingPlan", "make_mesh",
@@ -248,14 +249,24 @@ def _quantized_split(w: QuantizedWeight, axes, plan: ShardingPlan) -> Optional[s
     if m == 1:
         return None
     in_axis, out_axis = axes[-2:]
-    tiles, rows, tile = w.qs.shape[-3:]
     if rule[out_axis] == MODEL:
-        if (tiles > 1 and tiles % m == 0) or (tiles == 1 and tile % m == 0):
-            return "out"
-        return None
+        return "out" if _out_split_tile(w, m) is not None else None
     if rule[in_axis] == MODEL:
         blocks = w.scales.shape[-2]
         return "in" if blocks % m == 0 else None
+    return None
+
+
+def _out_split_tile(w: QuantizedWeight, m: int) -> Optional[int]:
+    """The tile width with which W's columns split over m devices by whole tiles (or within its
+    only tile): its own where that divides, else the loader's choice for n / m columns (W is then
+    retiled: narrow tiles rarely come in multiples of m, 576 = 9 x 64), else None."""
+    tiles, _, tile = w.qs.shape[-3:]
+    if (tiles > 1 and tiles % m == 0) or (tiles == 1 and tile % m == 0):
+        return tile
+    n = tiles * tile
+    if n % m == 0 and (n // choose_tile(n // m)) % m == 0:
+        return choose_tile(n // m)
     return None
 
 
@@ -279,7 +290,10 @@ def _mark_splits(params: dict, plan: ShardingPlan) -> dict:
     def mark(path, w):
         if not isinstance(w, QuantizedWeight):
             return w
-        return w.replace(split=_quantized_split(w, _weight_axes(path, w), plan))
+        split = _quantized_split(w, _weight_axes(path, w), plan)
+        if split == "out" and _out_split_tile(w, plan.model) != w.qs.shape[-1]:
+            w = retile(w, _out_split_tile(w, plan.model))
+        return w.replace(split=split)
 
     out = {k: mark(k, w) for k, w in params.items() if k != "layers"}
     out["layers"] = {k: mark(f"layers/{k}", w) for k, w in params["layers"].items()}

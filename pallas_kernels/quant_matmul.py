@@ -15,10 +15,11 @@ impl="auto" tries them:
                  auto: CPU only, where it supports the call.
   "xla"        - `quant_matmul_xla`: XLA:CPU fuses no int -> float conversion into a dot, and its
                  fused multiply-reduce over the quantized bytes runs at a fraction of a dot's speed
-                 (see experiments/bench_quant_matmul.py), so it dequantizes one column tile
-                 (<= TILE_COLS columns, a few MB of floats that stay in cache) at a time and feeds
-                 it to a plain dot. Inside the model's layer scan this means the float copy is one
-                 tile of one layer, never the model. Takes every call. auto: the fallback.
+                 (see experiments/bench_quant_matmul.py), so it dequantizes one block of whole
+                 column tiles (<= BLOCK_COLS columns, a few MB of floats that stay in cache) at a
+                 time and feeds it to a plain dot. Inside the model's layer scan this means the
+                 float copy is one column block of one layer, never the model. Takes every call.
+                 auto: the fallback.
   "reference"  - `quant_matmul_reference`: dequantize everything to float32 and do one float32 dot
                  (the oracle). Takes every call; never auto.
 
@@ -43,10 +44,14 @@ Activations: `activations="float"` (default) multiplies x as given. `activations
 each 32-element block of x to 8 bits, as llama.cpp does for these weight types (its Q8_0 / Q8_1
 "vec_dot" formats): x' = d * round(x / d), d = max|x_block| / 127; every backend then computes
 x' @ W, so chunk sizes and backends still agree up to float summation order. The native CPU kernel
-does the q8 products in integers (AVX-512 VNNI), about 4x fewer instructions per weight than
+does the q8 products in integers (AVX2 / AVX-512 VNNI), about 4x fewer instructions per weight than
 dequantizing to float, which is what makes decode memory-bound.
 
-Column j of W is column j % tile of tile j // tile. Leading axes beyond these (the layer axis) are
+Column j of W is column j % tile of tile j // tile. Tiles are narrow (`choose_tile`: 64 columns
+where n allows) because a tile's rows are one contiguous run of bytes: the native decode kernel
+streams a whole tile front to back (a SmolLM2-sized decode step's weights on 2 cores: 7.5 ms at
+tiles of n or 1024 columns, 5.0 ms at 64). The dots of the other paths see blocks of whole tiles
+(`column_blocks`), not single tiles. Leading axes beyond these (the layer axis) are
 not taken here: the model's layer scan slices them off.
 
 Self-contained: imports nothing from jaxchunk.
@@ -68,20 +73,38 @@ from pallas_kernels.compat import default_interpret, triton_compiler_params
 
 QUANT_BLOCK = 32          # weights per quant block along k (a 4-bit block's 16 bytes of nibble pairs)
 GROUPS = (16, 32)         # weights per scale (and min) along k: k-quants Q2_K / Q3_K / Q6_K use 16
-TILE_COLS = 1024          # column tile width the loader aims for (see choose_tile)
+TILE_COLS = 64            # column tile width the loader aims for (see choose_tile)
+BLOCK_COLS = 1024         # columns of W dequantized at once by the dot paths (see column_blocks)
 ACTIVATIONS = ("float", "q8")
 
 
 # ----------------------------------------------------------------------------- layout helpers
 def choose_tile(n: int, max_cols: int = TILE_COLS) -> int:
-    """Column tile width for an n-column weight: n itself when n <= 2 * max_cols (one tile), else
-    the largest divisor of n that is <= max_cols and a multiple of 16 (falls back to n)."""
-    if n <= 2 * max_cols:
-        return n
-    for t in range(max_cols, 15, -1):
-        if n % t == 0 and t % 16 == 0:
-            return t
+    """Column tile width for an n-column weight: the largest divisor of n that is <= max_cols and
+    a multiple of 32 (the native kernels' vector width), else of 16, else n itself."""
+    for multiple in (32, 16):
+        for t in range(min(max_cols, n) // multiple * multiple, 0, -multiple):
+            if n % t == 0:
+                return t
     return n
+
+
+def column_blocks(tiles: int, tile: int, max_cols: int = BLOCK_COLS) -> int:
+    """Tiles per column block, so a dot sees blocks of about max_cols columns however narrow the
+    tiles are: all of them when W has <= 2 * max_cols columns (one block, as a layer's matrices),
+    else the largest divisor g of `tiles` with g * tile <= max(max_cols, tile)."""
+    if tiles * tile <= 2 * max_cols:
+        return tiles
+    g = max(1, min(tiles, max_cols // tile))
+    while tiles % g:
+        g -= 1
+    return g
+
+
+def merge_tiles(a: jax.Array) -> jax.Array:
+    """[..., g, rows, tile] -> [..., rows, g * tile]: g adjacent tiles as one (columns in W's order)."""
+    *lead, g, rows, tile = a.shape
+    return jnp.swapaxes(a, -3, -2).reshape(*lead, rows, g * tile)
 
 
 def quant_bits(qs: jax.Array) -> int:
@@ -239,15 +262,23 @@ def quant_matmul_xla(x: jax.Array, qs, scales, mins=None, *, formulation: str | 
 
 
 def _per_tile(x, qs, scales, mins, tile_product):
-    """x [..., k] @ W -> [..., n] in x.dtype, as tile_product(x2 [rows, k], q, d, m) -> [rows, tile]
-    over W's column tiles (a lax.map, so one tile's floats exist at a time)."""
+    """x [..., k] @ W -> [..., n] in x.dtype, as tile_product(x2 [rows, k], q, d, m) -> [rows, cols]
+    over blocks of whole column tiles (`column_blocks`), each merged into one [.., cols] tile (a
+    lax.map over the blocks, so one block's floats exist at a time)."""
     lead, k = x.shape[:-1], x.shape[-1]
     tiles, _, tile = qs.shape
+    g = column_blocks(tiles, tile)
     x2 = x.reshape(-1, k)
-    if tiles == 1:
-        y = tile_product(x2, qs[0], scales[0], None if mins is None else mins[0])
+
+    def block_product(q, d, m):  # leaves [g, ., tile]
+        return tile_product(x2, merge_tiles(q), merge_tiles(d), None if m is None else merge_tiles(m))
+
+    if g == tiles:
+        y = block_product(qs, scales, mins)
     else:
-        y = lax.map(lambda a: tile_product(x2, *a), (qs, scales, mins))  # [tiles, rows, tile]
+        blocks = jax.tree.map(lambda a: None if a is None else a.reshape(tiles // g, g, *a.shape[1:]),
+                              (qs, scales, mins))
+        y = lax.map(lambda a: block_product(*a), blocks)  # [blocks, rows, g * tile]
         y = jnp.moveaxis(y, 0, 1).reshape(-1, tiles * tile)
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
 
@@ -383,14 +414,16 @@ def _native_cpu(x, qs, scales, mins=None, *, layer=None, activations="float"):
 
 def _dequantize_cpu_dot(x, qs, scales, mins, layer):
     """x [..., k] @ W for many rows: W dequantized by the native kernel (~3x faster than XLA's own
-    dequantization fusion), then XLA's dot. A one-tile weight is read in place at its layer;
-    multi-tile ones (the LM head) go one tile at a time, so the float copy stays a few MB."""
-    if qs.shape[-3] == 1:
+    dequantization fusion), then XLA's dot. A weight of one column block is dequantized whole, read
+    in place at its layer; wider ones (the LM head) one block at a time, so the float copy stays a
+    few MB."""
+    tiles, _, tile = qs.shape[-3:]
+    if column_blocks(tiles, tile) == tiles:
         w = native_cpu.dequantize_cpu(qs, scales, mins, layer=layer).astype(x.dtype)
         return _dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1).astype(x.dtype)
     return _per_tile(x, *_layer_of(qs, scales, mins, layer),
                      lambda x2, q, d, m: _dot(x2, native_cpu.dequantize_cpu(
-                         q[None], d[None], None if m is None else m[None]).astype(x.dtype)))  # a tile as a one-tile W
+                         q[None], d[None], None if m is None else m[None]).astype(x.dtype)))  # a block as a one-tile W
 
 
 def _native_cpu_supports(x, qs, scales, mins=None, *, layer=None, activations="float") -> str | None:

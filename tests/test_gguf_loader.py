@@ -201,6 +201,22 @@ def test_raw_blocks_dequantize_to_loader_values(tmp_path):
         np.testing.assert_array_equal(dequantize_raw(t), file_layout(params, name, 4, 2))
 
 
+def test_loaded_params_do_not_keep_the_file_mapped(tiny):
+    """F32 tensors are copied out of the file's mmap: a view adopted by device_put kept the whole
+    map (and every page read while loading) resident for the model's lifetime (SmolLM2 q4: 93 MB)."""
+    import gc
+    from pathlib import Path
+
+    import jax
+    path, _ = tiny
+    _, params, _ = load_gguf(path)
+    params = jax.device_put(params)
+    gc.collect()
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(Path(path).resolve()) not in mapped
+    assert float(jax.tree.leaves(params)[0].sum()) == float(jax.tree.leaves(params)[0].sum())  # still alive
+
+
 def test_output_dtype(tiny):
     import ml_dtypes
     path, weights = tiny

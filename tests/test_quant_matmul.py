@@ -12,7 +12,7 @@ import pytest
 
 from quant_cases import CASES, QTYPES, Case, check, kernel_args, make_weight, make_x, q8_activations
 from pallas_kernels.backends import choose_backend
-from pallas_kernels.quant_matmul import (BACKENDS, DECODE_ROWS, IMPLS, XLA_FORMULATIONS, choose_tile, quant_matmul,
+from pallas_kernels.quant_matmul import (BACKENDS, DECODE_ROWS, IMPLS, XLA_FORMULATIONS, choose_tile, column_blocks, quant_matmul,
                                          quant_matmul_pallas, quant_matmul_reference, quant_matmul_xla)
 
 
@@ -29,6 +29,23 @@ def test_packed_blocks_dequantize_to_gguf_values(qtype, case):
     np.testing.assert_array_equal(np.asarray(dequantize(qw)), w.astype(np.float32))
 
 
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_retile_is_lossless(qtype):
+    """retile (the sharding planner's relayout) keeps every weight: 3 stacked layers of 192 columns,
+    64-column tiles -> 32 and 96 -> back to 64, against the gguf package's values."""
+    from jaxchunk.weights.quantized import dequantize, retile
+    case = CASES[3]  # n 192 in tiles of 64
+    pairs = [make_weight(case, qtype, seed=s) for s in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *[qw for qw, _ in pairs])
+    expected = np.stack([w for _, w in pairs]).astype(np.float32)
+    for tile in (32, 96, 64):
+        stacked = retile(stacked, tile)
+        assert stacked.qs.shape[-3:][::2] == (192 // tile, tile)
+        np.testing.assert_array_equal(np.asarray(dequantize(stacked)), expected)
+    with pytest.raises(ValueError, match="does not divide"):
+        retile(stacked, 80)
+
+
 def test_stacked_weight_dequantizes_per_layer():
     from jaxchunk.weights.quantized import dequantize
     pairs = [make_weight(CASES[1], "Q4_1", seed=s) for s in range(3)]
@@ -38,9 +55,17 @@ def test_stacked_weight_dequantizes_per_layer():
 
 
 def test_choose_tile():
-    assert choose_tile(576) == 576 and choose_tile(1536) == 1536
-    assert choose_tile(49152) == 1024
-    assert 49152 % choose_tile(49152) == 0
+    # 64 where it divides; else the widest multiple of 32, of 16, or n itself.
+    assert [choose_tile(n) for n in (576, 1536, 49152, 262144, 96, 48, 40, 100)] == [64, 64, 64, 64, 32, 48, 40, 100]
+
+
+def test_column_blocks():
+    # One block up to 2 * 1024 columns; wider: the most whole tiles in <= 1024 columns.
+    assert column_blocks(24, 64) == 24 and column_blocks(32, 64) == 32
+    assert column_blocks(768, 64) == 16 and column_blocks(4096, 64) == 16
+    assert column_blocks(35, 64) == 7        # 35 tiles: 7 of them (448 columns) divide evenly
+    assert column_blocks(37, 64) == 1        # prime: one tile at a time
+    assert column_blocks(3, 2048) == 1       # a tile wider than a block: one tile
 
 
 # ----------------------------------------------------------------------------- matmul backends
@@ -87,11 +112,11 @@ def test_xla_formulations_match_oracle(case, qtype, formulation, dtype):
 
 
 # The native CPU decode kernel (pallas_kernels/native_cpu.cc). Cases: the shared ones plus
-# tiles split into several work items (ItemColumns: 136 -> 64 + 64 + 8, 100 -> 64 + 36, 1536 -> 4 x
-# 384, 544 -> 3 x 160 + 64), edges that are not a multiple of the vector kernels' 32 columns, and
-# up to 16 rows.
+# tiles wider than 128 split into several work items (ItemColumns: 136 -> 64 + 64 + 8, 1536 -> 4 x
+# 384, 544 -> 3 x 160 + 64; narrower ones are one item: 100, and the loader's 64 in the shared
+# cases), edges that are not a multiple of the vector kernels' 32 columns, and up to 16 rows.
 CPU_CASES = CASES + [Case(1, 64, 136, None, 16, 32), Case(16, 96, 200, 100, 16, 32),
-                     Case(2, 576, 1536, None, 16, 32), Case(1, 128, 1024 + 64, 1088 // 2, 16, 32)]
+                     Case(2, 576, 1536, 1536, 16, 32), Case(1, 128, 1024 + 64, 1088 // 2, 16, 32)]
 
 
 def _cpu_kernel():
@@ -219,15 +244,17 @@ def test_cpu_dequantize_is_bit_exact(case, qtype):
 
 @pytest.mark.parametrize("activations", ["float", "q8"])
 def test_cpu_prefill_rows_match_oracle(activations):
-    """More than DECODE_ROWS rows through impl="native_cpu": native dequantization then XLA's dot, for a
-    one-tile weight and a multi-tile one (dequantized one tile at a time)."""
+    """More than DECODE_ROWS rows through impl="native_cpu" (native dequantization then XLA's dot)
+    and impl="xla": weights of one column block (dequantized whole: 24 tiles of 64, 2 of 548) and of
+    several (2304 columns in 36 tiles: 3 blocks of 12 tiles, each merged into one)."""
     _cpu_kernel()
-    for case in (Case(40, 576, 1536, None, 16, 32), Case(37, 128, 1096, 548, 16, 32)):
+    for case in (Case(40, 576, 1536, None, 16, 32), Case(37, 128, 1096, 548, 16, 32), Case(20, 64, 2304, None, 16, 32)):
         for qtype in QTYPES:
             qw, w = make_weight(case, qtype)
             x = make_x(case, "float32")
-            y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl="native_cpu", activations=activations)
-            check(y, q8_activations(x) if activations == "q8" else x, w, "float32")
+            for impl in ("native_cpu", "xla"):
+                y = quant_matmul(jnp.asarray(x), *kernel_args(qw), impl=impl, activations=activations)
+                check(y, q8_activations(x) if activations == "q8" else x, w, "float32")
 
 
 def test_leading_axes_and_dispatch():

@@ -45,7 +45,7 @@ import numpy as np
 from flax import struct
 
 from jaxchunk.weights.gguf_quants import QUANT_TYPES, BlockCodes, decode_blocks
-from pallas_kernels.quant_matmul import QUANT_BLOCK, choose_tile, quant_group, quant_matmul
+from pallas_kernels.quant_matmul import QUANT_BLOCK, choose_tile, merge_tiles, quant_group, quant_matmul
 
 QTYPES = tuple(QUANT_TYPES)
 """GGUF types a quantized load keeps quantized: every block type gguf_quants decodes."""
@@ -113,6 +113,20 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(self))
+
+
+def retile(w: QuantizedWeight, tile: int) -> QuantizedWeight:
+    """The same W with column tiles `tile` wide: a lossless relayout of qs / scales / mins (the
+    sharding planner uses it where W's tiles do not divide over the devices but its columns do)."""
+    n = w.qs.shape[-3] * w.qs.shape[-1]
+    if tile <= 0 or n % tile:
+        raise ValueError(f"tile {tile} does not divide the weight's {n} columns")
+
+    def one(a):  # [..., tiles, r, t] -> [..., r, n] -> [..., n // tile, r, tile]
+        merged = merge_tiles(a)
+        return jnp.swapaxes(merged.reshape(*merged.shape[:-1], n // tile, tile), -3, -2)
+
+    return w.replace(qs=one(w.qs), scales=one(w.scales), mins=None if w.mins is None else one(w.mins))
 
 
 def is_quantized(w) -> bool:
