@@ -21,19 +21,12 @@ fetch: venv
 run: fetch
 	$(PY) -m experiments.chunk_sweep --quick --out results/chunk_sweep
 
-# One pytest process per test file: in one process of the whole suite (~1300 tests, thousands of
-# compiles) XLA:CPU has segfaulted while compiling, late in the run, in tests that pass alone. Each
-# file's time is printed; the failed files are listed at the end and fail the target. pytest's exit
-# status 5 (nothing collected: a whole file skipped, e.g. llama-cpp-python not installed) is not a failure.
-TEST_FILES ?= $(wildcard tests/test_*.py)
+# Every test file in its own pytest process, two at once, longest first (tests/run_files.py says
+# why); each file's output and time printed as it ends, the failed files listed and failing the target.
+TEST_FILES ?=
+TEST_JOBS  ?= 2
 test: fetch
-	@failed=""; for f in $(TEST_FILES); do \
-	  start=$$(date +%s); \
-	  $(PY) -m pytest -q $$f; rc=$$?; \
-	  if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then failed="$$failed $$f"; fi; \
-	  echo "== $$f: $$(( $$(date +%s) - start )) s"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; echo "all test files passed"
+	$(PY) tests/run_files.py --jobs $(TEST_JOBS) $(TEST_FILES)
 
 lint: venv
 	$(PY) -m ruff check .
