@@ -12,8 +12,8 @@ import pytest
 
 from quant_cases import CASES, QTYPES, Case, check, kernel_args, make_weight, make_x, q8_activations
 from pallas_kernels.backends import choose_backend
-from pallas_kernels.quant_matmul import (BACKENDS, DECODE_ROWS, IMPLS, XLA_FORMULATIONS, choose_tile, column_blocks, quant_matmul,
-                                         quant_matmul_pallas, quant_matmul_reference, quant_matmul_xla)
+from pallas_kernels.quant_matmul import (BACKENDS, DECODE_ROWS, IMPLS, XLA_FORMULATIONS, choose_tile, column_blocks,
+                                         quant_matmul, quant_matmul_pallas, quant_matmul_reference, quant_matmul_xla)
 
 
 # ----------------------------------------------------------------------------- packing
