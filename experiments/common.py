@@ -345,10 +345,12 @@ def print_table(df, columns: Iterable[str], title: str | None = None) -> str:
 
 def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, facet: str | None = None,
               title: str, xlabel: str, ylabel: str, logx: bool = True, logy: bool = False,
-              y_labels: Sequence[str] | None = None, floor: float | None = None) -> Path:
+              y_labels: Sequence[str] | None = None, floor: float | None = None,
+              band: tuple[str, str] | None = None) -> Path:
     """One panel per value of `facet` (e.g. dtype), one line per value of `line` (e.g. prompt
     length), one line style per column in `y` (e.g. two kinds of memory). `floor` clips values
-    below it (zeros on a log axis). Saves a PNG."""
+    below it (zeros on a log axis). `band`: (low, high) columns shaded around each line (e.g. the
+    min and max of repeated runs; rows without them unshaded). Saves a PNG."""
     plt = pyplot()
     import matplotlib.ticker
     ys = [y] if isinstance(y, str) else list(y)
@@ -371,6 +373,9 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
                 suffix = f", {label}" if len(ys) > 1 else ""
                 name = key if line == "label" else f"{line}={key}"  # a "label" column is already readable
                 ax.plot(group[x], values, style, color=colors[key], marker="o", label=f"{name}{suffix}")
+            if band is not None and group[list(band)].notna().all(axis=None):
+                ax.fill_between(group[x], group[band[0]].astype(float), group[band[1]].astype(float),
+                                color=colors[key], alpha=0.15, linewidth=0)
         if logx:
             log2_axis(ax, part[x], "x")
         if logy:

@@ -408,7 +408,9 @@ def main(argv=None):
                              ylabel="prefill throughput (tokens/s, log)",
                              title=f"Prefill throughput, {machine['usable_cores']} cores", **kw),
             common.line_plot(df, args.out / "decode.png", y="decode_tok_s", ylabel="decode throughput (tokens/s, log)",
-                             title=f"Greedy decode after the prompt ({args.decode_tokens} tokens)", **kw),
+                             title=f"Greedy decode after the prompt ({args.decode_tokens} tokens): median of "
+                                   f"{args.decode_runs} runs, shaded min-max",
+                             band=("decode_min_tok_s", "decode_max_tok_s"), **kw),
             common.line_plot(df, args.out / "memory.png", y="rss_peak_mb", ylabel="peak RSS of the process (MB, log)",
                              title="Peak memory per system (own subprocess)", **kw)]
     common.print_table(df, ["label", "prompt_len", "prefill_tok_s", "vs_hf_f32", "vs_hf_bf16", "prefill_of_limit",
