@@ -20,9 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from pallas_kernels.cache_dir import cache_root  # the one cache-directory rule (the editable install)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pallas_kernels.cache_dir import cache_root  # noqa: E402  (the one cache-directory rule)
 
 NOTHING_COLLECTED = 5
 
