@@ -65,7 +65,9 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -605,13 +607,14 @@ void RunItem(const Problem& p, int64_t item) {
   if (j0 < j1) ColumnsScalar(p, t, j0, j1 - j0);
 }
 
-// Work shared by the calling thread and XLA's pool: each participant takes items from an atomic
-// counter until none are left; the caller then waits for items still in flight. A pool task that
-// starts after the work is gone just returns (the state is shared_ptr-owned), so nothing waits on a
-// task the pool has not started (the caller may itself be the pool's only thread).
+// Work shared by the calling thread and the kernels' helper threads: each participant takes items
+// from an atomic counter until none are left; the caller then waits for items still in flight. A
+// helper that arrives after the work is gone just returns (the state is shared_ptr-owned, so a
+// straggler never touches the next job's).
 struct Shared {
   std::function<void(int64_t)> run_item;
   int64_t items = 0;
+  int64_t helpers = 0;  // helper threads 0 .. helpers - 1 take part
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -623,30 +626,93 @@ void Participate(Shared& s) {
   }
 }
 
-// Runs run_item(0 .. items - 1) on the caller and up to `helpers` pool threads, at most one fewer
-// than the pool has: the caller is not a pool thread (XLA runs the custom call on its executor's
-// thread) and the pool has one thread per core, so more would oversubscribe the cores; a
-// descheduled helper holding an item then stalls the caller's final wait (q4 decode step on 2
-// cores: 7.2 -> 5.3 ms with the cap).
+inline void CpuRelax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+// The kernels' own helper threads, one fewer than XLA's CPU pool has threads (one per core: the
+// caller, XLA's executor thread, is the other). Why not XLA's pool (ffi::ThreadPool::Schedule): a
+// task scheduled there starts only when a pool thread is free and awake, and in a decode step
+// (products of 20-200 us) it often was not: the caller then did every item alone, so whole decode
+// runs went at one core's speed, others at two (SmolLM2 q4, 2048 tokens, 5 runs in one process:
+// 30-64 tok/s; issue 20). A helper here waits for the next job spinning ~50 us (the gaps between a
+// step's products are shorter), then sleeps on a condition variable. Created on first use, never
+// destroyed (detached: a process exits with them waiting).
+class HelperThreads {
+ public:
+  static HelperThreads& Get(int64_t threads) {
+    static HelperThreads* helpers = new HelperThreads(threads);
+    return *helpers;
+  }
+  int64_t size() const { return static_cast<int64_t>(count_); }
+
+  // Publishes a job to helpers 0 .. job->helpers - 1.
+  void Publish(std::shared_ptr<Shared> job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = std::move(job);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+  }
+
+ private:
+  explicit HelperThreads(int64_t threads) : count_(std::max<int64_t>(threads, 0)) {
+    for (int64_t index = 0; index < count_; ++index) std::thread([this, index] { Loop(index); }).detach();
+  }
+
+  void Loop(int64_t index) {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        if (spins < kSpins) {
+          CpuRelax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      std::shared_ptr<Shared> job;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        seen = generation_.load(std::memory_order_acquire);
+        job = job_;
+      }
+      if (job != nullptr && index < job->helpers) Participate(*job);
+    }
+  }
+
+  static constexpr int kSpins = 1500;  // pause instructions, ~50 us on the hosts measured
+  const int64_t count_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> sleeping_{0};
+  std::shared_ptr<Shared> job_;
+};
+
+// Runs run_item(0 .. items - 1) on the caller and up to `helpers` helper threads (at most one
+// fewer than XLA's pool has threads, i.e. one per other core: more would oversubscribe the cores,
+// and a descheduled helper holding an item stalls the caller's final wait).
 void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t helpers,
                  std::function<void(int64_t)> run_item) {
+  HelperThreads& threads = HelperThreads::Get(pool.num_threads() - 1);
   auto shared = std::make_shared<Shared>();
   shared->run_item = std::move(run_item);
   shared->items = items;
-  helpers = std::min<int64_t>({helpers, pool.num_threads() - 1, items - 1});
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([shared] { Participate(*shared); });
-  }
+  shared->helpers = std::min<int64_t>({helpers, threads.size(), items - 1});
+  if (shared->helpers > 0) threads.Publish(shared);
   Participate(*shared);
   // Wait for the items still in flight on helpers: spin briefly (an item ends within microseconds
-  // when its helper is running), with the pause hint (the spinning core yields its pipeline to a
-  // sibling), then give the core away: on 2 vCPUs shared with XLA's own threads a waiter that never
-  // yields can hold the very core the descheduled helper needs (issue 20's unsteady decode).
+  // when its helper is running), with the pause hint, then give the core away: on 2 vCPUs a waiter
+  // that never yields can hold the very core a descheduled helper needs.
   for (int spins = 0; shared->done.load(std::memory_order_acquire) < items; ++spins) {
     if (spins < 2000) {
-#if defined(__x86_64__)
-      _mm_pause();
-#endif
+      CpuRelax();
     } else {
       std::this_thread::yield();
     }
