@@ -40,7 +40,14 @@ decode_of_limit; the CPU model, flags and rates go into results.json).
   .venv/bin/python -m experiments.compare_peers --quick
   .venv/bin/python -m experiments.compare_peers --systems jaxchunk,llama.cpp --prompt-lens 8192
 
-Writes results.csv, results.json, prefill.png, decode.png, memory.png into --out.
+--rounds R runs every system R times, in the listed order and then reversed, alternately (a host
+whose speed drifts during the run - shared cores - then weighs on every system alike, not on
+whichever ran first). The table then gives per row: prefill tok/s as the median of the rounds'
+medians, decode tok/s as the median over all rounds' runs, min / max / spread over all of them
+(separate processes included), peak RSS the largest; rounds.csv keeps every round's row.
+
+Writes results.csv, results.json, prefill.png, decode.png, memory.png (and with --rounds > 1
+rounds.csv / rounds.json) into --out.
 """
 from __future__ import annotations
 
@@ -100,6 +107,7 @@ def measure_lengths(prefill_fn, decode_fn, rewind_fn, spec) -> list[dict]:
                      "first_call_s": timing.first_s, "decode_tok_s": float(np.median(tok_s)),
                      "decode_min_tok_s": float(tok_s.min()), "decode_max_tok_s": float(tok_s.max()),
                      "decode_spread": float(tok_s.max() / tok_s.min()), "decode_runs": len(tok_s),
+                     "decode_runs_tok_s": tok_s.tolist(),
                      "decode_cpu_ms_per_tok": float(np.median(decode_cpu_s)) / spec["decode_tokens"] * 1e3,
                      "rss_peak_mb": common.peak_rss_bytes() / common.MB})
     return rows
@@ -109,9 +117,13 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
     import jax
     import jax.numpy as jnp
 
+    from jaxchunk import compilation_cache
     from jaxchunk.cache import init_cache
     from jaxchunk.generate import decode_ids
     from jaxchunk.prefill import prefill
+    # As jaxchunk.load does: executables from the persistent compilation cache when an earlier
+    # process compiled the same step (no XLA compile, and none of its memory, in this one).
+    compilation_cache.enable()
     model = common.load_model(spec["model"], spec["dtype"], spec["weights"])
     config, params, impl = model.config, model.params, spec["attention_impl"]
 
@@ -254,6 +266,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-runs", type=int, default=5,
                    help="timed decode runs per prompt length (same tokens, same context): min / median / max")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every system this many times, order alternating (see above); >= 1")
     p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
                    help="measure this machine's limits first (experiments.roofline) and report each "
                         "figure as a fraction of its limit")
@@ -268,6 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad_weights = set(args.weights) - set(common.WEIGHTS)
     if bad_weights:
         p.error(f"unknown --weights {sorted(bad_weights)}; choose from {', '.join(common.WEIGHTS)}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
@@ -333,6 +349,31 @@ def run_worker(spec: dict) -> list[dict]:
                  **row, note=result["note"]) for row in result["rows"]]
 
 
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (label, prompt_len) from the rounds' rows (see --rounds): prefill the median of
+    the rounds' medians (min / max over them), decode the median over every run of every round
+    (decode_runs_tok_s) with min / max / spread over all of them, peak RSS the largest."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["label"], row["prompt_len"]), []).append(row)
+    merged = []
+    for group in groups.values():
+        decode = np.concatenate([row["decode_runs_tok_s"] for row in group])
+        prefill_s = float(np.median([row["prefill_s"] for row in group]))
+        merged.append(dict(
+            group[0], rounds=len(group), prefill_s=prefill_s, prefill_tok_s=group[0]["prompt_len"] / prefill_s,
+            prefill_min_s=min(row["prefill_min_s"] for row in group),
+            prefill_max_s=max(row["prefill_max_s"] for row in group),
+            first_call_s=float(np.median([row["first_call_s"] for row in group])),
+            decode_tok_s=float(np.median(decode)), decode_min_tok_s=float(decode.min()),
+            decode_max_tok_s=float(decode.max()), decode_spread=float(decode.max() / decode.min()),
+            decode_runs=len(decode), decode_runs_tok_s=decode.tolist(),
+            decode_cpu_ms_per_tok=float(np.median([row["decode_cpu_ms_per_tok"] for row in group])),
+            rss_peak_mb=max(row["rss_peak_mb"] for row in group)))
+        merged[-1].pop("round", None)
+    return merged
+
+
 def add_ratios(df):
     """prefill tok/s divided by transformers' at the same prompt length (NaN where not measured)."""
     for dtype in ("f32", "bf16"):
@@ -391,18 +432,25 @@ def main(argv=None):
         np.save(ids_path, ids)
         limits, roofline_note = roofline_limits(args, Path(tmp)) if args.roofline else ({}, {})
         specs = worker_specs(args, ids_path)
-        for spec in (bar := common.progress(specs, "compare peers")):
+        runs = [(r, spec) for r in range(args.rounds) for spec in (specs if r % 2 == 0 else specs[::-1])]
+        for r, spec in (bar := common.progress(runs, "compare peers")):
             bar.set_postfix_str(f"{spec['system']} {spec['dtype']} {spec.get('chunk_size') or ''}")
-            rows += run_worker(spec)
+            rows += [dict(row, round=r) for row in run_worker(spec)]
     if not rows:
         sys.exit("compare_peers: no system produced results")
+    round_rows = rows
+    if args.rounds > 1:
+        rows = merge_rounds(rows)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
     settings.update(wall_s=round(time.perf_counter() - started, 1), prefill_warmup=(
         "jaxchunk: one full prefill of the same length (compiles); peers: one 64-token call at start-up"))
     import pandas as pd
     df = add_fractions(add_ratios(pd.DataFrame(rows)), limits)
     machine.update(roofline_note)
-    df = common.write_results(args.out, df.to_dict("records"), settings, machine)
+    runs = ("decode_runs_tok_s",)  # the list of every decode run: results.json only
+    df = common.write_results(args.out, df.to_dict("records"), settings, machine, json_only=runs)
+    if args.rounds > 1:
+        common.write_results(args.out, round_rows, settings, machine, name="rounds", json_only=runs)
     kw = dict(x="prompt_len", line="label", xlabel="prompt length (tokens, log2)", logy=True)
     pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s",
                              ylabel="prefill throughput (tokens/s, log)",

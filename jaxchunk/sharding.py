@@ -59,10 +59,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
-from pallas_kernels.quant_matmul import choose_tile
 from jaxchunk.weights.bf16 import BF16Weight
 from jaxchunk.weights.quantized import QuantizedWeight, retile
 from jaxchunk.weights.quantized import quantized_linear as unsharded_quantized_linear
+from pallas_kernels.quant_matmul import choose_tile
 
 __all__ = ["DATA", "MODEL", "RULES", "PARAM_AXES", "CACHE_AXES", "ATTENTION_MODES", "ShardingPlan", "make_mesh",
            "plan_for", "describe", "param_shardings", "shard_params", "cache_shardings", "shard_cache",
@@ -217,7 +217,7 @@ def describe(config: LlamaConfig, mesh_or_shape, params=None) -> str:
     if params is not None:
         for path, w in _quantized_leaves(params):
             axes = _weight_axes(path, w)
-            if _quantized_split(w, axes, plan) is None and any(rule[a] and plan.model > 1 for a in axes[-2:]):
+            if _quantized_split(w, axes, plan)[0] is None and any(rule[a] and plan.model > 1 for a in axes[-2:]):
                 lines.append(f"note: quantized {path} ({w.qtype}, qs {tuple(w.qs.shape)}): block layout does not "
                              f"divide over model={plan.model}: replicated")
     return "\n".join(lines)
@@ -242,19 +242,22 @@ def _quantized_leaves(params):
             yield key, w
 
 
-def _quantized_split(w: QuantizedWeight, axes, plan: ShardingPlan) -> Optional[str]:
-    """"out" (columns over model), "in" (rows over model) or None, for W with logical axes
-    (..., in, out), when the block layout divides."""
+def _quantized_split(w: QuantizedWeight, axes, plan: ShardingPlan) -> tuple[Optional[str], int]:
+    """(split, tile): split is "out" (columns over model), "in" (rows over model) or None, for W
+    with logical axes (..., in, out), when the block layout divides; tile is the tile width W must
+    have for that split (its own unless an "out" split needs narrower tiles)."""
     rule, m = plan.rule, plan.model
+    own_tile = w.qs.shape[-1]
     if m == 1:
-        return None
+        return None, own_tile
     in_axis, out_axis = axes[-2:]
     if rule[out_axis] == MODEL:
-        return "out" if _out_split_tile(w, m) is not None else None
+        tile = _out_split_tile(w, m)
+        return ("out", tile) if tile is not None else (None, own_tile)
     if rule[in_axis] == MODEL:
         blocks = w.scales.shape[-2]
-        return "in" if blocks % m == 0 else None
-    return None
+        return ("in" if blocks % m == 0 else None), own_tile
+    return None, own_tile
 
 
 def _out_split_tile(w: QuantizedWeight, m: int) -> Optional[int]:
@@ -290,9 +293,9 @@ def _mark_splits(params: dict, plan: ShardingPlan) -> dict:
     def mark(path, w):
         if not isinstance(w, QuantizedWeight):
             return w
-        split = _quantized_split(w, _weight_axes(path, w), plan)
-        if split == "out" and _out_split_tile(w, plan.model) != w.qs.shape[-1]:
-            w = retile(w, _out_split_tile(w, plan.model))
+        split, tile = _quantized_split(w, _weight_axes(path, w), plan)
+        if tile != w.qs.shape[-1]:
+            w = retile(w, tile)
         return w.replace(split=split)
 
     out = {k: mark(k, w) for k, w in params.items() if k != "layers"}

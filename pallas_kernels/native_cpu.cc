@@ -106,6 +106,14 @@ struct Problem {
   int64_t item_cols;       // columns per work item (ItemColumns)
 };
 
+// 4 consecutive activation codes as one 32-bit word (broadcast to every lane of a register: the
+// 4 codes vpdpbusd / vpmaddubsw multiply each column's 4 weight rows by).
+inline int32_t Codes4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // Scale (or min) i of a row of them, as f32.
 inline float ScaleAt(const void* base, bool f32, int64_t i) {
   return f32 ? static_cast<const float*>(base)[i] : static_cast<float>(static_cast<const _Float16*>(base)[i]);
@@ -280,6 +288,12 @@ void ColumnsScalar(const Problem& p, int64_t t, int64_t j0, int64_t width) {
 // stream, where a 32-column strip down all k rows at a time (the AVX-512 kernel's order, rows `tile`
 // bytes apart) drew 6.7 GB/s from memory on an AVX2 EPYC.
 
+// 8 scales (or mins) from `offset` on of an f32 or f16 scale array, as f32.
+inline __m256 Scale8(const void* base, bool f32, int64_t offset) {
+  if (f32) return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const _Float16*>(base) + offset)));
+}
+
 // Float activations, any layout: columns [j0, j1) of tile t, every row (FloatColumns' arithmetic:
 // 8 columns per register, each weight widened by one load-and-extend, converted, multiplied into
 // its half block's sum).
@@ -291,10 +305,6 @@ void FloatColumns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
   const int64_t s_t = t * ng * p.tile;  // this tile's first scale row
   const bool two_groups = p.group == kHalf;
   const __m256i low4 = _mm256_set1_epi32(15);
-  auto scale8 = [&](const void* base, int64_t offset) {  // 8 scales (or mins) as f32
-    if (p.f32_scales) return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const _Float16*>(base) + offset)));
-  };
   auto widen_u8 = [](const uint8_t* q) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))); };
   auto widen_s8 = [](const uint8_t* q) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))); };
   for (int64_t r = 0; r < p.rows; ++r) {
@@ -346,8 +356,8 @@ void FloatColumns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
           __m256 acc = _mm256_loadu_ps(yr + j + 8 * c);
           for (int h = 0; h < (two_groups ? 2 : 1); ++h) {
             const int64_t row = s_t + (two_groups ? 2 * b + h : b) * p.tile + j + 8 * c;
-            if (p.mins != nullptr) acc = _mm256_fmadd_ps(scale8(p.mins, row), _mm256_set1_ps(x_sum[h]), acc);
-            acc = _mm256_fmadd_ps(scale8(p.scales, row), part[h][c], acc);
+            if (p.mins != nullptr) acc = _mm256_fmadd_ps(Scale8(p.mins, p.f32_scales, row), _mm256_set1_ps(x_sum[h]), acc);
+            acc = _mm256_fmadd_ps(Scale8(p.scales, p.f32_scales, row), part[h][c], acc);
           }
           _mm256_storeu_ps(yr + j + 8 * c, acc);
         }
@@ -358,12 +368,6 @@ void FloatColumns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-
-inline __m512i Broadcast4(const int8_t* p) {  // 4 activation codes into every 32-bit lane
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return _mm512_set1_epi32(v);
-}
 
 // Rows r0..r3 of 64 columns (64 bytes each) -> 4 registers of 16 32-bit lanes, each lane the 4
 // rows' bytes of one column (what vpdpbusd multiplies by 4 activation codes). The in-lane unpacks
@@ -412,7 +416,8 @@ void Columns64(const Problem& p, int64_t t, int64_t j0) {
       if (p.four_bit) {  // byte row i holds W[i] (low nibble) and W[i + 16] (high)
         for (int64_t i = 0; i < kQuantBlock / 2; i += 4) {
           Interleave4(q_t + (b * kQuantBlock / 2 + i) * p.tile, p.tile, w);
-          const __m512i x_lo = Broadcast4(xb + i), x_hi = Broadcast4(xb + kQuantBlock / 2 + i);
+          const __m512i x_lo = _mm512_set1_epi32(Codes4(xb + i));
+          const __m512i x_hi = _mm512_set1_epi32(Codes4(xb + kQuantBlock / 2 + i));
           for (int m = 0; m < 4; ++m) {
             isum[m] = _mm512_dpbusd_epi32(isum[m], _mm512_and_si512(w[m], low4), x_lo);
             isum[m] = _mm512_dpbusd_epi32(isum[m], _mm512_and_si512(_mm512_srli_epi16(w[m], 4), low4), x_hi);
@@ -421,7 +426,7 @@ void Columns64(const Problem& p, int64_t t, int64_t j0) {
       } else {
         for (int64_t i = 0; i < kQuantBlock; i += 4) {
           Interleave4(q_t + (b * kQuantBlock + i) * p.tile, p.tile, w);
-          const __m512i x4 = Broadcast4(xb + i);
+          const __m512i x4 = _mm512_set1_epi32(Codes4(xb + i));
           for (int m = 0; m < 4; ++m) isum[m] = _mm512_dpbusd_epi32(isum[m], _mm512_xor_si512(w[m], sign), x4);
         }
         const __m512i offset = _mm512_set1_epi32(128 * p.xq_sum[r * nb + b]);
@@ -446,12 +451,6 @@ void Columns64(const Problem& p, int64_t t, int64_t j0) {
 #endif
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-inline __m256i Broadcast4x8(const int8_t* p) {  // 4 activation codes into every 32-bit lane
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return _mm256_set1_epi32(v);
-}
-
 // Rows r0..r3 of 32 columns -> 4 registers of 8 32-bit lanes, each lane the 4 rows' bytes of one
 // column. The in-lane unpacks leave register m, 128-bit half c, lane s holding column 16 c + 4 m + s.
 inline void Interleave4(const uint8_t* r0, int64_t stride, __m256i out[4]) {
@@ -491,10 +490,6 @@ void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
   const int64_t s_t = t * ng * p.tile;  // this tile's first scale row
   const bool two_groups = p.group == kHalf;
   const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  auto scale8 = [&](const void* base, int64_t offset) {  // 8 scales (or mins) as f32
-    if (p.f32_scales) return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const _Float16*>(base) + offset)));
-  };
   for (int64_t r = 0; r < p.rows; ++r) {
     const int8_t* xr = p.xq + r * p.k;
     float* yr = p.y + r * p.tiles * p.tile + t * p.tile;
@@ -519,7 +514,8 @@ void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
         if (p.four_bit) {  // byte row i holds W[i] (low nibble) and W[i + 16] (high)
           for (int64_t i = 0; i < kHalf; i += 4) {
             Interleave4(q_t + (b * kHalf + i) * p.tile + j, p.tile, w);
-            const __m256i x_lo = Broadcast4x8(xb + i), x_hi = Broadcast4x8(xb + kHalf + i);
+            const __m256i x_lo = _mm256_set1_epi32(Codes4(xb + i));
+            const __m256i x_hi = _mm256_set1_epi32(Codes4(xb + kHalf + i));
             for (int m = 0; m < 4; ++m) {
               isum[0][m] = _mm256_add_epi16(isum[0][m], _mm256_maddubs_epi16(_mm256_and_si256(w[m], low4), x_lo));
               isum[1][m] = _mm256_add_epi16(
@@ -532,7 +528,7 @@ void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
         } else {
           for (int64_t i = 0; i < kQuantBlock; i += 4) {
             Interleave4(q_t + (b * kQuantBlock + i) * p.tile + j, p.tile, w);
-            const __m256i x4 = Broadcast4x8(xb + i);
+            const __m256i x4 = _mm256_set1_epi32(Codes4(xb + i));
             __m256i* half = isum[i / kHalf];
             for (int m = 0; m < 4; ++m) {
               const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[m]), _mm256_sign_epi8(x4, w[m]));
@@ -548,8 +544,8 @@ void Columns32(const Problem& p, int64_t t, int64_t j0, int64_t j1) {
           __m256 acc = _mm256_loadu_ps(yr + j + 8 * c);
           for (int h = 0; h < (two_groups ? 2 : 1); ++h) {  // = BlockTerm, lane by lane
             const int64_t at = s_t + (two_groups ? 2 * b + h : b) * p.tile + j + 8 * c;
-            const __m256 m_w = p.mins != nullptr ? scale8(p.mins, at) : _mm256_setzero_ps();
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(scale8(p.scales, at), d_x), _mm256_cvtepi32_ps(isum[h][c]),
+            const __m256 m_w = p.mins != nullptr ? Scale8(p.mins, p.f32_scales, at) : _mm256_setzero_ps();
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(Scale8(p.scales, p.f32_scales, at), d_x), _mm256_cvtepi32_ps(isum[h][c]),
                                   _mm256_fmadd_ps(m_w, _mm256_set1_ps(x_sum[h]), acc));
           }
           _mm256_storeu_ps(yr + j + 8 * c, acc);
@@ -646,7 +642,7 @@ class HelperThreads {
     static HelperThreads* helpers = new HelperThreads(threads);
     return *helpers;
   }
-  int64_t size() const { return static_cast<int64_t>(count_); }
+  int64_t size() const { return count_; }
 
   // Publishes a job to helpers 0 .. job->helpers - 1.
   void Publish(std::shared_ptr<Shared> job) {

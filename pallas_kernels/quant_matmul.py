@@ -258,10 +258,10 @@ def quant_matmul_xla(x: jax.Array, qs, scales, mins=None, *, formulation: str | 
     check_quant_inputs(x, qs, scales, mins)
     if formulation is None:
         formulation = DECODE_FORMULATION if math.prod(x.shape[:-1]) <= DECODE_ROWS else "dequant_dot"
-    return _per_tile(x, qs, scales, mins, XLA_FORMULATIONS[formulation])
+    return _per_column_block(x, qs, scales, mins, XLA_FORMULATIONS[formulation])
 
 
-def _per_tile(x, qs, scales, mins, tile_product):
+def _per_column_block(x, qs, scales, mins, tile_product):
     """x [..., k] @ W -> [..., n] in x.dtype, as tile_product(x2 [rows, k], q, d, m) -> [rows, cols]
     over blocks of whole column tiles (`column_blocks`), each merged into one [.., cols] tile (a
     lax.map over the blocks, so one block's floats exist at a time)."""
@@ -421,7 +421,7 @@ def _dequantize_cpu_dot(x, qs, scales, mins, layer):
     if column_blocks(tiles, tile) == tiles:
         w = native_cpu.dequantize_cpu(qs, scales, mins, layer=layer).astype(x.dtype)
         return _dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1).astype(x.dtype)
-    return _per_tile(x, *_layer_of(qs, scales, mins, layer),
+    return _per_column_block(x, *_layer_of(qs, scales, mins, layer),
                      lambda x2, q, d, m: _dot(x2, native_cpu.dequantize_cpu(
                          q[None], d[None], None if m is None else m[None]).astype(x.dtype)))  # a block as a one-tile W
 

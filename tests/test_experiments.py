@@ -157,7 +157,8 @@ def test_max_attention_size_records_schedules(tmp_path):
 
 def test_compare_peers_jaxchunk_only(tmp_path):
     proc = run_script("compare_peers", *TINY, "--systems", "jaxchunk,transformers", "--prompt-lens", "64",
-                      "--chunk-sizes", "16", "--dtypes", "f32", "--decode-tokens", "3", out=tmp_path)
+                      "--chunk-sizes", "16", "--dtypes", "f32", "--decode-tokens", "3", "--rounds", "2",
+                      out=tmp_path)
     assert "skipping transformers" in proc.stderr  # said, not silently dropped
     df = check_outputs(tmp_path, ["prefill.png", "decode.png", "memory.png"])
     assert list(df.label) == ["jaxchunk f32 chunk 16", "jaxchunk q4 f32 chunk 16"]  # --weights dequantized,q4
@@ -165,12 +166,35 @@ def test_compare_peers_jaxchunk_only(tmp_path):
     assert (df.prefill_tok_s > 0).all() and (df.decode_tok_s > 0).all()
     assert (df.rss_peak_mb > 50).all()
     assert df.vs_hf_f32.isna().all()  # no transformers row to compare with
-    # --decode-runs 5 by default, each rewound to the prompt's end: min <= median <= max.
-    assert (df.decode_runs == 5).all() and (df.decode_spread >= 1).all()
+    # --decode-runs 5 by default, each rewound to the prompt's end, in each of the 2 rounds (one
+    # process each): min <= median <= max over the 10.
+    assert (df.decode_runs == 10).all() and (df.decode_spread >= 1).all()
+    rounds = pd.read_csv(tmp_path / "rounds.csv")
+    assert sorted(rounds["round"]) == [0, 0, 1, 1] and (rounds.decode_runs == 5).all()
     assert ((df.decode_min_tok_s <= df.decode_tok_s) & (df.decode_tok_s <= df.decode_max_tok_s)).all()
     # The roofline ran first: every row has its fractions of this machine's limits.
     assert (df.prefill_of_limit > 0).all() and (df.decode_of_limit > 0).all()
     assert "roofline" in json.loads((tmp_path / "results.json").read_text())["machine"]
+
+
+def test_compare_peers_merges_rounds():
+    """--rounds: prefill the median of the rounds' medians, decode over every run of every round."""
+    from experiments.compare_peers import merge_rounds
+    base = dict(label="a", prompt_len=100, first_call_s=1.0, decode_cpu_ms_per_tok=1.0, note="")
+    rows = [dict(base, round=0, prefill_s=1.0, prefill_min_s=0.9, prefill_max_s=1.1, decode_runs_tok_s=[10.0, 20.0],
+                 rss_peak_mb=300.0),
+            dict(base, round=1, prefill_s=4.0, prefill_min_s=3.0, prefill_max_s=5.0, decode_runs_tok_s=[30.0, 40.0],
+                 rss_peak_mb=200.0),
+            dict(base, round=0, prompt_len=200, prefill_s=2.0, prefill_min_s=2.0, prefill_max_s=2.0,
+                 decode_runs_tok_s=[5.0], rss_peak_mb=100.0)]
+    merged = {row["prompt_len"]: row for row in merge_rounds(rows)}
+    a = merged[100]
+    assert a["rounds"] == 2 and a["prefill_s"] == 2.5 and a["prefill_tok_s"] == 40.0
+    assert (a["prefill_min_s"], a["prefill_max_s"]) == (0.9, 5.0)
+    decode = (a["decode_tok_s"], a["decode_min_tok_s"], a["decode_max_tok_s"], a["decode_spread"])
+    assert decode == (25.0, 10.0, 40.0, 4.0)
+    assert a["decode_runs"] == 4 and a["rss_peak_mb"] == 300.0 and "round" not in a
+    assert merged[200]["rounds"] == 1 and merged[200]["decode_tok_s"] == 5.0
 
 
 @pytest.mark.model
