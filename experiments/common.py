@@ -352,7 +352,6 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
     below it (zeros on a log axis). `band`: (low, high) columns shaded around each line (e.g. the
     min and max of repeated runs; rows without them unshaded). Saves a PNG."""
     plt = pyplot()
-    import matplotlib.ticker
     ys = [y] if isinstance(y, str) else list(y)
     y_labels = list(y_labels) if y_labels else ys
     facets = list(dict.fromkeys(df[facet])) if facet else [None]  # in order of appearance
@@ -379,10 +378,7 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
         if logx:
             log2_axis(ax, part[x], "x")
         if logy:
-            ax.set_yscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 200, not 2x10^2
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            log10_axis(ax)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(f"{facet}: {value}" if facet else title, fontsize=10)
@@ -391,6 +387,21 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
     if facet:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def log10_axis(ax) -> None:
+    """A log10 y axis (call after plotting) with plainly written labels (200, not 2x10^2), dense
+    enough that every value reads against a labelled tick: at 1, 1.5, 2, 3, 5, 7 x 10^k over a
+    range of under 1.5 decades, 1, 2, 5 x 10^k up to 3, else 10^k; unlabelled grid lines between."""
+    import matplotlib.ticker
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    decades = math.log10(high / low) if low > 0 else math.inf
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1.5 else (1.0, 2.0, 5.0) if decades < 3 else (1.0,)
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def log2_axis(ax, values, which: str = "x") -> None:
