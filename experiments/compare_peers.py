@@ -465,6 +465,10 @@ def main(argv=None):
                             "decode_tok_s", "decode_min_tok_s", "decode_max_tok_s", "decode_spread",
                             "decode_of_limit", "decode_cpu_ms_per_tok", "rss_peak_mb", "first_call_s"],
                        title=f"\nload average at start {machine['load_average_1_5_15']}")
+    bandwidth = (roofline_note.get("roofline") or {}).get("bandwidth_range_bytes")
+    if bandwidth:  # what steadiness a bandwidth-bound decode can have on this host
+        print(f"memory bandwidth, the roofline's samples: {bandwidth[0] / 1e9:.1f} - {bandwidth[1] / 1e9:.1f} GB/s "
+              f"(max / min {bandwidth[1] / bandwidth[0]:.2f})")
     print("\nprefill tok/s:")
     print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())
     for label, note in dict(zip(df.label, df.note)).items():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -80,10 +81,11 @@ class Roofline:
     """Measured rates (per second) and the limits they imply for one model config."""
     matmul_flops: dict          # dtype -> FLOP/s of the layer's matrices at chunk rows
     attention_flops: dict       # dtype -> FLOP/s of the attention-shaped dots
-    bandwidth_bytes: float      # bytes/s read
+    bandwidth_bytes: float      # bytes/s read (median sample)
     chunk_size: int
     cpu: str
     flags: tuple
+    bandwidth_range_bytes: tuple = ()  # (slowest, fastest) sample's bytes/s
 
     def prefill_tok_s(self, config, prompt_len: int, dtype: str = "f32") -> float:
         """Ideal prefill tokens/s of a `prompt_len` prompt in `dtype`: the matmuls at their measured
@@ -179,16 +181,23 @@ def measure_attention(config, dtype: str, chunk: int, keys: int, repeats: int) -
                 seconds=seconds, flops=flops, gflop_s=flops / seconds / 1e9)
 
 
+BANDWIDTH_SAMPLES = 20  # timed sums (at least --repeats): the host's own spread, below
+
+
 def measure_bandwidth(megabytes: int, repeats: int) -> dict:
-    """Read bandwidth: a jitted sum over a `megabytes` f32 array (larger than any cache)."""
+    """Read bandwidth: a jitted sum over a `megabytes` f32 array (larger than any cache), the
+    median of max(repeats, BANDWIDTH_SAMPLES) sums, with the slowest and fastest sum's rate
+    (gb_s_min / gb_s_max): on a shared host the memory bandwidth itself varies between samples
+    (2-core EPYC VMs: 28-60 GB/s, sums a fifth of a second apart), a bound on how steady any
+    bandwidth-bound decode can be there."""
     import jax
     import jax.numpy as jnp
     n = megabytes * 2 ** 20 // 4
     x = jnp.ones((n,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    seconds = _time(total, x, repeats=repeats)
-    return dict(kind="bandwidth", name=f"sum over {megabytes} MiB", dtype="f32", seconds=seconds,
-                gb_s=n * 4 / seconds / 1e9)
+    timing = common.timeit(functools.partial(jax.jit(jnp.sum), x), max(repeats, BANDWIDTH_SAMPLES))
+    return dict(kind="bandwidth", name=f"sum over {megabytes} MiB", dtype="f32", seconds=timing.median_s,
+                gb_s=n * 4 / timing.median_s / 1e9, gb_s_min=n * 4 / timing.max_s / 1e9,
+                gb_s_max=n * 4 / timing.min_s / 1e9)
 
 
 def measure(config, *, chunk_size: int = 512, keys: int = 2048, layers: int = 8, repeats: int = 5,
@@ -213,6 +222,7 @@ def measure(config, *, chunk_size: int = 512, keys: int = 2048, layers: int = 8,
     rows.append(bw)
     info = common.machine_info()
     roofline = Roofline(matmul_flops=matmul, attention_flops=attention, bandwidth_bytes=bw["gb_s"] * 1e9,
+                        bandwidth_range_bytes=(bw["gb_s_min"] * 1e9, bw["gb_s_max"] * 1e9),
                         chunk_size=chunk_size, cpu=info["cpu"], flags=tuple(cpu_flags()))
     return roofline, rows
 
