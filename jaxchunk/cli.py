@@ -272,7 +272,8 @@ def cmd_bench(args) -> int:
     results = []
     for length in args.prompt_lengths:
         ids = np.resize(corpus, length)
-        # One warm-up (compile) run, then --repeats timed runs; the tok/s columns use the best.
+        # One warm-up (compile) run, then --repeats timed runs: tok/s of the median run, with the
+        # slowest and fastest beside it (a best-of hides a bimodal machine).
         prefill_t = timeit(lambda: prefill(params, config, model.new_cache(), [ids], **chunking)[1], args.repeats)
         # Decoding after `length` tokens of context: the cache holds all but the last prompt token
         # (a fresh one per run, untimed: the cache is donated, used up by a run); a run prefills that
@@ -285,18 +286,24 @@ def cmd_bench(args) -> int:
                         setup=context)
         stream_t = timeit(lambda cache: list(stream_ids(params, config, cache, [ids[-1:]], **decode)),
                           args.repeats, setup=context)
-        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill_t.min_s,
-                        "decode_tok_s_on_device": n / loop_t.min_s, "decode_tok_s_streaming": n / stream_t.min_s,
-                        "seconds": {"prefill": prefill_t.summary(), "decode_on_device": loop_t.summary(),
-                                    "decode_streaming": stream_t.summary()}})
-        print(f"prompt {length}: prefill {length / prefill_t.min_s:.1f} tok/s, decode {n / loop_t.min_s:.1f} tok/s "
-              f"(on-device loop), {n / stream_t.min_s:.1f} tok/s (streaming); prefill min / median / max "
-              f"{prefill_t.min_s:.3g} / {prefill_t.median_s:.3g} / {prefill_t.max_s:.3g} s", file=sys.stderr)
+        timings = {"prefill": (prefill_t, length), "decode_on_device": (loop_t, n), "decode_streaming": (stream_t, n)}
+        results.append({"prompt_tokens": length, "prefill_tok_s": length / prefill_t.median_s,
+                        "decode_tok_s_on_device": n / loop_t.median_s, "decode_tok_s_streaming": n / stream_t.median_s,
+                        "tok_s_min_max": {k: [tokens / t.max_s, tokens / t.min_s]
+                                          for k, (t, tokens) in timings.items()},
+                        "seconds": {k: t.summary() for k, (t, _) in timings.items()}})
 
-    print(f"{'prompt':>8} {'prefill tok/s':>14} {'decode tok/s (loop)':>20} {'decode tok/s (stream)':>22}")
+    def cell(r, key, tok_s):
+        low, high = r["tok_s_min_max"][key]
+        return f"{tok_s:.1f} [{low:.1f}-{high:.1f}]"
+
+    print(f"tok/s, median of {args.repeats} runs [slowest-fastest]")
+    print(f"{'prompt':>8} {'prefill':>24} {'decode (on-device loop)':>24} {'decode (streaming)':>24} {'spread':>7}")
     for r in results:
-        print(f"{r['prompt_tokens']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s_on_device']:>20.1f} "
-              f"{r['decode_tok_s_streaming']:>22.1f}")
+        low, high = r["tok_s_min_max"]["decode_on_device"]
+        print(f"{r['prompt_tokens']:>8} {cell(r, 'prefill', r['prefill_tok_s']):>24} "
+              f"{cell(r, 'decode_on_device', r['decode_tok_s_on_device']):>24} "
+              f"{cell(r, 'decode_streaming', r['decode_tok_s_streaming']):>24} {high / low:>7.2f}")
     report = {"model": str(model.path), "dtype": model.dtype, "weights": model.weights,
               "cache_dtype": model.cache_dtype, "attention_impl": model.attention_impl, "chunk_size": args.chunk_size,
               "decode_tokens": args.decode_tokens, "results": results}
@@ -391,9 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill and decode tokens/s",
                        description="Time jaxchunk on a real text: prefill tok/s at each prompt length, and "
-                                   "decode tok/s after it with the on-device loop and with streaming. Best of "
-                                   "--repeats runs after a warm-up (compile) run (--json also records each "
-                                   "timing's min / median / max and every run). With --peers, runs the "
+                                   "decode tok/s after it with the on-device loop and with streaming: the median "
+                                   "of --repeats runs after a warm-up (compile) run, with the slowest and "
+                                   "fastest, and the decode's spread (fastest / slowest; --json also records "
+                                   "every run). With --peers, runs the "
                                    "source checkout's experiments/compare_peers.py (python -m "
                                    "experiments.compare_peers) "
                                    "(jaxchunk vs transformers and llama.cpp) instead, passing it the "
@@ -404,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths in tokens (default: 128,512,2048)")
     p.add_argument("--decode-tokens", type=int_at_least_2, default=64,
                    help="tokens decoded after each prompt (default: %(default)s)")
-    p.add_argument("--repeats", type=positive_int, default=2, help="timed runs per measurement (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per measurement (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     _add_chunk_flag(p)
     p.add_argument("--peers", action="store_true",

@@ -149,7 +149,7 @@ def test_prompt_longer_than_the_cache_is_a_clean_error():
 @pytest.mark.slow
 def test_bench_writes_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_cli("bench", "--prompt-lengths", "24,40", "--decode-tokens", "4", "--repeats", "1",
+    proc = run_cli("bench", "--prompt-lengths", "24,40", "--decode-tokens", "4", "--repeats", "3",
                    "--chunk-size", "16", "--weights", "q4", "--cache-dtype", "q8", "--json", out)
     assert proc.returncode == 0, proc.stderr
     import json
@@ -159,7 +159,12 @@ def test_bench_writes_a_table_and_json(tmp_path):
     for row in report["results"]:
         for key in ("prefill_tok_s", "decode_tok_s_on_device", "decode_tok_s_streaming"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
-        for timing in row["seconds"].values():  # the spread behind each tok/s (best of --repeats)
-            assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"] and len(timing["samples_s"]) == 1
-        assert row["prefill_tok_s"] == row["prompt_tokens"] / row["seconds"]["prefill"]["min_s"]
-    assert re.search(r"^\s+24\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+$", proc.stdout, re.M), proc.stdout
+        for timing in row["seconds"].values():  # the spread behind each tok/s (median of --repeats)
+            assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"] and len(timing["samples_s"]) == 3
+        prefill = row["seconds"]["prefill"]
+        assert row["prefill_tok_s"] == row["prompt_tokens"] / prefill["median_s"]
+        assert row["tok_s_min_max"]["prefill"] == [row["prompt_tokens"] / prefill["max_s"],
+                                                   row["prompt_tokens"] / prefill["min_s"]]
+    # prompt, then three "median [slowest-fastest]" cells, then the decode's spread
+    cell = r"[0-9.]+ \[[0-9.]+-[0-9.]+\]"
+    assert re.search(rf"^\s+24\s+{cell}\s+{cell}\s+{cell}\s+[0-9.]+$", proc.stdout, re.M), proc.stdout
