@@ -31,6 +31,7 @@ import platform
 import resource
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -355,10 +356,12 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
     ys = [y] if isinstance(y, str) else list(y)
     y_labels = list(y_labels) if y_labels else ys
     facets = list(dict.fromkeys(df[facet])) if facet else [None]  # in order of appearance
-    fig, axes = plt.subplots(1, len(facets), figsize=(5.5 * len(facets) + 1, 4.2), squeeze=False,
-                             sharey=True)
-    styles = ["-", "--", ":", "-."]
     keys = sorted(df[line].unique())
+    # Past 6 entries a legend inside the panel covers lines: it goes to the right of the last panel.
+    legend_outside = len(keys) * len(ys) > 6
+    fig, axes = plt.subplots(1, len(facets), figsize=(5.5 * len(facets) + 1 + 2.5 * legend_outside, 4.2),
+                             squeeze=False, sharey=True)
+    styles = ["-", "--", ":", "-."]
     # Same color in every panel; past the 10 default colors (which would repeat), tab20's 20.
     colors = {key: f"C{i}" if len(keys) <= 10 else plt.cm.tab20(i % 20) for i, key in enumerate(keys)}
     for ax, value in zip(axes[0], facets):
@@ -381,8 +384,14 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
             log10_axis(ax)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(f"{facet}: {value}" if facet else title, fontsize=10)
-        ax.legend(fontsize=8)
+        # A single panel's title wrapped to the panel (~11 characters an inch at this size).
+        ax.set_title(f"{facet}: {value}" if facet else textwrap.fill(title, int(11 * 5.5)), fontsize=10)
+        if not legend_outside:
+            ax.legend(fontsize=8)
+    if legend_outside:
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every panel's lines, once
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=8, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0))
     axes[0][0].set_ylabel(ylabel)
     if facet:
         fig.suptitle(title)
@@ -391,13 +400,15 @@ def line_plot(df, path: Path, *, x: str, y: str | Sequence[str], line: str, face
 
 def log10_axis(ax) -> None:
     """A log10 y axis (call after plotting) with plainly written labels (200, not 2x10^2), dense
-    enough that every value reads against a labelled tick: at 1, 1.5, 2, 3, 5, 7 x 10^k over a
-    range of under 1.5 decades, 1, 2, 5 x 10^k up to 3, else 10^k; unlabelled grid lines between."""
+    enough that every value reads against a labelled tick: at 1, 2, ..., 9 x 10^k over a range of
+    under 0.7 decades, 1, 1.5, 2, 3, 4, 5, 7 x 10^k under 1.5, 1, 2, 5 x 10^k up to 3, else 10^k;
+    unlabelled grid lines between."""
     import matplotlib.ticker
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     decades = math.log10(high / low) if low > 0 else math.inf
-    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1.5 else (1.0, 2.0, 5.0) if decades < 3 else (1.0,)
+    subs = (tuple(range(1, 10)) if decades < 0.7 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0) if decades < 1.5
+            else (1.0, 2.0, 5.0) if decades < 3 else (1.0,))
     ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=tuple(range(1, 10))))

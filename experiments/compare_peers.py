@@ -457,7 +457,8 @@ def main(argv=None):
                              title=f"Prefill throughput, {machine['usable_cores']} cores", **kw),
             common.line_plot(df, args.out / "decode.png", y="decode_tok_s", ylabel="decode throughput (tokens/s, log)",
                              title=f"Greedy decode after the prompt ({args.decode_tokens} tokens): median of "
-                                   f"{args.decode_runs} runs, shaded min-max",
+                                   f"{args.decode_runs * args.rounds} runs"
+                                   f"{f' ({args.rounds} processes)' if args.rounds > 1 else ''}, shaded min-max",
                              band=("decode_min_tok_s", "decode_max_tok_s"), **kw),
             common.line_plot(df, args.out / "memory.png", y="rss_peak_mb", ylabel="peak RSS of the process (MB, log)",
                              title="Peak memory per system (own subprocess)", **kw)]

@@ -350,7 +350,11 @@ def assert_codes_are_the_full_forward_quantization(cache, own_k, own_v, n):
         diff = np.abs(got - want)
         noise = 1e-5 * np.abs(own64).max()  # float32 noise of K/V and of the rotation
         mismatched = diff > noise
-        assert mismatched.mean() <= 2e-3, (spec.name, mismatched.mean())
+        # Rounding ties: a value within float noise of a rounding boundary goes either way, more often
+        # the finer the step (q8: 1/127 of the block's absmax). Measured: up to 2.07e-3 of values on an
+        # AVX-512 host (its dots sum in another order), ~1e-3 on AVX2. A wrong scale, offset or
+        # element order mismatches most values; the per-value bound below is the strict check.
+        assert mismatched.mean() <= 5e-3, (spec.name, mismatched.mean())
         if spec.packed:
             # One level is the block's step absmax / qmax; rotated, one level in one rotated element
             # spreads over the block with L2 norm = that step, so no element moves by more.
