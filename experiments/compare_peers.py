@@ -22,13 +22,13 @@ Every system runs in its own subprocess (this module with --worker), so its peak
 before each prompt length) is its own: weights + cache + activations of that system only. Each gets
 the same token ids (jaxchunk's tokenizer on jaxchunk.corpus.reference_text) through a .npy file.
 
-Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jaxchunk a full
-prefill of that length, which compiles; for the peers one 64-token call at start-up) and decode
-tok/s (greedy, --decode-tokens tokens after the prompt, one model step each, after a warm-up: the
-peers step token by token from Python, jaxchunk runs its generation loop on device as
-model.generate does, warmed up by one full run), and the decode's process CPU time per token (all threads;
-steadier than wall time on a shared machine,
-but it counts spin-waiting threads too).
+Per prompt length: prefill tok/s (median of --repeats; warm-up excluded: for jaxchunk a full prefill
+of that length, which compiles or loads the persistent compilation cache's executable; for the peers
+one 64-token call at start-up) and decode tok/s (greedy, --decode-tokens tokens after the prompt,
+one model step each, after a warm-up: the peers step token by token from Python, jaxchunk runs its
+generation loop on device as model.generate does, warmed up by one full run), and the decode's
+process CPU time per token (all threads; steadier than wall time on a shared machine, but it counts
+spin-waiting threads too).
 Decode is timed --decode-runs times (default 5) per prompt length, each run rewound to the prompt's
 end first (the same tokens at the same context): the table reports the median and min / max, and
 their spread (max / min).
@@ -443,14 +443,15 @@ def main(argv=None):
         rows = merge_rounds(rows)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
     settings.update(wall_s=round(time.perf_counter() - started, 1), prefill_warmup=(
-        "jaxchunk: one full prefill of the same length (compiles); peers: one 64-token call at start-up"))
+        "jaxchunk: one full prefill of the same length (compiles, or loads the persistent compilation cache's "
+        "executable); peers: one 64-token call at start-up"))
     import pandas as pd
     df = add_fractions(add_ratios(pd.DataFrame(rows)), limits)
     machine.update(roofline_note)
-    runs = ("decode_runs_tok_s",)  # the list of every decode run: results.json only
-    df = common.write_results(args.out, df.to_dict("records"), settings, machine, json_only=runs)
+    json_only = ("decode_runs_tok_s",)  # the list of every decode run: results.json only
+    df = common.write_results(args.out, df.to_dict("records"), settings, machine, json_only=json_only)
     if args.rounds > 1:
-        common.write_results(args.out, round_rows, settings, machine, name="rounds", json_only=runs)
+        common.write_results(args.out, round_rows, settings, machine, name="rounds", json_only=json_only)
     kw = dict(x="prompt_len", line="label", xlabel="prompt length (tokens, log2)", logy=True)
     pngs = [common.line_plot(df, args.out / "prefill.png", y="prefill_tok_s",
                              ylabel="prefill throughput (tokens/s, log)",
