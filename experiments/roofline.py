@@ -8,7 +8,13 @@ Measures, at the model's own shapes (so the limits are the ones its steps can re
 - the q4 weights' matmuls (`weights="q4"`): the native kernel at 1 row (decode; reported as bytes
   of quantized weights read per second) and the XLA path at chunk rows;
 - memory read bandwidth (a sum over a --bandwidth-mb array, f32: one FMA per 4 bytes, far below the
-  dot rate, so it is bandwidth-bound).
+  dot rate, so it is bandwidth-bound);
+- the dense decode dots: each layer matrix at 1 row, f32 and bf16 (held as `BF16Weight`, as
+  `jaxchunk.load` does), through `jaxchunk.model.linear` (XLA's dot: what a decode step with dense
+  weights runs), over enough stacked copies that the weights
+  come from memory (>= DECODE_STACK_MB a matrix), as bytes of weights read per second, median and
+  min / max of its samples: next to the bandwidth, how much of it dense-weight decode gets, and how
+  steadily.
 
 and derives the ideal figures the benchmarks are reported against:
 - prefill limit(L) = dot FLOP/s / FLOPs per token, with FLOPs per token = 2 * (matmul weights, the LM
@@ -86,6 +92,8 @@ class Roofline:
     cpu: str
     flags: tuple
     bandwidth_range_bytes: tuple = ()  # (slowest, fastest) sample's bytes/s
+    decode_dot_bytes: dict = dataclasses.field(default_factory=dict)  # dtype -> (median, slowest, fastest)
+    # bytes/s of weights XLA's dense 1-row dots read (measure_decode_dots)
 
     def prefill_tok_s(self, config, prompt_len: int, dtype: str = "f32") -> float:
         """Ideal prefill tokens/s of a `prompt_len` prompt in `dtype`: the matmuls at their measured
@@ -132,6 +140,45 @@ def measure_matmul(config, dtype: str, rows: int, layers: int, repeats: int) -> 
         seconds = _time(run, x, stacked, repeats=repeats) / layers
         out.append(dict(kind="matmul", name=name, dtype=dtype, rows=rows, k=k, n=n, seconds=seconds,
                         flops=2.0 * rows * k * n, gflop_s=2.0 * rows * k * n / seconds / 1e9))
+    return out
+
+
+DECODE_STACK_MB = 64  # weights per matrix stack in measure_decode_dots: past any cache of these CPUs
+
+
+def measure_decode_dots(config, dtype: str, repeats: int) -> list[dict]:
+    """Each layer matrix at 1 row in `dtype` (a decode step's dots with dense weights), through
+    `jaxchunk.model.linear`, over as many stacked copies as make >= DECODE_STACK_MB of weights;
+    gb_s (median), gb_s_min / gb_s_max (slowest / fastest of max(repeats, BANDWIDTH_SAMPLES) samples)
+    count the weight bytes read."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxchunk.model import linear
+    from jaxchunk.weights.bf16 import BF16Weight
+    jdtype = jnp.float32 if dtype == "f32" else jnp.bfloat16
+    itemsize = jnp.dtype(jdtype).itemsize
+    rng = np.random.default_rng(3)
+
+    @jax.jit
+    def run(x, stacked):
+        def step(acc, w):
+            w = BF16Weight(w) if w.dtype == jnp.uint16 else w
+            return acc + jnp.sum(linear(x, w).astype(jnp.float32), axis=-1), None
+        return jax.lax.scan(step, jnp.zeros((1,), jnp.float32), stacked)[0]
+
+    out = []
+    for name, k, n in layer_matrices(config):
+        layers = -(-DECODE_STACK_MB * 2 ** 20 // (k * n * itemsize))
+        stacked = jnp.asarray(rng.normal(0, 0.02, (layers, k, n)).astype(np.float32), jdtype)
+        if dtype == "bf16":  # held as bits, as jaxchunk.load does: plain bf16 in a scan converts every layer
+            stacked = jax.lax.bitcast_convert_type(stacked, jnp.uint16)
+        x = jnp.asarray(rng.normal(size=(1, k)), jdtype)
+        timing = common.timeit(lambda: run(x, stacked), max(repeats, BANDWIDTH_SAMPLES))
+        nbytes = stacked.nbytes
+        out.append(dict(kind="decode_dot", name=name, dtype=dtype, rows=1, k=k, n=n,
+                        seconds=timing.median_s / layers, gb_s=nbytes / timing.median_s / 1e9,
+                        gb_s_min=nbytes / timing.max_s / 1e9, gb_s_max=nbytes / timing.min_s / 1e9))
     return out
 
 
@@ -218,11 +265,22 @@ def measure(config, *, chunk_size: int = 512, keys: int = 2048, layers: int = 8,
         attention["bf16"] = max(attention["bf16"], attention["f32"])
     for q_rows in (1, chunk_size):
         rows += measure_quant_matmul(config, q_rows, layers, repeats)
+    decode_dot_bytes = {}
+    for dtype in dtypes:
+        dots = measure_decode_dots(config, dtype, repeats)
+        rows += dots
+        # the layer's bytes over its time; the range from each matrix's slowest / fastest sample
+        per_layer = sum(r["k"] * r["n"] for r in dots)  # elements: the itemsize cancels below
+        seconds = sum(r["k"] * r["n"] / (r["gb_s"] * 1e9) for r in dots)
+        slowest = sum(r["k"] * r["n"] / (r["gb_s_min"] * 1e9) for r in dots)
+        fastest = sum(r["k"] * r["n"] / (r["gb_s_max"] * 1e9) for r in dots)
+        decode_dot_bytes[dtype] = (per_layer / seconds, per_layer / slowest, per_layer / fastest)
     bw = measure_bandwidth(bandwidth_mb, repeats)
     rows.append(bw)
     info = common.machine_info()
     roofline = Roofline(matmul_flops=matmul, attention_flops=attention, bandwidth_bytes=bw["gb_s"] * 1e9,
                         bandwidth_range_bytes=(bw["gb_s_min"] * 1e9, bw["gb_s_max"] * 1e9),
+                        decode_dot_bytes=decode_dot_bytes,
                         chunk_size=chunk_size, cpu=info["cpu"], flags=tuple(cpu_flags()))
     return roofline, rows
 
@@ -308,7 +366,8 @@ def main(argv=None):
     axes[1].grid(True, alpha=0.3)
     axes[1].legend(fontsize=8)
     png = common.save_figure(fig, args.out / "roofline.png")
-    common.print_table(df, ["kind", "name", "dtype", "gflop_s", "gb_s", "tok_s", "attention_share"])
+    common.print_table(df, ["kind", "name", "dtype", "gflop_s", "gb_s", "gb_s_min", "gb_s_max", "tok_s",
+                            "attention_share"])
     print(f"cpu: {roofline.cpu}; flags: {' '.join(roofline.flags)}")
     common.print_written(args.out, [png], round(time.perf_counter() - t0, 1))
     return df

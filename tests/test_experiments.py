@@ -297,6 +297,15 @@ def test_roofline_quick_writes_everything(tmp_path):
     for _, group in limits.groupby("dtype"):  # longer prompts cost more attention per token
         assert group.tok_s.is_monotonic_decreasing
     assert (df[df.kind == "bandwidth"].gb_s > 0.1).all()
+    # Dense decode dots: every layer matrix at 1 row, both dtypes, median within its samples' range.
+    dots = df[df.kind == "decode_dot"]
+    assert sorted(dots.groupby("dtype").size().items()) == [("bf16", 7), ("f32", 7)]
+    assert (dots.rows == 1).all() and (dots.gb_s > 0).all()
+    assert ((dots.gb_s_min <= dots.gb_s) & (dots.gb_s <= dots.gb_s_max)).all()
+    summary = json.loads((tmp_path / "results.json").read_text())["machine"]["roofline"]["decode_dot_bytes"]
+    for dtype in ("f32", "bf16"):
+        median, slowest, fastest = summary[dtype]
+        assert 0 < slowest <= median <= fastest
 
 
 @pytest.mark.slow
