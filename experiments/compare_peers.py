@@ -472,8 +472,8 @@ def main(argv=None):
         print(f"memory bandwidth, the roofline's samples: {bandwidth[0] / 1e9:.1f} - {bandwidth[1] / 1e9:.1f} GB/s "
               f"(max / min {bandwidth[1] / bandwidth[0]:.2f})")
     decode_dots = (roofline_note.get("roofline") or {}).get("decode_dot_bytes") or {}
-    for dtype, (median, slowest, fastest) in decode_dots.items():  # what dense-weight decode can read
-        print(f"dense {dtype} decode dots (XLA, 1 row, a layer's matrices): {median / 1e9:.1f} GB/s of weights "
+    for name, (median, slowest, fastest) in decode_dots.items():  # what dense-weight decode can read
+        print(f"dense {name} decode dots (1 row, a layer's matrices): {median / 1e9:.1f} GB/s of weights "
               f"[{slowest / 1e9:.1f} - {fastest / 1e9:.1f}]")
     print("\nprefill tok/s:")
     print(df.pivot_table(index="label", columns="prompt_len", values="prefill_tok_s").round(1).to_string())

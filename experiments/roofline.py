@@ -10,8 +10,9 @@ Measures, at the model's own shapes (so the limits are the ones its steps can re
 - memory read bandwidth (a sum over a --bandwidth-mb array, f32: one FMA per 4 bytes, far below the
   dot rate, so it is bandwidth-bound);
 - the dense decode dots: each layer matrix at 1 row, f32 and bf16 (held as `BF16Weight`, as
-  `jaxchunk.load` does), through `jaxchunk.model.linear` (XLA's dot: what a decode step with dense
-  weights runs), over enough stacked copies that the weights
+  `jaxchunk.load` does), through `jaxchunk.model.linear`, by both engines: XLA's dot of the scan's
+  slice ("xla") and the native dense gemv reading the stack in place ("native", what a CPU decode
+  step with dense weights runs: jaxchunk/weights/dense.py), over enough stacked copies that the weights
   come from memory (>= DECODE_STACK_MB a matrix), as bytes of weights read per second, median and
   min / max of its samples: next to the bandwidth, how much of it dense-weight decode gets, and how
   steadily.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import time
 from pathlib import Path
 
@@ -92,8 +94,8 @@ class Roofline:
     cpu: str
     flags: tuple
     bandwidth_range_bytes: tuple = ()  # (slowest, fastest) sample's bytes/s
-    decode_dot_bytes: dict = dataclasses.field(default_factory=dict)  # dtype -> (median, slowest, fastest)
-    # bytes/s of weights XLA's dense 1-row dots read (measure_decode_dots)
+    decode_dot_bytes: dict = dataclasses.field(default_factory=dict)  # "f32 xla" -> (median, slowest, fastest)
+    # bytes/s of weights the dense 1-row dots read, per dtype and engine (measure_decode_dots)
 
     def prefill_tok_s(self, config, prompt_len: int, dtype: str = "f32") -> float:
         """Ideal prefill tokens/s of a `prompt_len` prompt in `dtype`: the matmuls at their measured
@@ -146,25 +148,38 @@ def measure_matmul(config, dtype: str, rows: int, layers: int, repeats: int) -> 
 DECODE_STACK_MB = 64  # weights per matrix stack in measure_decode_dots: past any cache of these CPUs
 
 
-def measure_decode_dots(config, dtype: str, repeats: int) -> list[dict]:
+DECODE_DOT_IMPLS = ("xla", "native")  # XLA's dot of the scan's slice; the native gemv reading the stack in place
+
+
+def measure_decode_dots(config, dtype: str, repeats: int, impl: str = "xla") -> list[dict]:
     """Each layer matrix at 1 row in `dtype` (a decode step's dots with dense weights), through
     `jaxchunk.model.linear`, over as many stacked copies as make >= DECODE_STACK_MB of weights;
     gb_s (median), gb_s_min / gb_s_max (slowest / fastest of max(repeats, BANDWIDTH_SAMPLES) samples)
-    count the weight bytes read."""
+    count the weight bytes read. impl: "xla" (each layer sliced by the scan: XLA's dot) or "native"
+    (the stack passed whole as `DenseLayer`, as `scan_layers` does for decode on CPU: the native
+    dense gemv reads the layer in place)."""
     import jax
     import jax.numpy as jnp
 
     from jaxchunk.model import linear
     from jaxchunk.weights.bf16 import BF16Weight
+    from jaxchunk.weights.dense import DenseLayer
     jdtype = jnp.float32 if dtype == "f32" else jnp.bfloat16
     itemsize = jnp.dtype(jdtype).itemsize
     rng = np.random.default_rng(3)
 
+    def as_weight(w):
+        return BF16Weight(w) if w.dtype == jnp.uint16 else w
+
     @jax.jit
     def run(x, stacked):
+        if impl == "native":
+            def step(acc, index):
+                return acc + jnp.sum(linear(x, DenseLayer(as_weight(stacked), index)).astype(jnp.float32), -1), None
+            return jax.lax.scan(step, jnp.zeros((1,), jnp.float32), jnp.arange(stacked.shape[0]))[0]
+
         def step(acc, w):
-            w = BF16Weight(w) if w.dtype == jnp.uint16 else w
-            return acc + jnp.sum(linear(x, w).astype(jnp.float32), axis=-1), None
+            return acc + jnp.sum(linear(x, as_weight(w)).astype(jnp.float32), axis=-1), None
         return jax.lax.scan(step, jnp.zeros((1,), jnp.float32), stacked)[0]
 
     out = []
@@ -176,7 +191,7 @@ def measure_decode_dots(config, dtype: str, repeats: int) -> list[dict]:
         x = jnp.asarray(rng.normal(size=(1, k)), jdtype)
         timing = common.timeit(lambda: run(x, stacked), max(repeats, BANDWIDTH_SAMPLES))
         nbytes = stacked.nbytes
-        out.append(dict(kind="decode_dot", name=name, dtype=dtype, rows=1, k=k, n=n,
+        out.append(dict(kind="decode_dot", name=name, dtype=dtype, impl=impl, rows=1, k=k, n=n,
                         seconds=timing.median_s / layers, gb_s=nbytes / timing.median_s / 1e9,
                         gb_s_min=nbytes / timing.max_s / 1e9, gb_s_max=nbytes / timing.min_s / 1e9))
     return out
@@ -266,15 +281,17 @@ def measure(config, *, chunk_size: int = 512, keys: int = 2048, layers: int = 8,
     for q_rows in (1, chunk_size):
         rows += measure_quant_matmul(config, q_rows, layers, repeats)
     decode_dot_bytes = {}
-    for dtype in dtypes:
-        dots = measure_decode_dots(config, dtype, repeats)
+    from jaxchunk.model import native_gemv_rows
+    impls = DECODE_DOT_IMPLS if native_gemv_rows(1) else ("xla",)
+    for dtype, impl in itertools.product(dtypes, impls):
+        dots = measure_decode_dots(config, dtype, repeats, impl)
         rows += dots
         # the layer's bytes over its time; the range from each matrix's slowest / fastest sample
         per_layer = sum(r["k"] * r["n"] for r in dots)  # elements: the itemsize cancels below
         seconds = sum(r["k"] * r["n"] / (r["gb_s"] * 1e9) for r in dots)
         slowest = sum(r["k"] * r["n"] / (r["gb_s_min"] * 1e9) for r in dots)
         fastest = sum(r["k"] * r["n"] / (r["gb_s_max"] * 1e9) for r in dots)
-        decode_dot_bytes[dtype] = (per_layer / seconds, per_layer / slowest, per_layer / fastest)
+        decode_dot_bytes[f"{dtype} {impl}"] = (per_layer / seconds, per_layer / slowest, per_layer / fastest)
     bw = measure_bandwidth(bandwidth_mb, repeats)
     rows.append(bw)
     info = common.machine_info()
@@ -366,7 +383,7 @@ def main(argv=None):
     axes[1].grid(True, alpha=0.3)
     axes[1].legend(fontsize=8)
     png = common.save_figure(fig, args.out / "roofline.png")
-    common.print_table(df, ["kind", "name", "dtype", "gflop_s", "gb_s", "gb_s_min", "gb_s_max", "tok_s",
+    common.print_table(df, ["kind", "name", "dtype", "impl", "gflop_s", "gb_s", "gb_s_min", "gb_s_max", "tok_s",
                             "attention_share"])
     print(f"cpu: {roofline.cpu}; flags: {' '.join(roofline.flags)}")
     common.print_written(args.out, [png], round(time.perf_counter() - t0, 1))

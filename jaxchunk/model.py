@@ -37,6 +37,7 @@ from jaxchunk import sharding
 from jaxchunk.config import LlamaConfig
 from jaxchunk.errors import InputError
 from jaxchunk.weights.bf16 import BF16Weight, as_array, dynamic_slice_in_dim
+from jaxchunk.weights.dense import DenseLayer, dense_linear, gemv_storage
 from jaxchunk.weights.quantized import QuantizedWeight, embed_rows
 from pallas_kernels import native_cpu
 from pallas_kernels.attention import attention
@@ -132,6 +133,10 @@ def linear(x: jax.Array, w) -> jax.Array:
     """
     if isinstance(w, QuantizedWeight):
         return sharding.quantized_linear(x, w)  # per shard under a mesh (a custom call / kernel)
+    if isinstance(w, DenseLayer):  # decode rows on CPU (scan_layers): the native gemv, in place
+        if _gemv_takes(x, w.stack):
+            return dense_linear(x, w)
+        w = w.value()
     w = as_array(w).astype(x.dtype)
     if x.dtype == jnp.bfloat16 and x.size // x.shape[-1] > DECODE_ROWS and _widen_bf16_dots():
         # A CPU without bf16 dot instructions: the same exact products and f32 sums as one f32 dot
@@ -143,6 +148,22 @@ def linear(x: jax.Array, w) -> jax.Array:
     # bf16 dot instructions it is also the fast path: a bf16-output dot ran ~1.5x slower than the
     # same dot with f32 output (prefill-shaped [512, 576] x [576, 1536] over 30 layers: 94 vs 62 ms).
     return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def native_gemv_rows(rows: int | None) -> bool:
+    """Whether products with `rows` rows of x go to the native dense gemv
+    (`jaxchunk.weights.dense`): decode-shaped (<= DECODE_ROWS rows), on the CPU backend, the
+    kernels built, no device mesh (a mesh splits the weights: XLA's dots per shard)."""
+    return (rows is not None and rows <= DECODE_ROWS and jax.default_backend() == "cpu"
+            and sharding.context_mesh() is None and native_cpu.available())
+
+
+def _gemv_takes(x: jax.Array, w) -> bool:
+    """The (x, W) pairs whose XLA product the native gemv reproduces: f32 W with f32 x (x bf16
+    would round W to bf16 first), bf16 W (held as BF16Weight) with bf16 or f32 x."""
+    storage = gemv_storage(w)
+    return storage is not None and (storage.dtype == jnp.uint16 or x.dtype == jnp.float32) and \
+        x.dtype in (jnp.float32, jnp.bfloat16)
 
 
 def _widen_bf16_dots() -> bool:
@@ -204,6 +225,8 @@ def lm_head(params: dict, config: LlamaConfig, h: jax.Array) -> jax.Array:
     vocab_axis = 1 if "lm_head" in params else 0
     spec = "...h,hv->...v" if vocab_axis else "...h,vh->...v"
     rows = math.prod(h.shape[:-1])
+    if native_gemv_rows(rows) and _gemv_takes(h, head):
+        return dense_linear(h.astype(jnp.float32), head, transposed=vocab_axis == 0)  # f32 logits
     tile = _head_tile(head.shape[vocab_axis])
     # On a mesh the head is vocab-split: the tile loop below would gather it; XLA splits the einsum.
     if head.dtype != jnp.bfloat16 or rows > DECODE_ROWS or tile is None or sharding.context_mesh() is not None:
@@ -234,21 +257,26 @@ def compute_dtype(params: dict):
     return params["final_norm"].dtype
 
 
-def scan_layers(layer_fn, carry, layers: dict):
+def scan_layers(layer_fn, carry, layers: dict, rows: int | None = None):
     """`lax.scan` of layer_fn(carry, layer, index) -> (carry, out) over the stacked layer params.
 
     Float leaves arrive sliced to the layer. QuantizedWeight leaves arrive whole, with the traced
     layer index attached (`QuantizedWeight.at_layer`): the quantized matmul reads that layer in
     place, where a scan slice would be copied out first for the native CPU kernel (a custom call
-    takes whole buffers: ~20% of a q4 decode step).
+    takes whole buffers: ~20% of a q4 decode step). rows: the rows of x each matrix multiplies (a
+    step's tokens); where they go to the native dense gemv (`native_gemv_rows`: decode on CPU), the
+    f32 / BF16Weight matrices arrive whole the same way, as `DenseLayer(stack, index)`.
     """
     stacked = {k: w for k, w in layers.items() if isinstance(w, QuantizedWeight)}
-    sliced = {k: w for k, w in layers.items() if k not in stacked}
+    dense = {k: w for k, w in layers.items()  # the matrices [layers, in, out], not the norms' vectors
+             if native_gemv_rows(rows) and gemv_storage(w) is not None and len(w.shape) == 3}
+    sliced = {k: w for k, w in layers.items() if k not in stacked and k not in dense}
     num_layers = jax.tree.leaves(layers)[0].shape[0]
 
     def body(carry, sliced_and_index):
         layer, index = sliced_and_index
-        layer = dict(layer, **{k: w.at_layer(index) for k, w in stacked.items()})
+        layer = dict(layer, **{k: w.at_layer(index) for k, w in stacked.items()},
+                     **{k: DenseLayer(w, index) for k, w in dense.items()})
         return layer_fn(carry, layer, index)
 
     return jax.lax.scan(body, carry, (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
@@ -454,7 +482,7 @@ def model_step(params: dict, config: LlamaConfig, kv_cache: KVCache, tokens: jax
     arrays = (kv_cache.keys, kv_cache.values, kv_cache.key_scales, kv_cache.value_scales)
     if kv_cache.has_ring:
         arrays += (kv_cache.ring_keys, kv_cache.ring_values, kv_cache.ring_key_scales, kv_cache.ring_value_scales)
-    (x, arrays), _ = scan_layers(layer_fn, (x, arrays), params["layers"])
+    (x, arrays), _ = scan_layers(layer_fn, (x, arrays), params["layers"], rows=math.prod(tokens.shape))
     new_cache = kv_cache.replace(keys=arrays[0], values=arrays[1], key_scales=arrays[2], value_scales=arrays[3],
                                  lengths=kv_len)
     if kv_cache.has_ring:

@@ -281,7 +281,8 @@ def paged_model_step(params: dict, config: LlamaConfig, paged_cache: PagedKVCach
         return (x, pool), None
 
     pool = (paged_cache.keys, paged_cache.values, paged_cache.key_scales, paged_cache.value_scales)
-    (x, (keys, values, key_scales, value_scales)), _ = scan_layers(layer_fn, (x, pool), params["layers"])
+    (x, (keys, values, key_scales, value_scales)), _ = scan_layers(layer_fn, (x, pool), params["layers"],
+                                                                   rows=x.shape[1])
     new_cache = paged_cache.replace(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales)
     new_cache = sharding.constrain_cache(new_cache, config)  # same sharding out as in: donated in place
     if logits == "none":

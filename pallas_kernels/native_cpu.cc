@@ -833,6 +833,13 @@ inline VecN LoadN(const uint16_t* p) {  // bf16 bits -> f32 (exact: bf16 is f32'
   return v;
 }
 inline void StoreN(float* p, VecN v) { std::memcpy(p, &v, sizeof v); }
+inline float Widen(float v) { return v; }
+inline float Widen(uint16_t bits) {  // bf16 bits -> f32
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+}
 inline VecN SplatN(float x) { return VecN{} + x; }
 
 // Tree sum of the lanes (a chain of scalar adds would dominate a 64-wide dot product).
@@ -1525,6 +1532,145 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   return ffi::Error::Success();
 }
 
+// ----------------------------------------------------------------------------- dense gemv
+// JaxchunkDenseGemv: y = x @ W for a few rows of x (decode) and a plain f32 or bf16 W, read once,
+// in place at its layer. XLA:CPU's dot at one row drew a third (f32) to a quarter (bf16) of the
+// host's read bandwidth, with samples 8-12x below the slowest bandwidth sample
+// (experiments/roofline.py's decode dots): the spread of dense-weight decode (issue 20).
+//
+//   x:     f32 [rows, k]
+//   w:     f32, or u16 holding bf16 bits, [layers, k, n] (transposed: [layers, n, k], the tied
+//          embedding [vocab, hidden] used as the LM head)
+//   layer: s32 scalar (read in place, as the quantized gemv's)
+//   y:     f32 [rows, n], products and sums in f32 (bf16 widened exactly)
+//
+// Work items are contiguous blocks of W, so each is one sequential read: [k, n]: a range of k
+// (whole rows of W) into its own partial y [rows, n], the partials summed at the end; [n, k]: a
+// range of output columns (whole rows of E), each a dot product along k.
+constexpr int64_t kDenseRowsPerItem = 64;     // [k, n]: at least this many rows of W per item
+constexpr int64_t kDenseColumnsPerItem = 256;  // [n, k]: this many rows of E per item
+
+constexpr int kDenseRowsPerPass = 8;  // rows of W per pass over the partial y
+
+template <typename T>
+void DenseRowsInto(const float* x, int64_t rows, int64_t k, const T* w, int64_t n, int64_t i0, int64_t i1,
+                   float* part) {
+  // Rows i0..i1 of W, kDenseRowsPerPass at a time: each partial is loaded and stored once per pass,
+  // and the next pass's rows are prefetched one pass ahead (measured on a Zen 4 core, f32 / bf16
+  // from memory: 4 rows without prefetch 15.8 / 10.1 GB/s, 8 rows with it 17-22 / 18-19).
+  constexpr int P = kDenseRowsPerPass;
+  const int64_t n_vec = n / kLanes * kLanes;
+  std::fill(part, part + rows * n, 0.0f);
+  int64_t i = i0;
+  for (; i + P <= i1; i += P) {
+    const T* w0 = w + i * n;
+    const bool prefetch = i + 2 * P <= i1;
+    for (int64_t j = 0; j < n_vec; j += kLanes) {
+      if (prefetch) {
+        for (int u = P; u < 2 * P; ++u) __builtin_prefetch(w0 + u * n + j);
+      }
+      VecN wv[P];
+      for (int u = 0; u < P; ++u) wv[u] = LoadN(w0 + u * n + j);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * k + i;
+        VecN acc = LoadN(part + r * n + j);
+        for (int u = 0; u < P; ++u) acc += xr[u] * wv[u];
+        StoreN(part + r * n + j, acc);
+      }
+    }
+    for (int64_t j = n_vec; j < n; ++j) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float acc = part[r * n + j];
+        for (int u = 0; u < P; ++u) acc += x[r * k + i + u] * Widen(w0[u * n + j]);
+        part[r * n + j] = acc;
+      }
+    }
+  }
+  for (; i < i1; ++i) {
+    const T* wi = w + i * n;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float xi = x[r * k + i];
+      for (int64_t j = 0; j < n; ++j) part[r * n + j] += xi * Widen(wi[j]);
+    }
+  }
+}
+
+template <typename T>
+void DenseDots(const float* x, int64_t rows, int64_t k, const T* e, int64_t n, int64_t j0, int64_t j1, float* y) {
+  const int64_t k_vec = k / kLanes * kLanes;
+  for (int64_t j = j0; j < j1; j += 4) {
+    const int64_t m = std::min<int64_t>(4, j1 - j);
+    const T* e0 = e + j * k;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * k;
+      VecN acc[4] = {};
+      for (int64_t i = 0; i < k_vec; i += kLanes) {
+        const VecN xv = LoadN(xr + i);
+        for (int64_t u = 0; u < m; ++u) acc[u] += xv * LoadN(e0 + u * k + i);
+      }
+      for (int64_t u = 0; u < m; ++u) {
+        float tail = 0.0f;
+        for (int64_t i = k_vec; i < k; ++i) tail += xr[i] * Widen(e0[u * k + i]);
+        y[r * n + j + u] = HorizontalSum(acc[u]) + tail;
+      }
+    }
+  }
+}
+
+template <typename T>
+void RunDenseGemv(ffi::ThreadPool& pool, const float* x, int64_t rows, int64_t k, const T* w, int64_t n,
+                  bool transposed, float* y) {
+  const int64_t helpers = (k * n) / (1 << 16);  // as the quantized gemv: ~64k weights per helper
+  if (transposed) {
+    const int64_t items = (n + kDenseColumnsPerItem - 1) / kDenseColumnsPerItem;
+    ParallelFor(pool, items, helpers, [=](int64_t item) {
+      const int64_t j0 = item * kDenseColumnsPerItem;
+      DenseDots(x, rows, k, w, n, j0, std::min(n, j0 + kDenseColumnsPerItem), y);
+    });
+    return;
+  }
+  // Enough items to balance two to a few threads, each a block of >= kDenseRowsPerItem rows.
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>(8, k / kDenseRowsPerItem));
+  const int64_t per_item = (k + items - 1) / items;
+  std::vector<float> parts(items * rows * n);
+  ParallelFor(pool, items, helpers, [=, &parts](int64_t item) {
+    const int64_t i0 = item * per_item;
+    DenseRowsInto(x, rows, k, w, n, std::min(k, i0), std::min(k, i0 + per_item), parts.data() + item * rows * n);
+  });
+  std::copy(parts.begin(), parts.begin() + rows * n, y);
+  for (int64_t item = 1; item < items; ++item) {
+    const float* part = parts.data() + item * rows * n;
+    for (int64_t e = 0; e < rows * n; ++e) y[e] += part[e];
+  }
+}
+
+ffi::Error DenseGemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                         ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> y, bool transposed) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w.dimensions();
+  if (x_dims.size() != 2) return ffi::Error::InvalidArgument("dense_gemv: x must be [rows, k]");
+  if (w_dims.size() != 3) return ffi::Error::InvalidArgument("dense_gemv: w must be [layers, k, n] or [layers, n, k]");
+  if (w.element_type() != ffi::F32 && w.element_type() != ffi::U16) {
+    return ffi::Error::InvalidArgument("dense_gemv: w must be f32 or u16 (bf16 bits)");
+  }
+  const int64_t rows = x_dims[0], k = x_dims[1];
+  const int64_t n = transposed ? w_dims[1] : w_dims[2];
+  if ((transposed ? w_dims[2] : w_dims[1]) != k) return ffi::Error::InvalidArgument("dense_gemv: w does not match x's k");
+  if (y->dimensions().size() != 2 || y->dimensions()[0] != rows || y->dimensions()[1] != n) {
+    return ffi::Error::InvalidArgument("dense_gemv: y must be [rows, n]");
+  }
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (layer < 0 || layer >= w_dims[0]) return ffi::Error::InvalidArgument("dense_gemv: layer index out of range");
+  if (w.element_type() == ffi::F32) {
+    RunDenseGemv(pool, x.typed_data(), rows, k, static_cast<const float*>(w.untyped_data()) + layer * k * n, n,
+                 transposed, y->typed_data());
+  } else {
+    RunDenseGemv(pool, x.typed_data(), rows, k, static_cast<const uint16_t*>(w.untyped_data()) + layer * k * n, n,
+                 transposed, y->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
 // ----------------------------------------------------------------------------- dequantize
 // W [k, n] in f32 (row-major, column j = column j % tile of tile j / tile) from one layer of the
 // packed weights: what prefill feeds to XLA's dot. XLA's own dequantization fusion (nibble
@@ -1669,6 +1815,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedDecodeAttention, PagedAttentionImpl<f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkPagedAttention, PagedAttentionImpl<true>,
                               PagedAttentionBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDenseGemv, DenseGemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchunkDequantize, DequantizeImpl,
                               ffi::Ffi::Bind()

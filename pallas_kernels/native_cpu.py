@@ -17,6 +17,9 @@
 - `paged_decode_attention_cpu`: the same kernel (one C++ template over where a sequence's queries
   and cached vectors are) over a page pool and a page table, for the decode rows of a ragged paged
   step (pallas_kernels/paged_attention.py's layout).
+- `dense_gemv_cpu`: x @ W for a few rows and a plain f32 / bf16 W (decode), W read once in place
+  at its layer, each work item one sequential block of it. XLA's 1-row dot drew a third (f32) to a
+  quarter (bf16) of the read bandwidth, and unsteadily (experiments/roofline.py's decode dots).
 - `dequantize_cpu`: one layer's float32 W from the packed weights, for prefill (many rows), where
   XLA's dot is the right engine and only the dequantization was slow (SmolLM2's 30 layers, summed
   to force a full read: 24 ms here vs 75 ms for XLA's fusion).
@@ -55,6 +58,7 @@ DEQUANTIZE = "jaxchunk_dequantize"
 PAGED_DECODE_ATTENTION = "jaxchunk_paged_decode_attention"
 FLASH_ATTENTION = "jaxchunk_flash_attention"
 PAGED_ATTENTION = "jaxchunk_paged_attention"
+DENSE_GEMV = "jaxchunk_dense_gemv"
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # decode_attention_cpu's compiled head sizes
 FLASH_MAX_HEAD_DIM = 512  # flash_attention_cpu: any multiple of 16 up to this
 SOURCE = Path(__file__).with_suffix(".cc")
@@ -139,6 +143,7 @@ def _register() -> str:
                                 platform="cpu")
     jax.ffi.register_ffi_target(FLASH_ATTENTION, jax.ffi.pycapsule(library.JaxchunkFlashAttention), platform="cpu")
     jax.ffi.register_ffi_target(PAGED_ATTENTION, jax.ffi.pycapsule(library.JaxchunkPagedAttention), platform="cpu")
+    jax.ffi.register_ffi_target(DENSE_GEMV, jax.ffi.pycapsule(library.JaxchunkDenseGemv), platform="cpu")
     return ""
 
 
@@ -216,6 +221,31 @@ def quant_matmul_cpu(x: jax.Array, qs: jax.Array, scales: jax.Array, mins: jax.A
     call = jax.ffi.ffi_call(QUANT_GEMV, jax.ShapeDtypeStruct((x2.shape[0], tiles * tile), jnp.float32))
     y = call(x2, *operands, quantize_x=bool(quantize_x), has_mins=mins is not None)
     return y.reshape(*lead, tiles * tile).astype(x.dtype)
+
+
+DENSE_STORAGE = (jnp.float32, jnp.uint16)  # dense_gemv_cpu's weights: f32, or bf16 as its uint16 bits
+
+
+def dense_gemv_cpu(x: jax.Array, w: jax.Array, *, layer=None, transposed: bool = False) -> jax.Array:
+    """x [..., k] @ W -> [..., n] in x.dtype, computed in float32, for a few rows (decode). w:
+    float32, or bfloat16 held as uint16 bits; W [k, n] (transposed: w is W.T [n, k], e.g. a tied
+    embedding [vocab, hidden] as the LM head). layer: None for a 2-D w, or the (traced) index of W
+    in a stack [layers, ...] (read in place; out of range is an error raised by the kernel).
+    Each block of W is read once, sequentially. Raises RuntimeError if the kernel is unavailable."""
+    _require()
+    if w.dtype not in DENSE_STORAGE:
+        raise ValueError(f"dense_gemv_cpu takes float32 or uint16 (bf16 bits) weights, got {w.dtype}")
+    if layer is None:
+        w, layer = w[None], 0
+    if w.ndim != 3 or w.shape[2 if transposed else 1] != x.shape[-1]:
+        raise ValueError(f"dense_gemv_cpu: x [..., {x.shape[-1]}] does not match w {w.shape}"
+                         f"{' (transposed: [layers, n, k])' if transposed else ' ([layers, k, n])'}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[1] if transposed else w.shape[2]
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    call = jax.ffi.ffi_call(DENSE_GEMV, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))
+    y = call(x2, w, jnp.asarray(layer, jnp.int32), transposed=bool(transposed))
+    return y.reshape(*lead, n).astype(x.dtype)
 
 
 def decode_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,

@@ -11,7 +11,7 @@ import pytest
 
 from jaxchunk.cache import init_cache
 from jaxchunk.testing import tiny_config
-from jaxchunk.model import forward, init_params
+from jaxchunk.model import forward, init_params, native_gemv_rows
 from jaxchunk.prefill import decode_step, prefill
 from jaxchunk.steps import jitted_decode_step
 from jaxchunk.weights.bf16 import BF16Weight, pack_bf16, unpack_bf16
@@ -50,14 +50,23 @@ def test_pack_round_trip_is_exact():
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_packed_params_give_identical_logits(tied):
     """Bits are the bf16 values themselves, so every logit must be identical (not just close):
-    forward, chunked prefill, and decode (which takes the tiled f32 head for a bf16 embedding)."""
+    forward (XLA's dots for both), and chunked prefill and decode where the same engine runs both.
+    On CPU with the native kernels, packed bf16 steps of <= 16 rows (chunks of 8 here, decode)
+    run the native dense gemv while plain
+    bf16 arrays keep XLA's dot (jaxchunk.weights.dense): the same exact products summed in another
+    order, so each bf16 layer output may round the other way (2^-8 relative); the logits are then
+    held to 2e-2 of their largest magnitude (measured: ~1e-6, the layers' roundings agreed)."""
     config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
     params = bf16_params(config)
     packed = pack_bf16(params)
     ids = np.random.default_rng(1).integers(0, config.vocab_size, 21).astype(np.int32)
     np.testing.assert_array_equal(np.asarray(forward(packed, config, ids[None]), np.float32),
                                   np.asarray(forward(params, config, ids[None]), np.float32))
-    np.testing.assert_array_equal(run(packed, config, ids, [5, 9, 100]), run(params, config, ids, [5, 9, 100]))
+    got, want = run(packed, config, ids, [5, 9, 100]), run(params, config, ids, [5, 9, 100])
+    if native_gemv_rows(1):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+    else:
+        np.testing.assert_array_equal(got, want)
 
 
 def test_tiled_decode_head_equals_f32_reference():
