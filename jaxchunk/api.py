@@ -150,6 +150,7 @@ def _load_files(path: Path, dtype: str, weights: str):
         return config, params, metadata, load_tokenizer(path), hf_add_bos(path)
     gguf = open_gguf(path)  # ModelFileError if not a GGUF
     config, params, metadata = load_weights(gguf, dtype=dtype, weights=weights)
+    gguf.release_pages()  # params hold copies; the file's pages need not stay beside them
     return config, params, metadata, Tokenizer.from_gguf(path, reader=gguf), gguf_add_bos(gguf, path)
 
 

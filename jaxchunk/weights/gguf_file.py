@@ -83,10 +83,22 @@ class GGUFFile:
     fields: dict[str, GGUFField]       # metadata key -> value, in file order
     tensors: dict[str, RawTensor]      # tensor name -> its stored bytes, in file order
     data_offset: int                   # where the tensor data starts in the file
+    mapping: Any = dataclasses.field(default=None, repr=False, compare=False)  # the mmap (None if empty)
 
     def get_field(self, key: str) -> Optional[GGUFField]:
         """The metadata value `key`, or None (as `GGUFReader.get_field`)."""
         return self.fields.get(key)
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident set, once the weights are copied out.
+
+        Every page of the map that was read stays resident while the file is open: after a load
+        that is the whole file (253 MB for Gemma 3 270M) beside the packed weights, and the
+        tokenizer built next from the same parse added its own ~0.25 GB on top (the load's peak
+        RSS). The tensors stay readable: a later read faults its pages back in from the page cache.
+        """
+        if isinstance(self.mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class _Cursor:
@@ -199,4 +211,4 @@ def read_gguf(path: PathLike) -> GGUFFile:
                              f"file ({len(data)} bytes)")
         blocks = data[start:start + n_bytes].reshape(*shape[:-1], -1)
         tensors[name] = RawTensor(name, qtype.name, shape, blocks)
-    return GGUFFile(path, version, fields, tensors, data_offset)
+    return GGUFFile(path, version, fields, tensors, data_offset, mapped if isinstance(mapped, mmap.mmap) else None)
