@@ -7,7 +7,8 @@ Systems (--systems):
                 (jaxchunk.weights.quantized; computed in the dtype); "q4_q8": q4 with each matrix's
                 input rounded to 8 bits per 32-block, llama.cpp's own arithmetic (integer products).
                 KV cache in --cache-dtypes (default: the compute dtype; llama.cpp keeps f16, so
-                "bf16" is its size with f32 compute).
+                "bf16" is its size with f32 compute); --ring-cache: a model's sliding-window layers
+                keep only window - 1 + chunk positions (llama.cpp's iSWA cache does the same).
 - transformers: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (its own dequantization)
                 in f32 / bf16, torch.set_num_threads(--threads), torch.inference_mode, one forward
                 over the whole prompt with logits_to_keep=1 (last-token logits only). Recent
@@ -132,7 +133,8 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
     def prefill_fn(ids):
         chunk = min(spec["chunk_size"], len(ids))
         # Room for the warm-up decode and the timed one (n_decode steps each).
-        cache = init_cache(config, 1, len(ids) + 2 * n_decode + 1, spec["cache_dtype"] or model.dtype)
+        cache = init_cache(config, 1, len(ids) + 2 * n_decode + 1, spec["cache_dtype"] or model.dtype,
+                           ring_chunk_len=chunk if spec.get("ring_cache") else None)
         cache, logits = prefill(params, config, cache, [ids], chunk_size=chunk, max_input_len=chunk,
                                 attention_impl=impl)
         return {"cache": cache, "logits": logits}
@@ -149,7 +151,8 @@ def jaxchunk_worker(spec) -> tuple[list[dict], str]:
         state["cache"] = state["cache"].replace(lengths=jnp.full_like(state["cache"].lengths, n_prompt))
 
     weight_mb = sum(int(a.nbytes) for a in jax.tree.leaves(params)) / common.MB
-    note = f"weights {spec['weights']} ({weight_mb:.0f} MB resident), attention_impl={impl}, cache=prompt+decode"
+    ring = f", sliding-window layers in a ring (ring_chunk_len={spec['chunk_size']})" if spec.get("ring_cache") else ""
+    note = f"weights {spec['weights']} ({weight_mb:.0f} MB resident), attention_impl={impl}, cache=prompt+decode{ring}"
     return measure_lengths(prefill_fn, decode_fn, rewind_fn, spec), note
 
 
@@ -262,6 +265,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", type=lambda s: common.parse_list(s, str), default=["dequantized", "q4"],
                    help="jaxchunk weight modes: dequantized (to the dtype), q4 (kept quantized), q4_q8 "
                         "(q4 with 8-bit inputs, as llama.cpp)")
+    p.add_argument("--ring-cache", action="store_true",
+                   help="jaxchunk: sliding-window layers keep a ring of window - 1 + chunk positions "
+                        "(init_cache(ring_chunk_len=chunk); llama.cpp's iSWA cache) instead of the whole prompt")
     p.add_argument("--repeats", type=int)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-runs", type=int, default=5,
@@ -315,7 +321,7 @@ def worker_specs(args, ids_path: Path) -> list[dict]:
             print(f"compare_peers: skipping {system}: {reason}", file=sys.stderr)
         elif system == "jaxchunk":
             specs += [dict(base, system=system, dtype=d, chunk_size=c, attention_impl=args.attention_impl,
-                           weights=w, cache_dtype=cd if cd != d else None)
+                           weights=w, cache_dtype=cd if cd != d else None, ring_cache=args.ring_cache)
                       for w in args.weights for d in args.dtypes for cd in args.cache_dtypes for c in args.chunk_sizes]
         elif system == "transformers":
             specs += [dict(base, system=system, dtype=d, hf_weights=args.hf_weights) for d in args.dtypes]
@@ -341,7 +347,8 @@ def run_worker(spec: dict) -> list[dict]:
     result = json.loads(lines[-1][len(RESULT_MARK):])
     weights = f"{spec['weights']} " if spec.get("weights") in ("q4", "q4_q8") else ""
     cache = f" {spec['cache_dtype']} cache" if spec.get("cache_dtype") else ""
-    label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']}{cache} chunk {spec.get('chunk_size')}",
+    ring = " ring" if spec.get("ring_cache") else ""
+    label = {"jaxchunk": f"jaxchunk {weights}{spec['dtype']}{cache}{ring} chunk {spec.get('chunk_size')}",
              "transformers": f"transformers {spec['dtype']}", "llama.cpp": f"llama.cpp {spec['dtype']}"}[spec["system"]]
     return [dict(system=spec["system"], label=label, dtype=spec["dtype"], chunk_size=spec.get("chunk_size"),
                  cache_dtype=spec.get("cache_dtype") or ("f16" if spec["system"] == "llama.cpp" else spec["dtype"]),
