@@ -164,6 +164,14 @@ def model_path(name: str = DEFAULT_MODEL) -> Path:
     return fetch_model(name)
 
 
+def model_config(name: str):
+    """The LlamaConfig of a known model (from its GGUF's metadata; no weights read) or the random one."""
+    if name == TINY_MODEL:
+        return tiny_config()
+    from jaxchunk.weights.gguf import config_from_gguf, open_gguf
+    return config_from_gguf(open_gguf(model_path(name)))
+
+
 def file_type(name: str) -> str:
     """The GGUF's quantization mix as llama.cpp names it ("Q4_1", "Q4_K_M"), from `general.file_type`."""
     from jaxchunk.weights.gguf import file_type_name, gguf_field, open_gguf

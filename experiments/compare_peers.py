@@ -293,6 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if args.ring_cache and not args.worker and not any(common.model_config(args.model).layer_windows or ()):
+        p.error(f"--ring-cache: {args.model} has no sliding-window layers (every layer keeps every position)")
     return args
 
 

@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-random", "--repeats", "1"]
 
 
-def run_script(name: str, *args: str, out: Path) -> subprocess.CompletedProcess:
-    """`python -m experiments.<name> ARGS --out OUT` from the repository root, as users run it."""
+def run_script(name: str, *args: str, out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m experiments.<name> ARGS --out OUT` from the repository root, as users run it
+    (check: assert it succeeded)."""
     proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", *args, "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert not check or proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -175,6 +176,12 @@ def test_compare_peers_jaxchunk_only(tmp_path):
     # The roofline ran first: every row has its fractions of this machine's limits.
     assert (df.prefill_of_limit > 0).all() and (df.decode_of_limit > 0).all()
     assert "roofline" in json.loads((tmp_path / "results.json").read_text())["machine"]
+
+
+def test_compare_peers_ring_cache_needs_sliding_windows(tmp_path):
+    """--ring-cache on a model whose layers are all global is refused up front, by name."""
+    proc = run_script("compare_peers", *TINY, "--systems", "jaxchunk", "--ring-cache", out=tmp_path, check=False)
+    assert proc.returncode == 2 and "--ring-cache: tiny-random has no sliding-window layers" in proc.stderr
 
 
 def test_compare_peers_merges_rounds():
