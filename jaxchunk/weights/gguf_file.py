@@ -83,7 +83,7 @@ class GGUFFile:
     fields: dict[str, GGUFField]       # metadata key -> value, in file order
     tensors: dict[str, RawTensor]      # tensor name -> its stored bytes, in file order
     data_offset: int                   # where the tensor data starts in the file
-    mapping: Any = dataclasses.field(default=None, repr=False, compare=False)  # the mmap (None if empty)
+    mapping: Any = dataclasses.field(default=None, repr=False, compare=False)  # the mmap (b"" if empty)
 
     def get_field(self, key: str) -> Optional[GGUFField]:
         """The metadata value `key`, or None (as `GGUFReader.get_field`)."""
@@ -211,4 +211,4 @@ def read_gguf(path: PathLike) -> GGUFFile:
                              f"file ({len(data)} bytes)")
         blocks = data[start:start + n_bytes].reshape(*shape[:-1], -1)
         tensors[name] = RawTensor(name, qtype.name, shape, blocks)
-    return GGUFFile(path, version, fields, tensors, data_offset, mapped if isinstance(mapped, mmap.mmap) else None)
+    return GGUFFile(path, version, fields, tensors, data_offset, mapped)
