@@ -98,10 +98,11 @@ def load(model: Union[str, os.PathLike] = DEFAULT_MODEL, *, dtype: Optional[str]
 
     import jax
 
-    from jaxchunk import compilation_cache
+    from jaxchunk import compilation_cache, host_memory
     from jaxchunk.cache import resolve_cache_formats
 
     compilation_cache.enable()  # before the first compile of the process, or JAX never looks at it
+    host_memory.trim_after_compiles()  # what XLA's compiles free goes back to the OS (host_memory.py)
 
     _check_attention_impl(attention_impl)
     cache_dtype = dtype if cache_dtype is None else cache_dtype
