@@ -6,7 +6,8 @@ buffers are allocated beside it instead of in it. In `experiments.compare_peers`
 (q4 weights, bf16 cache, prompts of 512 / 2048 / 8100 tokens in one process, nothing in the
 persistent compilation cache) the peak RSS at 8100 was 852 MB with the compiles' leftovers and
 660 MB with a trim after each compile (2048: 668 -> 562 MB), at the same tok/s. `malloc_trim(0)`
-walks every arena and returns their free pages (madvise DONTNEED); it takes about a millisecond,
+walks every arena and returns their free pages (madvise DONTNEED); it took 0.8-5 ms in a 486 MB
+process (q4 SmolLM2 after a generate),
 so it runs only after compiles that took at least `MIN_COMPILE_SECONDS`.
 
     trim_after_compiles()   # once per process (jaxchunk.load calls it); idempotent
