@@ -7,8 +7,7 @@ buffers are allocated beside it instead of in it. In `experiments.compare_peers`
 persistent compilation cache) the peak RSS at 8100 was 852 MB with the compiles' leftovers and
 660 MB with a trim after each compile (2048: 668 -> 562 MB), at the same tok/s. `malloc_trim(0)`
 walks every arena and returns their free pages (madvise DONTNEED); it took 0.8-5 ms in a 486 MB
-process (q4 SmolLM2 after a generate),
-so it runs only after compiles that took at least `MIN_COMPILE_SECONDS`.
+process (q4 SmolLM2 after a generate), so it runs only after compiles of >= `MIN_COMPILE_SECONDS`.
 
     trim_after_compiles()   # once per process (jaxchunk.load calls it); idempotent
     trim()                  # one trim now; False where the C library has no malloc_trim
