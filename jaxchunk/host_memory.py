@@ -22,8 +22,9 @@ import ctypes.util
 import functools
 import os
 
+from jaxchunk.compilation_cache import OFF  # the values that turn a jaxchunk switch off, defined once
+
 ENV = "JAXCHUNK_MALLOC_TRIM"
-OFF = ("0", "off", "false", "no")
 MIN_COMPILE_SECONDS = 0.05  # smaller compiles leave too little behind to be worth a trim
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's, around compile-or-load
 
