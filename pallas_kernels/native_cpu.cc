@@ -931,6 +931,7 @@ struct AttnProblem {
   int64_t heads, kv_heads, d, splits;
   float scale, soft_cap;
   int64_t window;
+  bool bf16_products;  // flash, bf16 cache: the queries are bf16 values; use bf16 products where the CPU has them
   // Per item: acc [rows, d], then max [rows], sum [rows] (rows: at most MaxQLen() * group()).
   float* partials;
   int64_t partial_size;
@@ -1228,6 +1229,77 @@ inline void MicroKernels(int64_t outs, const float* a, int64_t a_i, int64_t a_k,
   if (i < outs) MicroKernelTail<kAccumulate>(outs - i, a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
 }
 
+#if defined(__AVX512BF16__)
+// bf16 products (AVX512_BF16's vdpbf16ps: 32 bf16 x bf16 products summed in pairs into 16 f32
+// lanes, one instruction where f32 takes two FMAs), for a bf16 cache with bf16 queries: operands
+// are 32-bit words, each two bf16 of consecutive elements along the sum (the low half first).
+// c[i][0:kMicroRows] (+)= sum_{k < n_pairs} pairs(a[i * a_i + k * a_k]) . pairs(b[k * ldb + 0:kMicroRows]):
+// Q K^T: a = the key block as words [key, d / 2] (its natural layout), b = Q^T's words [d / 2, rows];
+// P V: a = the value block's words [d, keys / 2] (key pairs), b = P^T's words [keys / 2, rows].
+constexpr bool kBf16Products = true;
+
+inline __m512bh LoadPairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+template <int kOut, bool kAccumulate>
+inline void MicroKernelBf16(const uint32_t* a, int64_t a_i, int64_t a_k, const uint32_t* b, int64_t ldb,
+                            int64_t n_pairs, float* c, int64_t ldc) {
+  static_assert(kLanes == 16, "AVX-512 lanes");
+  __m512 acc[kOut][kRowVecs];
+  for (int i = 0; i < kOut; ++i) {
+    for (int j = 0; j < kRowVecs; ++j) {
+      acc[i][j] = kAccumulate ? _mm512_loadu_ps(c + i * ldc + j * kLanes) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < n_pairs; ++k) {
+    __m512bh row[kRowVecs];
+    for (int j = 0; j < kRowVecs; ++j) row[j] = LoadPairs(b + k * ldb + j * kLanes);
+    for (int i = 0; i < kOut; ++i) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * a_i + k * a_k]));
+      for (int j = 0; j < kRowVecs; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, row[j]);
+    }
+  }
+  for (int i = 0; i < kOut; ++i) {
+    for (int j = 0; j < kRowVecs; ++j) _mm512_storeu_ps(c + i * ldc + j * kLanes, acc[i][j]);
+  }
+}
+
+template <bool kAccumulate, int kOut = kMicroOut>
+inline void MicroKernelBf16Tail(int64_t outs, const uint32_t* a, int64_t a_i, int64_t a_k, const uint32_t* b,
+                                int64_t ldb, int64_t n, float* c, int64_t ldc) {
+  if constexpr (kOut > 0) {
+    if (outs == kOut) return MicroKernelBf16<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n, c, ldc);
+    MicroKernelBf16Tail<kAccumulate, kOut - 1>(outs, a, a_i, a_k, b, ldb, n, c, ldc);
+  }
+}
+
+template <bool kAccumulate>
+inline void MicroKernelsBf16(int64_t outs, const uint32_t* a, int64_t a_i, int64_t a_k, const uint32_t* b,
+                             int64_t ldb, int64_t n, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kMicroOut <= outs; i += kMicroOut) {
+    MicroKernelBf16<kMicroOut, kAccumulate>(a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
+  }
+  if (i < outs) MicroKernelBf16Tail<kAccumulate>(outs - i, a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
+}
+
+// f32 -> bf16 bits, rounded to nearest even (vcvtneps2bf16), 16 at a time, each in a 32-bit lane.
+inline __m512i Bf16Bits(const float* x) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x)));
+}
+
+// Two f32 as one word of bf16 bits (x0 low), rounded to nearest even (exact for bf16 values).
+inline uint32_t Bf16Word(float x0, float x1) {
+  auto bits = [](float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // finite inputs (queries)
+  };
+  return bits(x0) | (bits(x1) << 16);
+}
+#else
+constexpr bool kBf16Products = false;  // no AVX512_BF16: a bf16 cache is widened to f32 products
+#endif
+
 // A flash call's work items: (sequence, first row of the tile), costliest first; each item of the
 // pool is one of them x one KV head.
 struct FlashTiles {
@@ -1243,8 +1315,10 @@ inline std::pair<int64_t, int64_t> FlashKeyRange(int64_t first_pos, int64_t last
   return {lo, std::max<int64_t>(lo, std::min<int64_t>(kv_len, last_pos + 1))};
 }
 
-// One item (tile x KV head). Scratch is the calling thread's.
-template <typename T, typename Layout>
+// One item (tile x KV head). Scratch is the calling thread's. kPairs: bf16 products (T is the
+// bf16 cache's bits and the queries are bf16 values; MicroKernelBf16): Q and K as they are, the
+// softmax weights P rounded to bf16 for P V (the row sums and all accumulation stay f32).
+template <typename T, typename Layout, bool kPairs = false>
 void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t item) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t R = kTileRows;
@@ -1268,10 +1342,31 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
   float* row_max = vb + kFlashKeys * d;
   float* row_sum = row_max + R;
   float* row_pos = row_sum + R;       // positions (exact in f32 below 2^24)
+#if defined(__AVX512BF16__)
+  // kPairs: Q^T as words [d / 2, R] (unscaled: the scores are scaled in f32), the key block as
+  // words [kFlashKeys, d / 2], the value block as key-pair words [kFlashKeys / 2, d], P^T as
+  // key-pair words [kFlashKeys / 2, R].
+  thread_local std::vector<uint32_t> words;
+  uint32_t *qw = nullptr, *kw = nullptr, *vw = nullptr, *pw = nullptr;
+  if constexpr (kPairs) {
+    const int64_t need_words = d / 2 * R + kFlashKeys * d / 2 + kFlashKeys / 2 * d + kFlashKeys / 2 * R;
+    if (static_cast<int64_t>(words.size()) < need_words) words.resize(need_words);
+    qw = words.data();
+    kw = qw + d / 2 * R;
+    vw = kw + kFlashKeys * d / 2;
+    pw = vw + kFlashKeys / 2 * d;
+  }
+#endif
   for (int64_t r = 0; r < R; ++r) {
     const int64_t rr = r0 + std::min(r, rows - 1);  // padding rows repeat the last real one
     const float* src = p.q + ((q_start + rr / g) * p.heads + h * g + rr % g) * d;
-    for (int64_t e = 0; e < d; ++e) qt[e * R + r] = src[e] * p.scale;
+    if constexpr (kPairs) {
+#if defined(__AVX512BF16__)
+      for (int64_t j = 0; j < d / 2; ++j) qw[j * R + r] = Bf16Word(src[2 * j], src[2 * j + 1]);
+#endif
+    } else {
+      for (int64_t e = 0; e < d; ++e) qt[e * R + r] = src[e] * p.scale;
+    }
     row_pos[r] = static_cast<float>(q_offset + rr / g);
     row_max[r] = kNegInf;
     row_sum[r] = 0.f;
@@ -1283,16 +1378,44 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
   for (int64_t t0 = lo; t0 < hi; t0 += kFlashKeys) {
     const int64_t n = std::min(kFlashKeys, hi - t0);
     const int64_t n_micro = (n + kMicroOut - 1) / kMicroOut * kMicroOut;
-    for (int64_t t = 0; t < n_micro; ++t) {  // keys past n: zeros (their scores are never used)
-      if (t < n) {
-        const int64_t off = lay.Vector(b, t0 + t, h);
-        for (int64_t e = 0; e < d; ++e) kb[t * d + e] = ToFloat(keys[off + e]);
-        for (int64_t e = 0; e < d; ++e) vb[t * d + e] = ToFloat(values[off + e]);
-      } else {
-        std::fill(kb + t * d, kb + (t + 1) * d, 0.f);
+    if constexpr (kPairs) {
+#if defined(__AVX512BF16__)
+      // Keys as they lie (a key's d bf16 are its d / 2 words); values interleaved by key pairs.
+      const int64_t n_even = (n + 1) / 2 * 2;
+      for (int64_t t = 0; t < n_micro; ++t) {  // keys past n: zeros (their scores are never used)
+        if (t < n) {
+          std::memcpy(kw + t * d / 2, keys + lay.Vector(b, t0 + t, h), d * sizeof(uint16_t));
+        } else {
+          std::fill(kw + t * d / 2, kw + (t + 1) * d / 2, 0u);
+        }
       }
+      for (int64_t t = 0; t < n_even; t += 2) {  // an odd last key pairs with a zero value
+        const uint16_t* v0 = reinterpret_cast<const uint16_t*>(values) + lay.Vector(b, t0 + t, h);
+        const uint16_t* v1 = t + 1 < n ? reinterpret_cast<const uint16_t*>(values) + lay.Vector(b, t0 + t + 1, h) : nullptr;
+        for (int64_t e = 0; e < d; e += kLanes) {
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + e)));
+          const __m512i hi = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + e)))
+                                : _mm512_setzero_si512();
+          _mm512_storeu_si512(vw + t / 2 * d + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+      for (int64_t r = 0; r < R; r += kMicroRows) {
+        MicroKernelsBf16<false>(n_micro, kw, d / 2, 1, qw + r, R, d / 2, st + r, R);
+      }
+      for (int64_t i = 0; i < n * R; ++i) st[i] *= p.scale;
+#endif
+    } else {
+      for (int64_t t = 0; t < n_micro; ++t) {  // keys past n: zeros (their scores are never used)
+        if (t < n) {
+          const int64_t off = lay.Vector(b, t0 + t, h);
+          for (int64_t e = 0; e < d; ++e) kb[t * d + e] = ToFloat(keys[off + e]);
+          for (int64_t e = 0; e < d; ++e) vb[t * d + e] = ToFloat(values[off + e]);
+        } else {
+          std::fill(kb + t * d, kb + (t + 1) * d, 0.f);
+        }
+      }
+      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<false>(n_micro, kb, d, 1, qt + r, R, d, st + r, R);
     }
-    for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<false>(n_micro, kb, d, 1, qt + r, R, d, st + r, R);
     if (p.soft_cap > 0.f) {
       for (int64_t i = 0; i < n * R; ++i) st[i] = p.soft_cap * std::tanh(st[i] / p.soft_cap);
     }
@@ -1327,7 +1450,21 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
       StoreN(row_max + c, m_new);
       for (int64_t e = 0; e < d; ++e) StoreN(ot + e * R + c, alpha * LoadN(ot + e * R + c));
     }
-    for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<true>(d, vb, 1, d, st + r, R, n, ot + r, R);
+    if constexpr (kPairs) {
+#if defined(__AVX512BF16__)
+      const int64_t n_pairs = (n + 1) / 2;
+      if (n % 2) std::fill(st + n * R, st + (n + 1) * R, 0.f);  // the zero value's weight
+      for (int64_t t = 0; t < 2 * n_pairs; t += 2) {
+        for (int64_t c = 0; c < R; c += kLanes) {
+          const __m512i lo = Bf16Bits(st + t * R + c), hi = Bf16Bits(st + (t + 1) * R + c);
+          _mm512_storeu_si512(pw + t / 2 * R + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernelsBf16<true>(d, vw, 1, d, pw + r, R, n_pairs, ot + r, R);
+#endif
+    } else {
+      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<true>(d, vb, 1, d, st + r, R, n, ot + r, R);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t rr = r0 + r;
@@ -1360,8 +1497,11 @@ void RunFlash(ffi::ThreadPool& pool, const AttnProblem<Layout>& p, bool bf16) {
   if (items == 0) return;
   // One helper per ~1M multiply-adds (a full block of a tile is 96 rows x 64 keys x d 64 x 2).
   const int64_t multiply_adds = total_keys * p.kv_heads * kTileRows * p.d * 2;
-  ParallelFor(pool, items, multiply_adds / (1 << 20), [&p, &work, bf16](int64_t item) {
-    if (bf16) {
+  const bool pairs = bf16 && p.bf16_products && kBf16Products;
+  ParallelFor(pool, items, multiply_adds / (1 << 20), [&p, &work, bf16, pairs](int64_t item) {
+    if (pairs) {
+      if constexpr (kBf16Products) FlashTile<uint16_t, Layout, true>(p, work, item);
+    } else if (bf16) {
       FlashTile<uint16_t>(p, work, item);
     } else {
       FlashTile<float>(p, work, item);
@@ -1390,7 +1530,7 @@ ffi::Error ContiguousAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
                                    ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_offset,
                                    ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::S32> layer_buf,
                                    ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
-                                   int64_t window) {
+                                   int64_t window, bool bf16_products) {
   const std::string op = kFlash ? "flash_attention" : "decode_attention";
   auto q_dims = q.dimensions();
   if (q_dims.size() != 4) {
@@ -1432,6 +1572,7 @@ ffi::Error ContiguousAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
   p.scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = window;
+  p.bf16_products = bf16_products;
   if constexpr (kFlash) {
     RunFlash(pool, p, bf16);
   } else {
@@ -1459,7 +1600,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
                                     ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_table,
                                     ffi::Buffer<ffi::S32> num_seqs_buf, ffi::Buffer<ffi::S32> layer_buf,
                                     ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
-                                    int64_t window, int64_t max_q_len) {
+                                    int64_t window, int64_t max_q_len, bool bf16_products) {
   auto q_dims = q.dimensions();
   auto t_dims = page_table.dimensions();
   if (q_dims.size() != 3 || t_dims.size() != 2) {
@@ -1523,6 +1664,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   p.scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = window;
+  p.bf16_products = bf16_products;
   RunAttention(pool, p, bf16);
   if constexpr (kAllRows) {  // the longer sequences' rows: the flash kernel
     l.min_q_len = max_q_len + 1;
@@ -1768,7 +1910,8 @@ auto ContiguousAttentionBinding() {
       .Ret<ffi::Buffer<ffi::F32>>()
       .Attr<float>("sm_scale")
       .Attr<float>("soft_cap")
-      .Attr<int64_t>("window");
+      .Attr<int64_t>("window")
+      .Attr<bool>("bf16_products");
 }
 
 auto PagedAttentionBinding() {
@@ -1786,7 +1929,8 @@ auto PagedAttentionBinding() {
       .Attr<float>("sm_scale")
       .Attr<float>("soft_cap")
       .Attr<int64_t>("window")
-      .Attr<int64_t>("max_q_len");
+      .Attr<int64_t>("max_q_len")
+      .Attr<bool>("bf16_products");
 }
 
 }  // namespace

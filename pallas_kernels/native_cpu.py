@@ -281,8 +281,17 @@ def _contiguous_attention(target, q, k, v, q_offset, kv_len, layer, sm_scale, so
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     o = call(q.astype(jnp.float32), k, v, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_len, jnp.int32),
              jnp.asarray(layer, jnp.int32), sm_scale=np.float32(sm_scale),
-             soft_cap=np.float32(soft_cap or 0.0), window=np.int64(sliding_window or 0))
+             soft_cap=np.float32(soft_cap or 0.0), window=np.int64(sliding_window or 0),
+             bf16_products=_bf16_products(q, k))
     return o.astype(q.dtype)
+
+
+def _bf16_products(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the flash kernel may multiply in bf16 (AVX512_BF16's vdpbf16ps, twice the f32
+    rate): bf16 queries against a bf16 cache, so that Q and K enter the products exactly; only the
+    softmax weights are rounded to bf16 for P V (as torch's bf16 CPU flash attention does), the
+    sums staying f32. An f32 query (f32 compute over a bf16 cache) keeps f32 products."""
+    return bool(q.dtype == jnp.bfloat16 and k.dtype == jnp.uint16 and "avx512_bf16" in cpu_flags())
 
 
 def flash_head_dim_supported(head_dim: int) -> bool:
@@ -336,7 +345,8 @@ def _paged_attention(target, op, q, k_pages, v_pages, cu_q_lens, kv_lens, page_t
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     o = call(q.astype(jnp.float32), k_pages, v_pages, i32(cu_q_lens), i32(kv_lens), i32(page_table), i32(num_seqs),
              i32(layer), sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
-             window=np.int64(sliding_window or 0), max_q_len=np.int64(max_q_len))
+             window=np.int64(sliding_window or 0), max_q_len=np.int64(max_q_len),
+             bf16_products=_bf16_products(q, k_pages))
     return o.astype(q.dtype)
 
 

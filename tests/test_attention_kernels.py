@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from attention_cases import (CASES, TEST_BLOCKS, backend_params, check_against_oracle,
-                              lower_for_cuda, make_inputs, require_native_cpu, run_backend)
+                              as_native_cpu_cache, lower_for_cuda, make_inputs, require_native_cpu,
+                              run_backend)
 from pallas_kernels.attention import attention
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.common import BlockSizes
@@ -29,6 +30,32 @@ from pallas_kernels.flash_attention import flash_attention
 def test_backend_matches_numpy(name, case, dtype):
     inputs = make_inputs(case, dtype)
     check_against_oracle(run_backend(name, inputs, case), case, dtype, inputs)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[8], CASES[10]], ids=lambda c: c.id)
+def test_native_flash_bf16_products(case):
+    """bf16 queries on a bf16 cache: the flash kernel multiplies in bf16 (vdpbf16ps) where the CPU
+    has AVX512_BF16. Both that and an f32 query on the same bf16-exact cache (f32 products) meet the
+    float64 oracle at their dtype's tolerance; where the CPU has the instructions the two must
+    differ (the bf16 path ran: its P is rounded to bf16), elsewhere agree to the output's rounding."""
+    native_cpu = require_native_cpu()
+    inputs = make_inputs(case, "bfloat16")
+    q, k, v, q_offset, kv_len = inputs
+    k_bits, v_bits, _ = as_native_cpu_cache(k, v)
+    kw = dict(sm_scale=1 / np.sqrt(q.shape[-1]), sliding_window=case.sliding_window, soft_cap=case.soft_cap)
+    run = jax.jit(lambda q: native_cpu.flash_attention_cpu(q, k_bits, v_bits, q_offset, kv_len, **kw))
+    out_bf16 = run(q)
+    check_against_oracle(out_bf16, case, "bfloat16", inputs)
+    q32 = q.astype(jnp.float32)
+    out_f32 = run(q32)
+    check_against_oracle(out_f32, case, "float32", (q32, k, v, q_offset, kv_len))
+    # f32 products, then the output rounded to bf16: what the bf16 call gives without the instructions.
+    rounded = np.asarray(out_f32.astype(jnp.bfloat16).astype(jnp.float32))
+    diff = np.abs(np.asarray(out_bf16.astype(jnp.float32)) - rounded).max()
+    if "avx512_bf16" in native_cpu.cpu_flags():
+        assert diff > 0, "bf16 queries on a bf16 cache took the f32-product path"
+    else:
+        assert diff == 0
 
 
 @pytest.mark.parametrize("impl", ["auto", "xla", "pallas", "reference"])
