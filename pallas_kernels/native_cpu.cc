@@ -1144,7 +1144,9 @@ void RunAttention(ffi::ThreadPool& pool, AttnProblem<Layout>& p, bool bf16) {
 // of kFlashKeys keys (bf16 widened; a page table resolved once per key). The mask is applied only
 // on blocks some row does not fully see (the causal diagonal, the kv_len tail, the window edge);
 // blocks no row of the tile sees are never read, so a tile's cost follows its own causal (and
-// window) bound. f32 accumulation throughout.
+// window) bound. f32 accumulation throughout. With AVX512_BF16, bf16 queries on a bf16 cache
+// (attr bf16_products) take bf16 products instead (FlashTile<..., kPairs>: vdpbf16ps, two products
+// per lane and instruction): the SmolLM2 bf16 prefill at 8100 tokens went from 276 to 375 tok/s.
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t bits) {  // bf16 bits -> f32 (exact)
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;

@@ -269,7 +269,8 @@ def flash_attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.
     """`decode_attention_cpu`'s operation (same arguments, layouts and result) by the flash prefill
     kernel: tiles of query rows x blocks of 64 keys, register-blocked Q K^T and P V, online softmax,
     blocks outside a tile's causal / window bound never read. For prefill chunks. head_dim: any
-    multiple of 16 up to FLASH_MAX_HEAD_DIM. Raises RuntimeError if the kernel is unavailable."""
+    multiple of 16 up to FLASH_MAX_HEAD_DIM. bf16 q on a bf16 cache: bf16 products where the CPU
+    has AVX512_BF16 (`_bf16_products`). Raises RuntimeError if the kernel is unavailable."""
     _check_attention_operands("flash_attention_cpu", q.shape[-1], k, v, flash=True)
     return _contiguous_attention(FLASH_ATTENTION, q, k, v, q_offset, kv_len, layer, sm_scale, soft_cap,
                                  sliding_window)
