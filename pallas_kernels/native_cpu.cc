@@ -1210,25 +1210,34 @@ inline void MicroKernel(const float* a, int64_t a_i, int64_t a_k, const float* b
   }
 }
 
-// MicroKernel over outputs [0, outs) of a: whole kMicroOut groups, then the remainder (a head_dim
-// that is not a multiple of 6).
-template <bool kAccumulate, int kOut = kMicroOut>
-inline void MicroKernelTail(int64_t outs, const float* a, int64_t a_i, int64_t a_k, const float* b,
-                            int64_t ldb, int64_t n, float* c, int64_t ldc) {
+// The f32 micro-kernel as MicroKernels takes it (MicroKernelBf16's twin below).
+struct F32Products {
+  template <int kOut, bool kAccumulate>
+  static void Run(const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb, int64_t n, float* c,
+                  int64_t ldc) {
+    MicroKernel<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n, c, ldc);
+  }
+};
+
+// Products' micro-kernel over outputs [0, outs) of a: whole kMicroOut groups, then the remainder (a
+// head_dim that is not a multiple of 6). A: float (F32Products) or uint32_t bf16 pairs (Bf16Products).
+template <typename Products, bool kAccumulate, int kOut = kMicroOut, typename A>
+inline void MicroKernelTail(int64_t outs, const A* a, int64_t a_i, int64_t a_k, const A* b, int64_t ldb,
+                            int64_t n, float* c, int64_t ldc) {
   if constexpr (kOut > 0) {
-    if (outs == kOut) return MicroKernel<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n, c, ldc);
-    MicroKernelTail<kAccumulate, kOut - 1>(outs, a, a_i, a_k, b, ldb, n, c, ldc);
+    if (outs == kOut) return Products::template Run<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n, c, ldc);
+    MicroKernelTail<Products, kAccumulate, kOut - 1>(outs, a, a_i, a_k, b, ldb, n, c, ldc);
   }
 }
 
-template <bool kAccumulate>
-inline void MicroKernels(int64_t outs, const float* a, int64_t a_i, int64_t a_k, const float* b, int64_t ldb,
-                         int64_t n, float* c, int64_t ldc) {
+template <typename Products, bool kAccumulate, typename A>
+inline void MicroKernels(int64_t outs, const A* a, int64_t a_i, int64_t a_k, const A* b, int64_t ldb, int64_t n,
+                         float* c, int64_t ldc) {
   int64_t i = 0;
   for (; i + kMicroOut <= outs; i += kMicroOut) {
-    MicroKernel<kMicroOut, kAccumulate>(a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
+    Products::template Run<kMicroOut, kAccumulate>(a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
   }
-  if (i < outs) MicroKernelTail<kAccumulate>(outs - i, a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
+  if (i < outs) MicroKernelTail<Products, kAccumulate>(outs - i, a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
 }
 
 #if defined(__AVX512BF16__)
@@ -1265,24 +1274,13 @@ inline void MicroKernelBf16(const uint32_t* a, int64_t a_i, int64_t a_k, const u
   }
 }
 
-template <bool kAccumulate, int kOut = kMicroOut>
-inline void MicroKernelBf16Tail(int64_t outs, const uint32_t* a, int64_t a_i, int64_t a_k, const uint32_t* b,
-                                int64_t ldb, int64_t n, float* c, int64_t ldc) {
-  if constexpr (kOut > 0) {
-    if (outs == kOut) return MicroKernelBf16<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n, c, ldc);
-    MicroKernelBf16Tail<kAccumulate, kOut - 1>(outs, a, a_i, a_k, b, ldb, n, c, ldc);
+struct Bf16Products {
+  template <int kOut, bool kAccumulate>
+  static void Run(const uint32_t* a, int64_t a_i, int64_t a_k, const uint32_t* b, int64_t ldb, int64_t n_pairs,
+                  float* c, int64_t ldc) {
+    MicroKernelBf16<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n_pairs, c, ldc);
   }
-}
-
-template <bool kAccumulate>
-inline void MicroKernelsBf16(int64_t outs, const uint32_t* a, int64_t a_i, int64_t a_k, const uint32_t* b,
-                             int64_t ldb, int64_t n, float* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + kMicroOut <= outs; i += kMicroOut) {
-    MicroKernelBf16<kMicroOut, kAccumulate>(a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
-  }
-  if (i < outs) MicroKernelBf16Tail<kAccumulate>(outs - i, a + i * a_i, a_i, a_k, b, ldb, n, c + i * ldc, ldc);
-}
+};
 
 // f32 -> bf16 bits, rounded to nearest even (vcvtneps2bf16), 16 at a time, each in a 32-bit lane.
 inline __m512i Bf16Bits(const float* x) {
@@ -1402,7 +1400,7 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
         }
       }
       for (int64_t r = 0; r < R; r += kMicroRows) {
-        MicroKernelsBf16<false>(n_micro, kw, d / 2, 1, qw + r, R, d / 2, st + r, R);
+        MicroKernels<Bf16Products, false>(n_micro, kw, d / 2, 1, qw + r, R, d / 2, st + r, R);
       }
       for (int64_t i = 0; i < n * R; ++i) st[i] *= p.scale;
 #endif
@@ -1416,7 +1414,7 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
           std::fill(kb + t * d, kb + (t + 1) * d, 0.f);
         }
       }
-      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<false>(n_micro, kb, d, 1, qt + r, R, d, st + r, R);
+      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<F32Products, false>(n_micro, kb, d, 1, qt + r, R, d, st + r, R);
     }
     if (p.soft_cap > 0.f) {
       for (int64_t i = 0; i < n * R; ++i) st[i] = p.soft_cap * std::tanh(st[i] / p.soft_cap);
@@ -1462,10 +1460,10 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
           _mm512_storeu_si512(pw + t / 2 * R + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
       }
-      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernelsBf16<true>(d, vw, 1, d, pw + r, R, n_pairs, ot + r, R);
+      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<Bf16Products, true>(d, vw, 1, d, pw + r, R, n_pairs, ot + r, R);
 #endif
     } else {
-      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<true>(d, vb, 1, d, st + r, R, n, ot + r, R);
+      for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<F32Products, true>(d, vb, 1, d, st + r, R, n, ot + r, R);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
