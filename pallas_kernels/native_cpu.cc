@@ -1246,7 +1246,7 @@ inline void MicroKernels(int64_t outs, const A* a, int64_t a_i, int64_t a_k, con
 // are 32-bit words, each two bf16 of consecutive elements along the sum (the low half first).
 // c[i][0:kMicroRows] (+)= sum_{k < n_pairs} pairs(a[i * a_i + k * a_k]) . pairs(b[k * ldb + 0:kMicroRows]):
 // Q K^T: a = the key block as words [key, d / 2] (its natural layout), b = Q^T's words [d / 2, rows];
-// P V: a = the value block's words [d, keys / 2] (key pairs), b = P^T's words [keys / 2, rows].
+// P V: a = the value block's key-pair words [keys / 2, d], b = P^T's words [keys / 2, rows].
 constexpr bool kBf16Products = true;
 
 inline __m512bh LoadPairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
@@ -1281,6 +1281,15 @@ struct Bf16Products {
     MicroKernelBf16<kOut, kAccumulate>(a, a_i, a_k, b, ldb, n_pairs, c, ldc);
   }
 };
+
+// 16 words, each lane's bf16 bits of `lo` in its low half and of `hi` in its high half (inputs:
+// bf16 bits in 32-bit lanes).
+inline __m512i PairWords(__m512i lo, __m512i hi) { return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)); }
+
+// 16 bf16 bits (a cache row's), each in a 32-bit lane.
+inline __m512i Bf16Lanes(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // f32 -> bf16 bits, rounded to nearest even (vcvtneps2bf16), 16 at a time, each in a 32-bit lane.
 inline __m512i Bf16Bits(const float* x) {
@@ -1393,10 +1402,8 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
         const uint16_t* v0 = reinterpret_cast<const uint16_t*>(values) + lay.Vector(b, t0 + t, h);
         const uint16_t* v1 = t + 1 < n ? reinterpret_cast<const uint16_t*>(values) + lay.Vector(b, t0 + t + 1, h) : nullptr;
         for (int64_t e = 0; e < d; e += kLanes) {
-          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + e)));
-          const __m512i hi = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + e)))
-                                : _mm512_setzero_si512();
-          _mm512_storeu_si512(vw + t / 2 * d + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          const __m512i hi = v1 ? Bf16Lanes(v1 + e) : _mm512_setzero_si512();
+          _mm512_storeu_si512(vw + t / 2 * d + e, PairWords(Bf16Lanes(v0 + e), hi));
         }
       }
       for (int64_t r = 0; r < R; r += kMicroRows) {
@@ -1456,8 +1463,7 @@ void FlashTile(const AttnProblem<Layout>& p, const FlashTiles& work, int64_t ite
       if (n % 2) std::fill(st + n * R, st + (n + 1) * R, 0.f);  // the zero value's weight
       for (int64_t t = 0; t < 2 * n_pairs; t += 2) {
         for (int64_t c = 0; c < R; c += kLanes) {
-          const __m512i lo = Bf16Bits(st + t * R + c), hi = Bf16Bits(st + (t + 1) * R + c);
-          _mm512_storeu_si512(pw + t / 2 * R + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          _mm512_storeu_si512(pw + t / 2 * R + c, PairWords(Bf16Bits(st + t * R + c), Bf16Bits(st + (t + 1) * R + c)));
         }
       }
       for (int64_t r = 0; r < R; r += kMicroRows) MicroKernels<Bf16Products, true>(d, vw, 1, d, pw + r, R, n_pairs, ot + r, R);
